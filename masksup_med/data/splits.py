@@ -1,0 +1,103 @@
+"""Dataset-independent helpers: natural ordering, validation carving, datalist JSON I/O."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DatasetError, DatasetNotFoundError
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def natural_key(text: str) -> tuple:
+    """Sort key that orders embedded numbers by value: ``train_2`` before ``train_10``."""
+    return tuple(int(part) if part.isdigit() else part for part in _DIGITS.split(str(text)))
+
+
+def _item_key(item: dict) -> tuple:
+    if "id" not in item:
+        raise ValueError(f"datalist item has no 'id' key: {item!r}")
+    return natural_key(item["id"]), json.dumps(item, sort_keys=True, default=str)
+
+
+def carve_validation(items: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Split ``items`` into (train, validation), deterministically from ``seed``.
+
+    The items are ordered by ``id`` before shuffling, so the result does not depend on the
+    input order. With ``fraction > 0`` and at least two items, validation gets at least one
+    item and train keeps at least one. Both outputs stay in natural ``id`` order.
+    """
+    if not 0 <= fraction < 1:
+        raise ValueError(f"validation fraction must be in [0, 1), got {fraction!r}")
+    ordered = sorted(items, key=_item_key)
+    n = len(ordered)
+    n_val = 0
+    if fraction > 0 and n >= 2:
+        n_val = min(max(1, round(fraction * n)), n - 1)
+    picked = set(np.random.default_rng(seed).permutation(n)[:n_val].tolist())
+    train = [it for i, it in enumerate(ordered) if i not in picked]
+    validation = [it for i, it in enumerate(ordered) if i in picked]
+    return train, validation
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; move it onto ``path`` only if the block succeeds.
+
+    Parent folders are created. The temporary name starts with a dot, so an interrupted write
+    leaves at worst a hidden ``*.tmp`` file, never a half-written ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _jsonable(value):
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"cannot write {type(value).__name__} value {value!r} to a datalist")
+
+
+def write_datalist(splits: dict[str, list[dict]], path: str | os.PathLike) -> Path:
+    """Write ``{"train": [...], "validation": [...], ...}`` as JSON, atomically; return the path.
+
+    ``pathlib.Path`` values are written as strings.
+    """
+    path = Path(path)
+    text = json.dumps(splits, indent=2, default=_jsonable) + "\n"
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    return path
+
+
+def read_datalist(path: str | os.PathLike) -> dict[str, list[dict]]:
+    """Read a datalist written by :func:`write_datalist`, checking its shape."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetNotFoundError(f"datalist file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: not a valid JSON datalist ({e})") from e
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: expected a JSON object mapping split names to lists")
+    for key, items in data.items():
+        if not isinstance(items, list) or not all(isinstance(it, dict) for it in items):
+            raise DatasetError(f"{path}: split {key!r} must be a list of objects")
+    return data

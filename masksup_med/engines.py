@@ -1,0 +1,131 @@
+"""The MaskSup training iteration on MONAI's ignite-based :class:`~monai.engines.SupervisedTrainer`.
+
+Each iteration runs the one network twice, on the image and on its masked copy, and optimises
+:class:`~masksup_med.losses.MaskSupLoss`. Validation and inference use MONAI's plain evaluators and
+inferers: nothing of the masking remains after training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.utils import CommonKeys
+
+from masksup_med.losses import MaskSupLoss
+from masksup_med.transforms.base import RandMask
+
+__all__ = ["MaskSupTrainer", "MaskSupKeys", "loss_terms"]
+
+
+class MaskSupKeys:
+    """Extra keys of ``engine.state.output`` written by :class:`MaskSupTrainer`."""
+
+    IMAGE_MASKED = "image_masked"
+    PRED_MASKED = "pred_masked"
+    SEG = "loss_seg"
+    CONTEXT = "loss_context"
+    TASKSIM = "loss_tasksim"
+    TERMS = (CommonKeys.LOSS, SEG, CONTEXT, TASKSIM)
+
+
+def loss_terms(output: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """``output_transform`` for StatsHandler / MLFlowHandler: the total loss and each MaskSup term.
+
+    Accepts the trainer output before or after decollation (a list of per-sample dicts).
+    """
+    first = output[0] if isinstance(output, Sequence) else output
+    return {key: float(first[key]) for key in MaskSupKeys.TERMS if key in first}
+
+
+class MaskSupTrainer(SupervisedTrainer):
+    """SupervisedTrainer whose iteration optimises the MaskSup objective.
+
+    Takes every argument of :class:`~monai.engines.SupervisedTrainer`, with ``loss_function`` a
+    :class:`~masksup_med.losses.MaskSupLoss`, plus:
+
+    Args:
+        masked_key: batch key holding the masked copy of the image (written by a masking
+            dictionary transform such as ``RandFreeFormMaskd`` in the training pipeline).
+        batch_masker: alternatively, a masking array transform applied to the whole batch on the
+            training device (``RandMask.mask_batch``), so GPU runs do not mask on CPU workers.
+            When given, ``masked_key`` is not read.
+
+    With ``a2 = a3 = 0`` the masked pass is skipped and the iteration is plain supervised
+    training with ``seg_loss`` (the ablation baseline), through the same code.
+    ``engine.state.output`` holds ``image``, ``label``, ``pred``, ``loss`` (the total), and the
+    unweighted terms ``loss_seg``, ``loss_context`` and ``loss_tasksim`` (detached).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        masked_key: str = MaskSupKeys.IMAGE_MASKED,
+        batch_masker: RandMask | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs.get("accumulation_steps", 1) != 1:
+            raise ValueError("MaskSupTrainer does not support gradient accumulation (accumulation_steps must be 1).")
+        if kwargs.get("compile", False):
+            raise ValueError("MaskSupTrainer does not support compile=True; compile the network before passing it.")
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.loss_function, MaskSupLoss):
+            raise TypeError(f"loss_function must be a MaskSupLoss, got {type(self.loss_function).__name__}.")
+        self.masked_key = masked_key
+        self.batch_masker = batch_masker
+
+    def _masked_inputs(self, batchdata: Mapping[str, Any], inputs: torch.Tensor) -> torch.Tensor:
+        if self.batch_masker is not None:
+            return self.batch_masker.mask_batch(inputs)[0]
+        if self.masked_key not in batchdata:
+            raise KeyError(
+                f"MaskSupTrainer: the batch has no {self.masked_key!r} (keys: {sorted(batchdata)}). Add a masking "
+                f"transform such as RandFreeFormMaskd(keys='image', masked_keys={self.masked_key!r}) to the training "
+                "transforms, or pass batch_masker=RandFreeFormMask() to mask on the device."
+            )
+        masked = torch.as_tensor(batchdata[self.masked_key])
+        return masked.to(device=inputs.device, dtype=inputs.dtype, non_blocking=self.non_blocking)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.state.device).type, **self.amp_kwargs)
+
+    def _iteration(self, engine: MaskSupTrainer, batchdata: dict[str, Any]) -> dict:  # type: ignore[override]
+        """One MaskSup step: two forward passes of one network, one backward, one optimiser step."""
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)[:2]
+        loss_fn: MaskSupLoss = engine.loss_function
+        masked = engine._masked_inputs(batchdata, inputs) if loss_fn.uses_masked_pass else None
+        engine.state.output = {CommonKeys.IMAGE: inputs, CommonKeys.LABEL: targets}
+
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        with engine._autocast():
+            pred = engine.inferer(inputs, engine.network)
+            pred_masked = engine.inferer(masked, engine.network) if masked is not None else None
+            engine.state.output[CommonKeys.PRED] = pred
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            terms = loss_fn(pred, pred_masked, targets)
+        engine.state.output[CommonKeys.LOSS] = terms.total
+        engine.state.output[MaskSupKeys.SEG] = terms.seg.detach()
+        engine.state.output[MaskSupKeys.CONTEXT] = terms.context.detach()
+        engine.state.output[MaskSupKeys.TASKSIM] = terms.tasksim.detach()
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+
+        if engine.amp and engine.scaler is not None:
+            engine.scaler.scale(terms.total).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.scaler.step(engine.optimizer)
+            engine.scaler.update()
+        else:
+            terms.total.backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.optimizer.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
