@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from ignite.engine import Engine
+from ignite.metrics import Average
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys
@@ -19,7 +21,7 @@ from monai.utils import CommonKeys
 from masksup_med.losses import MaskSupLoss
 from masksup_med.transforms.base import RandMask
 
-__all__ = ["MaskSupTrainer", "MaskSupKeys", "loss_terms"]
+__all__ = ["MaskSupTrainer", "MaskSupKeys", "LossTermAverages", "loss_terms"]
 
 
 class MaskSupKeys:
@@ -39,7 +41,11 @@ def loss_terms(output: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> dict[
     Accepts the trainer output before or after decollation (a list of per-sample dicts).
     """
     first = output[0] if isinstance(output, Sequence) else output
-    return {key: float(first[key]) for key in MaskSupKeys.TERMS if key in first}
+    return {
+        key: float(first[key].detach() if isinstance(first[key], torch.Tensor) else first[key])
+        for key in MaskSupKeys.TERMS
+        if key in first
+    }
 
 
 class MaskSupTrainer(SupervisedTrainer):
@@ -129,3 +135,17 @@ class MaskSupTrainer(SupervisedTrainer):
             engine.optimizer.step()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+
+
+class LossTermAverages:
+    """Handler that attaches ignite ``Average`` metrics of the total loss and each MaskSup term.
+
+    The epoch means appear in ``engine.state.metrics`` as ``train_loss``, ``train_loss_seg``, …, so
+    StatsHandler prints them and MLFlowHandler logs them per epoch. List it before those handlers.
+    """
+
+    def attach(self, engine: Engine) -> None:
+        """Attach one ``Average`` metric per term to ``engine``."""
+        for key in MaskSupKeys.TERMS:
+            Average(output_transform=lambda output, key=key: loss_terms(output)[key]).attach(engine, f"train_{key}")

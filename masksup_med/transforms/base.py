@@ -194,7 +194,9 @@ class RandMaskd(RandomizableTransform, MapTransform):
         if self._do_transform:
             self.masker.randomize(shape[1:])
         else:
-            self.masker._spatial_shape, self.masker._geometry = tuple(int(s) for s in shape[1:]), None
+            spatial = tuple(int(s) for s in shape[1:])
+            self.masker.check_spatial_shape(spatial)  # a bad shape fails whether or not this sample is masked
+            self.masker._spatial_shape, self.masker._geometry = spatial, None
         holes = None
         for key, masked_key in self.key_iterator(d, self.masked_keys):
             masked, holes = self.masker.mask_with_holes(d[key], randomize=False)
