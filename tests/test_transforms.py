@@ -524,3 +524,9 @@ def test_randomize_false_with_other_shape_raises():
     a = t(img)
     b = t(img, randomize=False)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [[0.3], [0.1, 0.2, 0.3]])
+def test_ratio_range_of_wrong_length_names_the_parameter(bad):
+    with pytest.raises(ValueError, match="ratio_range"):
+        RandFreeFormMask(ratio_range=bad)

@@ -27,8 +27,10 @@ __all__ = ["RandMask", "RandMaskd", "check_ratio"]
 
 def check_ratio(value: float | Sequence[float], name: str) -> tuple[float, float]:
     """Return ``value`` as a ``(low, high)`` range inside [0, 1), or raise a ValueError naming it."""
-    low, high = (value, value) if np.isscalar(value) else tuple(value)  # type: ignore[misc]
-    low, high = float(low), float(high)
+    bounds = (value, value) if np.isscalar(value) else tuple(value)  # type: ignore[arg-type]
+    if len(bounds) != 2:
+        raise ValueError(f"{name} must be a float or a (low, high) pair, got {value!r}.")
+    low, high = float(bounds[0]), float(bounds[1])
     if not (0.0 <= low <= high < 1.0):
         raise ValueError(f"{name} must lie in [0, 1) with low <= high, got {value!r}.")
     return low, high
