@@ -1,17 +1,56 @@
-"""Dataset adapters: find and pair files, split deterministically, write MONAI datalists."""
+"""Dataset adapters: find and pair files, split deterministically, write MONAI datalists.
 
-from .errors import DatasetError, DatasetNotFoundError
+One module per dataset (``glas``, ``cvc_clinicdb``, ``kvasir_seg``, ``pranet``), named by string
+through :func:`get_dataset`. The MONAI-backed parts (``readers``, ``checks``) load on first use.
+"""
+
+from importlib import import_module
+
+from .cvc_clinicdb import find_cvc_clinicdb_pairs, split_cvc_clinicdb
+from .errors import DatasetError, DatasetNotFoundError, UnreadableFileError
 from .glas import find_glas_pairs, split_glas
-from .splits import carve_validation, read_datalist, write_datalist
+from .kvasir_seg import find_kvasir_seg_pairs, split_kvasir_seg
+from .pairing import Problem, Scan
+from .pranet import find_pranet_pairs, split_pranet
+from .registry import DatasetSpec, available_datasets, get_dataset
+from .splits import carve_validation, read_datalist, split_groups, write_datalist
 from .synthetic import make_glas_demo
 
+_LAZY = {"TiffReader": "readers", "loader_reader": "readers", "read_array": "readers",
+         "check_dataset": "checks", "CheckReport": "checks"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "CheckReport",
     "DatasetError",
     "DatasetNotFoundError",
+    "DatasetSpec",
+    "Problem",
+    "Scan",
+    "TiffReader",
+    "UnreadableFileError",
+    "available_datasets",
     "carve_validation",
+    "check_dataset",
+    "find_cvc_clinicdb_pairs",
     "find_glas_pairs",
+    "find_kvasir_seg_pairs",
+    "find_pranet_pairs",
+    "get_dataset",
+    "loader_reader",
     "make_glas_demo",
+    "read_array",
     "read_datalist",
+    "split_cvc_clinicdb",
     "split_glas",
+    "split_groups",
+    "split_kvasir_seg",
+    "split_pranet",
     "write_datalist",
 ]

@@ -2,7 +2,7 @@
 
 Layout: ``NAME.EXT`` image next to ``NAME_anno.EXT`` annotation, with NAME ``train_N``,
 ``testA_N`` or ``testB_N`` and EXT ``.bmp`` (official release, instance-labelled masks) or
-``.png`` (binary 0/255 masks). Label values are not interpreted here.
+``.png`` (binary 0/255 masks). Any label value > 0 is gland.
 """
 
 from __future__ import annotations
@@ -11,10 +11,13 @@ import os
 import re
 from pathlib import Path
 
-from .errors import DatasetError, DatasetNotFoundError
-from .splits import carve_validation, natural_key
+from .pairing import Scan, pair_files, require_folder, require_pairs_found
+from .splits import carve_validation
 
-_FILE = re.compile(r"^(?P<id>(?P<split>train|testA|testB)_\d+)(?P<anno>_anno)?\.(?i:bmp|png)$")
+SUFFIXES = (".bmp", ".png")
+LABEL_THRESHOLD = 0  # instance ids: any value > 0 is gland
+_FILE = re.compile(r"^(?P<id>(?P<split>train|testA|testB)_\d+)(?P<anno>_anno)?\.(?P<ext>[^.]+)$")
+_OFFICIAL = ("train", "testA", "testB")
 
 _HOW_TO_GET = (
     "GLaS is the Warwick-QU gland segmentation dataset of the MICCAI 2015 GlaS challenge: download "
@@ -24,56 +27,47 @@ _HOW_TO_GET = (
 )
 
 
-def _not_found(folder: Path, why: str) -> DatasetNotFoundError:
-    return DatasetNotFoundError(f"GLaS dataset folder {folder} {why}. {_HOW_TO_GET}")
+def _classify(path: Path):
+    match = _FILE.match(path.name)
+    if match is None:
+        return None
+    return ("label" if match["anno"] else "image"), match["id"], f".{match['ext'].lower()}" in SUFFIXES
 
 
-def _scan(folder: Path) -> tuple[dict[str, Path], dict[str, Path]]:
-    """Map id -> image path and id -> annotation path, refusing duplicate ids."""
-    images: dict[str, Path] = {}
-    annos: dict[str, Path] = {}
-    for path in folder.iterdir():
-        match = _FILE.match(path.name)
-        if match is None or not path.is_file():
-            continue
-        table = annos if match["anno"] else images
-        other = table.setdefault(match["id"], path)
-        if other != path:
-            raise DatasetError(f"{folder}: both {other.name} and {path.name} found; keep only one")
-    return images, annos
+def scan_glas(dataset_dir: str | os.PathLike) -> Scan:
+    """Pair every GLaS image with its annotation, collecting all problems (see :class:`Scan`)."""
+    folder = require_folder(dataset_dir, "GLaS dataset", _HOW_TO_GET)
+    pairs, problems = pair_files(folder.iterdir(), _classify, SUFFIXES,
+                                 " (expected NAME.bmp|png next to NAME_anno.bmp|png)")
+    items = [
+        {"image": str(image), "label": str(label), "id": key, "split": _FILE.match(image.name)["split"]}
+        for key, image, label in pairs
+    ]
+    scan = Scan(items, problems, "flat folder: NAME.bmp|png + NAME_anno.bmp|png")
+    return require_pairs_found(scan, folder, "GLaS dataset", "e.g. train_1.bmp + train_1_anno.bmp", _HOW_TO_GET)
 
 
 def find_glas_pairs(dataset_dir: str | os.PathLike) -> list[dict]:
     """List GLaS image/annotation pairs in ``dataset_dir``, in natural ``id`` order.
 
     Each item is ``{"image", "label", "id", "split"}`` with string paths and ``split`` one of
-    ``train``, ``testA``, ``testB``. Files not named like GLaS files are ignored.
+    ``train``, ``testA``, ``testB``. Files not named like GLaS files are ignored; unpaired or
+    duplicated files raise ``DatasetError`` naming the first one.
     """
-    folder = Path(dataset_dir)
-    if not folder.exists():
-        raise _not_found(folder, "does not exist")
-    if not folder.is_dir():
-        raise _not_found(folder, "is not a folder")
-    images, annos = _scan(folder)
-    unpaired = [(images[i], "has no annotation") for i in images.keys() - annos.keys()]
-    unpaired += [(annos[i], "has no image") for i in annos.keys() - images.keys()]
-    if unpaired:
-        path, why = min(unpaired, key=lambda u: natural_key(u[0].name))
-        raise DatasetError(
-            f"GLaS file {path} {why} (expected NAME.bmp|png next to NAME_anno.bmp|png); "
-            f"{len(unpaired)} unpaired file(s) in {folder}"
-        )
-    if not images:
-        raise _not_found(folder, "holds no image/annotation pairs (e.g. train_1.bmp + train_1_anno.bmp)")
-    return [
-        {
-            "image": str(images[i]),
-            "label": str(annos[i]),
-            "id": i,
-            "split": _FILE.match(images[i].name)["split"],
-        }
-        for i in sorted(images, key=natural_key)
-    ]
+    return scan_glas(dataset_dir).require_pairs()
+
+
+def assign_glas(items: list[dict], val_fraction: float = 0.2, seed: int = 0) -> dict[str, list[dict]]:
+    """Split GLaS items: official ``testA``/``testB``, ``validation`` carved from ``train`` by ``seed``."""
+    by_split = {name: [p for p in items if p["split"] == name] for name in _OFFICIAL}
+    train, validation = carve_validation(by_split["train"], val_fraction, seed)
+    return {
+        "train": train,
+        "validation": validation,
+        "testA": by_split["testA"],
+        "testB": by_split["testB"],
+        "test": by_split["testA"] + by_split["testB"],
+    }
 
 
 def split_glas(
@@ -84,13 +78,4 @@ def split_glas(
     ``validation`` is carved from the official training images by ``seed``; ``test`` is
     ``testA + testB``. Items keep their official ``split`` field.
     """
-    pairs = find_glas_pairs(dataset_dir)
-    by_split = {name: [p for p in pairs if p["split"] == name] for name in ("train", "testA", "testB")}
-    train, validation = carve_validation(by_split["train"], val_fraction, seed)
-    return {
-        "train": train,
-        "validation": validation,
-        "testA": by_split["testA"],
-        "testB": by_split["testB"],
-        "test": by_split["testA"] + by_split["testB"],
-    }
+    return assign_glas(find_glas_pairs(dataset_dir), val_fraction, seed)

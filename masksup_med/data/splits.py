@@ -1,4 +1,4 @@
-"""Dataset-independent helpers: natural ordering, validation carving, datalist JSON I/O."""
+"""Dataset-independent helpers: natural ordering, validation carving, group splits, datalist JSON I/O."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 import re
 import secrets
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,3 +102,44 @@ def read_datalist(path: str | os.PathLike) -> dict[str, list[dict]]:
         if not isinstance(items, list) or not all(isinstance(it, dict) for it in items):
             raise DatasetError(f"{path}: split {key!r} must be a list of objects")
     return data
+
+
+def _group_counts(n: int, test_fraction: float, val_fraction: float) -> tuple[int, int]:
+    """Numbers of (test, validation) groups out of ``n``: at least one each when asked, train keeps one."""
+    n_test = min(max(1, round(test_fraction * n)), n - 1) if test_fraction > 0 and n >= 2 else 0
+    rest = n - n_test
+    n_val = min(max(1, round(val_fraction * n)), rest - 1) if val_fraction > 0 and rest >= 2 else 0
+    return n_test, n_val
+
+
+def split_groups(
+    items: list[dict], group_key: str, test_fraction: float, val_fraction: float, seed: int, what: str = "group"
+) -> dict[str, list[dict]]:
+    """Split ``items`` into train / validation / test so that no ``item[group_key]`` straddles two parts.
+
+    Fractions count groups (of all groups). Groups are drawn by ``seed`` from their sorted list,
+    so the result does not depend on input order. When there are too few groups for a part that
+    was asked for, that part stays empty and a ``UserWarning`` says so.
+    """
+    for name, fraction in (("test", test_fraction), ("validation", val_fraction)):
+        if not 0 <= fraction < 1:
+            raise ValueError(f"{name} fraction must be in [0, 1), got {fraction!r}")
+    if test_fraction + val_fraction >= 1:
+        raise ValueError(f"test + validation fractions must leave some training data, got "
+                         f"{test_fraction!r} + {val_fraction!r}")
+    groups = sorted({item[group_key] for item in items}, key=natural_key)
+    n_test, n_val = _group_counts(len(groups), test_fraction, val_fraction)
+    for name, fraction, count in (("test", test_fraction, n_test), ("validation", val_fraction, n_val)):
+        if fraction > 0 and count == 0:
+            warnings.warn(
+                f"only {len(groups)} {what}(s) found: the {name} split is left empty (asked for "
+                f"{fraction:g} of the {what}s, but training must keep at least one)",
+                UserWarning, stacklevel=2,
+            )
+    order = [groups[i] for i in np.random.default_rng(seed).permutation(len(groups))]
+    part = {g: "test" for g in order[:n_test]} | {g: "validation" for g in order[n_test:n_test + n_val]}
+    ordered = sorted(items, key=_item_key)
+    return {
+        name: [it for it in ordered if part.get(it[group_key], "train") == name]
+        for name in ("train", "validation", "test")
+    }

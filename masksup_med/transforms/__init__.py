@@ -2,9 +2,12 @@
 
 from masksup_med.transforms.base import RandMask, RandMaskd
 from masksup_med.transforms.free_form import RandFreeFormMask, RandFreeFormMaskd
+from masksup_med.transforms.label import ForegroundMask, ForegroundMaskd
 from masksup_med.transforms.patch import RandPatchMask, RandPatchMaskd
 
 __all__ = [
+    "ForegroundMask",
+    "ForegroundMaskd",
     "RandMask",
     "RandMaskd",
     "RandFreeFormMask",

@@ -1,0 +1,159 @@
+"""The ``masksup-med data`` command group: ``demo``, ``check`` and ``prepare``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from masksup_med.data import make_glas_demo, write_datalist
+from masksup_med.data.registry import available_datasets, get_dataset
+
+
+def check_dataset(*args, **kwargs):
+    """:func:`masksup_med.data.checks.check_dataset`, imported on first use (it loads MONAI)."""
+    from masksup_med.data.checks import check_dataset as check
+
+    return check(*args, **kwargs)
+
+
+def int_at_least(minimum: int, what: str):
+    """Return an argparse ``type`` accepting integers >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what} (an integer >= {minimum}), got {text!r}")
+        return value
+
+    return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
+_count = int_at_least(0, "an image count")
+_side = int_at_least(32, "an image side in pixels")
+
+
+def _demo_glas(args: argparse.Namespace) -> int:
+    out = make_glas_demo(
+        args.out_dir, n_train=args.n_train, n_test_a=args.n_test_a, n_test_b=args.n_test_b,
+        size=tuple(args.size), seed=args.seed,
+    )
+    total = args.n_train + args.n_test_a + args.n_test_b
+    print(
+        f"wrote {total} synthetic GLaS image/annotation pairs ({args.n_train} train, {args.n_test_a} testA, "
+        f"{args.n_test_b} testB, {args.size[0]}x{args.size[1]}, seed {args.seed}) to {out}"
+    )
+    return 0
+
+
+def _split_options(args: argparse.Namespace) -> dict | None:
+    """Split keyword options given on the command line; None (after an error line) if one does not apply."""
+    given = {k: getattr(args, k) for k in ("seed", "val_fraction", "test_fraction", "by")
+             if getattr(args, k) is not None}
+    accepted = get_dataset(args.dataset).split_options
+    wrong = [k for k in given if k not in accepted]
+    if wrong:
+        options = ", ".join("--" + k.replace("_", "-") for k in wrong)
+        print(f"error: {options} does not apply to dataset {args.dataset}", file=sys.stderr)
+        return None
+    return given
+
+
+def _print_findings(report) -> None:
+    for line in report.warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    for problem in report.problems:
+        print(f"problem: {problem}", file=sys.stderr)
+
+
+def _check(args: argparse.Namespace) -> int:
+    options = _split_options(args)
+    if options is None:
+        return 2
+    report = check_dataset(args.dataset, args.dataset_dir, **options)
+    print("\n".join(report.summary(get_dataset(args.dataset).label_threshold)))
+    _print_findings(report)
+    if report.ok:
+        print(f"OK: {report.pairs} pairs usable")
+        return 0
+    print(f"FAILED: {len(report.problems)} problem(s), listed above")
+    return 1
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    options = _split_options(args)
+    if options is None:
+        return 2
+    spec = get_dataset(args.dataset)
+    if args.check:
+        report = check_dataset(args.dataset, args.dataset_dir, **options)
+        _print_findings(report)
+        if not report.ok:
+            print(f"FAILED: {len(report.problems)} problem(s), nothing written "
+                  f"(see `masksup-med data check {args.dataset} DIR`)")
+            return 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        splits = spec.split(args.dataset_dir, **options)
+    if not args.check:  # otherwise the check already printed them
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
+    path = write_datalist(splits, args.out)
+    sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+    print(f"wrote {spec.name} datalist ({sizes}) to {path}")
+    return 0
+
+
+def _add_split_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", metavar="DATASET", choices=available_datasets(),
+                        help=f"one of: {', '.join(available_datasets())}")
+    parser.add_argument("dataset_dir", metavar="DIR", help="the dataset folder, as downloaded")
+    parser.add_argument("--seed", type=int, metavar="N", help="split seed (default: 0)")
+    parser.add_argument("--val-fraction", type=_fraction, metavar="F",
+                        help="validation fraction (default: the dataset's, e.g. 0.2 of GLaS train)")
+    parser.add_argument("--test-fraction", type=_fraction, metavar="F",
+                        help="test fraction for datasets without an official test set (default: 0.2)")
+    parser.add_argument("--by", choices=("sequence", "frame"),
+                        help="cvc-clinicdb: split by video sequence (default) or by frame (leaks)")
+
+
+def add_data_commands(commands: argparse._SubParsersAction) -> None:
+    """Register ``data demo|check|prepare`` on the top-level subcommand action ``commands``."""
+    data = commands.add_parser("data", help="prepare, check or generate datasets")
+    actions = data.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    check = actions.add_parser("check", help="read every file of a dataset folder and report all problems")
+    _add_split_arguments(check)
+    check.set_defaults(handler=_check)
+
+    prepare = actions.add_parser("prepare", help="check a dataset and write its datalist with splits")
+    _add_split_arguments(prepare)
+    prepare.add_argument("--out", required=True, metavar="FILE.json", help="datalist file to write")
+    prepare.add_argument("--no-check", dest="check", action="store_false",
+                         help="skip reading every file (pairing is still checked)")
+    prepare.set_defaults(handler=_prepare)
+
+    demo = actions.add_parser("demo", help="write a synthetic look-alike dataset for demos and tests")
+    datasets = demo.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+    glas = datasets.add_parser("glas", help="GLaS-like histology in the official release layout (.bmp)")
+    glas.add_argument("out_dir", metavar="OUT_DIR", help="folder to write into (created if missing)")
+    glas.add_argument("--seed", type=int, metavar="N", default=0, help="random seed (default: 0)")
+    glas.add_argument("--n-train", type=_count, metavar="N", default=24, help="training images (default: 24)")
+    glas.add_argument("--n-test-a", type=_count, metavar="N", default=8, help="test A images (default: 8)")
+    glas.add_argument("--n-test-b", type=_count, metavar="N", default=4, help="test B images (default: 4)")
+    glas.add_argument("--size", type=_side, nargs=2, metavar=("W", "H"), default=[160, 120],
+                      help="image width and height in pixels (default: 160 120)")
+    glas.set_defaults(handler=_demo_glas)
