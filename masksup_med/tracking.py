@@ -1,19 +1,49 @@
-"""MLflow: what MONAI's MLFlowHandler does not do by itself (the parameters that describe a run)."""
+"""MLflow tracking: where runs go, a start-up reachability check, and the parameters that describe a run.
+
+MONAI's MLFlowHandler logs metrics; what it does not do (run parameters, figures, the registry) is here
+and in :mod:`masksup_med.registry`.
+"""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import monai
+import requests
 import torch
 
 import masksup_med
 from masksup_med.losses import MaskSupLoss
 from masksup_med.transforms.base import RandMaskd
 
-__all__ = ["git_commit", "run_params"]
+__all__ = ["check_tracking_server", "git_commit", "resolve_tracking_uri", "run_params"]
+
+
+def resolve_tracking_uri(output_dir: str | Path) -> str:
+    """``MLFLOW_TRACKING_URI`` when set (a team's tracking server), else SQLite in ``output_dir``."""
+    from_env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if from_env:
+        return from_env
+    return "sqlite:///" + str(Path(output_dir).resolve() / "mlflow.db")
+
+
+def check_tracking_server(tracking_uri: str, timeout: float = 10.0) -> str:
+    """Fail fast, before training, when an HTTP tracking server does not answer; return the URI."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        response = requests.get(url, timeout=timeout)
+        response.raise_for_status()
+    except requests.RequestException as e:
+        raise ConnectionError(
+            f"MLflow tracking server {tracking_uri} is not reachable ({type(e).__name__}: {e}). Start it, fix "
+            "MLFLOW_TRACKING_URI / tracking_uri, or unset it to use the local SQLite store."
+        ) from e
+    return tracking_uri
 
 
 def git_commit(path: str | Path = ".") -> str:

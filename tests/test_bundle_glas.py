@@ -68,6 +68,15 @@ def test_one_epoch_on_demo_data_saves_checkpoint_split_and_mlflow_run(demo_glas,
     for metric in ("train_loss", "train_loss_seg", "train_loss_context", "train_loss_tasksim", "val_mean_iou", "val_mean_dice"):
         assert metric in run.data.metrics, metric
     assert 0.0 <= run.data.metrics["val_mean_iou"] <= 1.0
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    artifacts |= {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert {"datalist.json", "figures/validation_epoch_0001.png", "figures/learning_curves.png"} <= artifacts
+
+    # the best checkpoint is registered with the run's settings and validation score, alias "candidate"
+    version = client.get_model_version_by_alias("masksup-glas", "candidate")
+    assert version.run_id == run.info.run_id
+    assert version.tags["masking"] == "RandFreeFormMaskd" and version.tags["dataset"] == "glas"
+    assert float(version.tags["best_val_mean_iou"]) == pytest.approx(run.data.metrics["val_mean_iou"], abs=1e-4)
 
 
 @pytest.mark.slow

@@ -1,0 +1,171 @@
+"""Figures logged to the MLflow run: validation examples per round, learning curves at the end."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: figures are only written to files / MLflow
+import matplotlib.pyplot as plt
+import mlflow
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from masksup_med.registry import find_run_id
+from masksup_med.transforms.base import RandMask
+
+__all__ = ["ValidationFigureHandler", "LearningCurveHandler", "validation_figure", "learning_curve_figure"]
+
+logger = logging.getLogger(__name__)
+
+
+def _as_display(image: torch.Tensor) -> np.ndarray:
+    """``C, H, W`` tensor in [0, 1] to an ``H, W(, 3)`` array for imshow (MONAI's PIL axes are W, H)."""
+    array = image.detach().float().cpu().clamp(0, 1).numpy()
+    array = np.transpose(array, (0, 2, 1))  # PILReader returns W, H: swap back for display
+    return array[0] if array.shape[0] == 1 else np.moveaxis(array[:3], 0, -1)
+
+
+def validation_figure(rows: Sequence[dict[str, torch.Tensor]], title: str) -> plt.Figure:
+    """A grid, one row per example: image, ground truth, prediction, masked input, prediction on it."""
+    columns = ("image", "label", "pred", "image_masked", "pred_masked")
+    names = ("image", "ground truth", "prediction", "masked input", "prediction on masked")
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.4 * len(columns), 2.4 * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        for c, key in enumerate(columns):
+            ax = axes[r, c]
+            ax.imshow(_as_display(row[key]), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(names[c], fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def learning_curve_figure(histories: dict[str, list[tuple[int, float]]], title: str) -> plt.Figure:
+    """Loss terms (left) and validation metrics (right) against the epoch."""
+    fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, points in sorted(histories.items()):
+        if not points:
+            continue
+        steps, values = zip(*points)
+        ax = metric_ax if name.startswith("val_") else loss_ax
+        ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=name)
+    for ax, label in ((loss_ax, "training loss (epoch mean)"), (metric_ax, "validation")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+class _RunFigureHandler:
+    """Shared part: find the MLflow run by name and log a figure to it, never failing training."""
+
+    def __init__(self, tracking_uri: str, experiment_name: str, run_name: str, enabled: bool = True) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self.run_name = run_name
+        self.enabled = enabled
+        self.logged: list[str] = []
+
+    def _log(self, fig: plt.Figure, artifact_file: str) -> None:
+        try:
+            run_id = find_run_id(self.tracking_uri, self.experiment_name, self.run_name)
+            mlflow.MlflowClient(tracking_uri=self.tracking_uri).log_figure(run_id, fig, artifact_file)
+            self.logged.append(artifact_file)
+        except Exception as e:  # a figure is never worth a failed training run
+            logger.warning(f"could not log figure {artifact_file} to MLflow: {type(e).__name__}: {e}")
+        finally:
+            plt.close(fig)
+
+
+class ValidationFigureHandler(_RunFigureHandler):
+    """After each validation round, log image / truth / prediction / masked input / prediction on it.
+
+    The examples are the first ``num_images`` items of the (preprocessed, unshuffled) validation
+    dataset, masked with a copy of ``masker`` reseeded every round, so rounds are comparable.
+    Attach to the evaluator.
+    """
+
+    def __init__(
+        self,
+        dataset: Sequence[dict],
+        network: torch.nn.Module,
+        masker: RandMask,
+        tracking_uri: str,
+        experiment_name: str,
+        run_name: str,
+        num_images: int = 3,
+        seed: int = 0,
+        enabled: bool = True,
+    ) -> None:
+        super().__init__(tracking_uri, experiment_name, run_name, enabled)
+        self.dataset = dataset
+        self.network = network
+        self.masker = copy.deepcopy(masker)
+        self.num_images = num_images
+        self.seed = seed
+
+    def attach(self, engine: Engine) -> None:
+        """Log at ``Events.EPOCH_COMPLETED`` of the evaluator."""
+        if self.enabled:
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    @torch.no_grad()
+    def rows(self, device: torch.device) -> list[dict[str, torch.Tensor]]:
+        """Predictions of the current network on the fixed examples, plain and masked."""
+        self.masker.set_random_state(self.seed)
+        was_training = self.network.training
+        self.network.eval()
+        rows = []
+        for index in range(min(self.num_images, len(self.dataset))):
+            item = self.dataset[index]
+            image = torch.as_tensor(item["image"]).float()
+            masked = torch.as_tensor(self.masker(image))
+            logits = self.network(torch.stack([image, masked]).to(device))
+            probs = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, 1).argmax(1, keepdim=True)
+            pred, pred_masked = ((p > 0.5).float() if logits.shape[1] == 1 else p.float() for p in probs)
+            rows.append({"image": image, "label": torch.as_tensor(item["label"]).float(), "pred": pred,
+                         "image_masked": masked, "pred_masked": pred_masked})
+        self.network.train(was_training)
+        return rows
+
+    def __call__(self, engine: Engine) -> None:
+        epoch = engine.state.epoch
+        device = next(self.network.parameters()).device
+        fig = validation_figure(self.rows(device), f"{self.run_name}: validation examples, epoch {epoch}")
+        self._log(fig, f"figures/validation_epoch_{epoch:04d}.png")
+
+
+class LearningCurveHandler(_RunFigureHandler):
+    """At the end of training, plot the run's epoch losses and validation metrics from MLflow.
+
+    Attach to the trainer, after MONAI's MLFlowHandler.
+    """
+
+    def attach(self, engine: Engine) -> None:
+        """Log at ``Events.COMPLETED`` of the trainer."""
+        if self.enabled:
+            engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        try:
+            run_id = find_run_id(self.tracking_uri, self.experiment_name, self.run_name)
+            client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+            names = [n for n in client.get_run(run_id).data.metrics if n.startswith(("train_loss", "val_"))]
+            histories = {n: [(m.step, m.value) for m in client.get_metric_history(run_id, n)] for n in names}
+        except Exception as e:
+            logger.warning(f"could not read the metric history for learning curves: {type(e).__name__}: {e}")
+            return
+        # train_loss* (LossTermAverages) and val_* are logged once per epoch with step = epoch
+        self._log(learning_curve_figure(histories, f"{self.run_name}: learning curves"), "figures/learning_curves.png")

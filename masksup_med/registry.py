@@ -1,0 +1,192 @@
+"""MLflow model registry: register a trained checkpoint, find and promote registered models.
+
+Registration never touches the checkpoint on disk: it is read, wrapped as an MLflow PyTorch model
+(with a signature and an input example) and uploaded. When it fails, the error says how to
+register the same checkpoint again by hand with ``masksup-med registry register``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shlex
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.models import infer_signature
+
+__all__ = [
+    "ModelRegistrationHandler",
+    "register_checkpoint",
+    "find_run_id",
+    "manual_register_command",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def find_run_id(tracking_uri: str, experiment_name: str, run_name: str) -> str:
+    """The id of the (unique) run called ``run_name`` in ``experiment_name``."""
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        raise LookupError(f"MLflow experiment {experiment_name!r} not found at {tracking_uri}.")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{run_name}'")
+    if not runs:
+        raise LookupError(f"MLflow run {run_name!r} not found in experiment {experiment_name!r}.")
+    return runs[0].info.run_id
+
+
+def manual_register_command(
+    checkpoint: str | Path, config_file: str | Path, name: str, tracking_uri: str, run_id: str | None = None
+) -> str:
+    """The shell command that registers ``checkpoint`` by hand (printed when registration fails)."""
+    parts = ["masksup-med", "registry", "register", str(checkpoint), "--config", str(config_file),
+             "--name", name, "--tracking-uri", tracking_uri]
+    if run_id:
+        parts += ["--run-id", run_id]
+    return shlex.join(parts)
+
+
+def register_checkpoint(
+    checkpoint: str | Path,
+    network: torch.nn.Module,
+    name: str,
+    tracking_uri: str,
+    input_shape: tuple[int, ...],
+    run_id: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    alias: str | None = "candidate",
+) -> ModelVersion:
+    """Log the weights in ``checkpoint`` (loaded into a copy of ``network``) as an MLflow model and register it.
+
+    Args:
+        checkpoint: a state dict saved by MONAI's CheckpointSaver (``{"model": ...}`` or a bare state dict).
+        network: the bundle's network definition; its weights are not modified.
+        name: registered model name, e.g. ``masksup-glas``.
+        tracking_uri: MLflow tracking URI (SQLite file or server).
+        input_shape: one input sample ``C, *spatial`` used for the signature and the input example.
+        run_id: the training run to attach the model to (a new run is created when None).
+        tags: set on the model version (dataset, split, validation metrics, masking settings, ...).
+        alias: alias given to the new version (``None``: none).
+    """
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist.")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
+        state = state["model"]
+    model = copy.deepcopy(network).to("cpu")
+    model.load_state_dict(state)
+    model.eval()
+
+    example = np.zeros((1, *input_shape), dtype=np.float32)
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    signature = infer_signature(example, output)
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id) as run:
+        # "pickle" keeps a plain nn.Module (any batch size, .eval()); the pt2 default fixes the batch size
+        info = mlflow.pytorch.log_model(
+            model, name="model", signature=signature, input_example=example, serialization_format="pickle"
+        )
+    version = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()})
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client.set_model_version_tag(name, version.version, "run_id", run.info.run_id)
+    client.set_model_version_tag(name, version.version, "checkpoint", str(checkpoint.resolve()))
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return version
+
+
+class ModelRegistrationHandler:
+    """At the end of training, register the best checkpoint in the MLflow model registry.
+
+    Attach to the trainer. The training run is found by name in the tracking store; the version
+    gets ``tags`` plus the validation results of the evaluator and the alias ``candidate``.
+    A failure is logged with the command to register by hand, and never affects the checkpoint.
+
+    Args:
+        checkpoint: path of the best checkpoint written by the evaluator's CheckpointSaver.
+        config_file: the bundle's training config (quoted in the by-hand command on failure).
+        network: the network definition.
+        name: registered model name.
+        tracking_uri, experiment_name, run_name: where the training run is tracked.
+        input_shape: one input sample ``C, *spatial``.
+        evaluator: the validation evaluator, whose best metric is recorded as a tag.
+        tags: extra version tags.
+        alias: alias for the new version.
+        enabled: set False (e.g. on ranks other than 0) to do nothing.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        config_file: str | Path,
+        network: torch.nn.Module,
+        name: str,
+        tracking_uri: str,
+        experiment_name: str,
+        run_name: str,
+        input_shape: tuple[int, ...],
+        evaluator: Engine | None = None,
+        tags: Mapping[str, Any] | None = None,
+        alias: str | None = "candidate",
+        enabled: bool = True,
+    ) -> None:
+        self.checkpoint = Path(checkpoint)
+        self.config_file = config_file
+        self.network = network
+        self.name = name
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self.run_name = run_name
+        self.input_shape = tuple(input_shape)
+        self.evaluator = evaluator
+        self.tags = dict(tags or {})
+        self.alias = alias
+        self.enabled = enabled
+        self.version: ModelVersion | None = None
+
+    def attach(self, engine: Engine) -> None:
+        """Register at ``Events.COMPLETED`` of ``engine``."""
+        if self.enabled:
+            engine.add_event_handler(Events.COMPLETED, self)
+
+    def _version_tags(self) -> dict[str, Any]:
+        """``tags`` plus the evaluator's best key metric and its epoch (the checkpoint's own scores)."""
+        tags = dict(self.tags)
+        state = getattr(self.evaluator, "state", None)
+        if state is not None and getattr(state, "best_metric_epoch", -1) != -1:
+            tags[f"best_{state.key_metric_name}"] = f"{float(state.best_metric):.4f}"
+            tags["best_epoch"] = state.best_metric_epoch
+        return tags
+
+    def __call__(self, engine: Engine) -> None:
+        run_id = None
+        try:
+            if not self.checkpoint.is_file():
+                raise FileNotFoundError(
+                    f"no best checkpoint at {self.checkpoint} (did validation run at least once?)"
+                )
+            run_id = find_run_id(self.tracking_uri, self.experiment_name, self.run_name)
+            self.version = register_checkpoint(
+                self.checkpoint, self.network, self.name, self.tracking_uri, self.input_shape,
+                run_id=run_id, tags=self._version_tags(), alias=self.alias,
+            )
+            logger.info(f"registered {self.checkpoint} as MLflow model {self.name} version {self.version.version}"
+                        + (f" (alias {self.alias})" if self.alias else ""))
+        except Exception as e:  # registration must never lose the training result
+            logger.error(
+                f"registering {self.checkpoint} as {self.name!r} failed: {type(e).__name__}: {e}. The checkpoint "
+                "is unchanged; register it by hand with: "
+                + manual_register_command(self.checkpoint, self.config_file, self.name, self.tracking_uri, run_id)
+            )
