@@ -25,10 +25,42 @@ __all__ = [
     "ModelRegistrationHandler",
     "register_checkpoint",
     "find_run_id",
+    "load_checkpoint",
+    "load_network",
     "manual_register_command",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def load_checkpoint(network: torch.nn.Module, checkpoint: str | Path) -> torch.nn.Module:
+    """Load weights saved by MONAI's CheckpointSaver (``{"model": state}``) or a bare state dict into ``network``."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist (train the bundle first, or pass model_source).")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+        state = state["model"]
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {checkpoint} does not fit the configured network: {e}") from e
+    return network
+
+
+def load_network(
+    source: str | Path, network: torch.nn.Module, device: torch.device | str, tracking_uri: str | None = None
+) -> torch.nn.Module:
+    """The network to evaluate or run: ``models:/NAME@ALIAS`` (or ``/VERSION``) from the MLflow registry,
+    otherwise a checkpoint file loaded into the configured ``network``. Returned in eval mode on ``device``."""
+    if str(source).startswith("models:/"):
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+            mlflow.set_registry_uri(tracking_uri)
+        model = mlflow.pytorch.load_model(str(source), map_location=torch.device(device))
+    else:
+        model = load_checkpoint(network, source)
+    return model.to(device).eval()
 
 
 def find_run_id(tracking_uri: str, experiment_name: str, run_name: str) -> str:
@@ -77,13 +109,7 @@ def register_checkpoint(
         alias: alias given to the new version (``None``: none).
     """
     checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist.")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
-        state = state["model"]
-    model = copy.deepcopy(network).to("cpu")
-    model.load_state_dict(state)
+    model = load_checkpoint(copy.deepcopy(network).to("cpu"), checkpoint)
     model.eval()
 
     example = np.zeros((1, *input_shape), dtype=np.float32)

@@ -1,0 +1,170 @@
+"""Test-set evaluation report: per-image IoU, Dice and HD95 at network and native resolution.
+
+mIoU is the paper's definition: foreground IoU of each image (threshold 0.5), averaged over images.
+The report writes ``per_image.csv`` and ``summary.json``, prints a table, and, when the evaluated model
+came from the MLflow registry, records the summary as tags of that model version.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
+
+__all__ = ["image_scores", "summarize", "SegmentationReport", "format_table"]
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("iou", "dice", "hd95")
+
+
+def image_scores(pred: torch.Tensor, label: torch.Tensor) -> dict[str, float]:
+    """Foreground IoU, Dice and 95th-percentile Hausdorff distance (pixels) of one ``1, *spatial`` mask pair.
+
+    An image where both masks are empty scores IoU = Dice = 1 and HD95 = 0; HD95 is NaN when exactly
+    one of them is empty.
+    """
+    p = torch.as_tensor(pred).detach().float().cpu()[None] > 0.5
+    y = torch.as_tensor(label).detach().float().cpu()[None] > 0.5
+    if p.shape != y.shape:
+        raise ValueError(f"prediction {tuple(p.shape[1:])} and label {tuple(y.shape[1:])} differ in shape")
+    if not p.any() and not y.any():
+        return {"iou": 1.0, "dice": 1.0, "hd95": 0.0}
+    p, y = p.float(), y.float()
+    iou = float(compute_iou(p, y, include_background=True, ignore_empty=False))
+    dice = float(compute_dice(p, y, include_background=True, ignore_empty=False))
+    hd95 = float(compute_hausdorff_distance(p, y, include_background=True, percentile=95)) if p.any() and y.any() else math.nan
+    return {"iou": iou, "dice": dice, "hd95": hd95}
+
+
+def summarize(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Mean and standard deviation of each column over rows (NaNs ignored) and the row count."""
+    summary: dict[str, dict[str, float]] = {}
+    for column in columns:
+        values = np.array([float(r[column]) for r in rows], dtype=float)
+        finite = values[np.isfinite(values)]
+        summary[column] = {
+            "mean": float(finite.mean()) if finite.size else math.nan,
+            "std": float(finite.std()) if finite.size else math.nan,
+            "n": int(finite.size),
+        }
+    return summary
+
+
+def format_table(summaries: Mapping[str, Mapping[str, Mapping[str, float]]], columns: Sequence[str]) -> str:
+    """A plain-text table: one line per group, ``mean ± std`` per column."""
+    header = f"{'split':<10} {'images':>6}  " + "  ".join(f"{c:>17}" for c in columns)
+    lines = [header, "-" * len(header)]
+    for group, summary in summaries.items():
+        n = max((s["n"] for s in summary.values()), default=0)
+        cells = "  ".join(f"{summary[c]['mean']:>8.4f} ± {summary[c]['std']:<6.4f}" for c in columns)
+        lines.append(f"{group:<10} {n:>6}  {cells}")
+    return "\n".join(lines)
+
+
+def _registered_version(model_source: str, tracking_uri: str | None) -> tuple[str, str] | None:
+    """(name, version) for ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``; None for a file."""
+    if not str(model_source).startswith("models:/"):
+        return None
+    ref = str(model_source)[len("models:/"):]
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return name, str(client.get_model_version_by_alias(name, alias).version)
+    name, version = ref.rsplit("/", 1)
+    return name, version
+
+
+class SegmentationReport:
+    """Evaluator handler: score every image, then write the CSV / JSON report and print the table.
+
+    Reads ``pred`` / ``label`` (network resolution) from the decollated output and
+    ``pred_native`` / ``label_native`` (each image's own size, prediction inverted back) from the
+    output and batch items; ``id`` and ``group_key`` (e.g. GLaS ``split``: testA / testB) come from the batch.
+
+    Args:
+        output_dir: where ``per_image.csv`` and ``summary.json`` go.
+        split: name of the evaluated split (recorded in the summary and in tag names).
+        model_source: checkpoint path or ``models:/…`` URI of the evaluated model.
+        tracking_uri: MLflow store holding ``model_source`` when it is a registry URI.
+        group_key: batch key giving each image's group, summarised separately (None: no groups).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        split: str,
+        model_source: str | Path,
+        tracking_uri: str | None = None,
+        group_key: str | None = "split",
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.split = split
+        self.model_source = str(model_source)
+        self.tracking_uri = tracking_uri
+        self.group_key = group_key
+        self.rows: list[dict[str, Any]] = []
+        self.summary: dict[str, Any] = {}
+
+    def attach(self, engine: Engine) -> None:
+        """Score at every iteration, report when the evaluation completes."""
+        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.score_batch)
+        engine.add_event_handler(Events.COMPLETED, self.report)
+
+    def score_batch(self, engine: Engine) -> None:
+        """Score each image of the current (decollated) batch at both resolutions."""
+        for item, out in zip(engine.state.batch, engine.state.output):
+            native_label = out.get("label_native", item.get("label_native"))
+            row: dict[str, Any] = {"id": item.get("id", f"image_{len(self.rows)}")}
+            if self.group_key:
+                row["group"] = item.get(self.group_key, self.split)
+            row.update(image_scores(out["pred"], out["label"]))
+            row.update({f"{k}_native": v for k, v in image_scores(out["pred_native"], native_label).items()})
+            row["native_size"] = "x".join(str(s) for s in tuple(native_label.shape[1:])[::-1])  # H x W
+            self.rows.append(row)
+
+    def report(self, engine: Engine | None = None) -> dict[str, Any]:
+        """Write ``per_image.csv`` and ``summary.json``, print the table, tag the registered model."""
+        columns = [*METRICS, *(f"{m}_native" for m in METRICS)]
+        groups: dict[str, list[dict]] = {self.split: self.rows}
+        if self.group_key:
+            for name in sorted({r["group"] for r in self.rows}):
+                if name != self.split:
+                    groups[name] = [r for r in self.rows if r["group"] == name]
+        summaries = {name: summarize(rows, columns) for name, rows in groups.items()}
+        self.summary = {"split": self.split, "model_source": self.model_source, "images": len(self.rows),
+                        "summary": summaries}
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.output_dir / "per_image.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(self.rows[0]) if self.rows else ["id"])
+            writer.writeheader()
+            writer.writerows(self.rows)
+        (self.output_dir / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n", encoding="utf-8")
+        table = format_table(summaries, columns)
+        print(f"\nEvaluation of {self.model_source} on {self.split} (mean ± std over images)\n{table}\n", flush=True)
+        logger.info(f"evaluation report written to {self.output_dir}")
+        self._tag_registered_model(summaries)
+        return self.summary
+
+    def _tag_registered_model(self, summaries: Mapping[str, Mapping[str, Mapping[str, float]]]) -> None:
+        version = _registered_version(self.model_source, self.tracking_uri)
+        if version is None:
+            return
+        name, number = version
+        client = mlflow.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        for group, summary in summaries.items():
+            for metric, stats in summary.items():
+                client.set_model_version_tag(name, number, f"test_{group}_{metric}", f"{stats['mean']:.4f}")
+        logger.info(f"test metrics recorded on MLflow model {name} version {number}")
