@@ -9,28 +9,33 @@ import sys
 from pathlib import Path
 
 import mlflow
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from masksup_med.data import make_glas_demo
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN_CONFIG = REPO / "bundles" / "glas" / "configs" / "train.json"
+CONFIGS = REPO / "bundles" / "glas" / "configs"
+TRAIN_CONFIG = CONFIGS / "train.json"
 REAL_GLAS = REPO.parent / "shared" / "data" / "glas"
 
 
-def run_training(dataset_dir: Path, output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """Run the bundle's training from the repository root, as the README does."""
-    cmd = [
-        sys.executable, "-m", "monai.bundle", "run", "training",
-        "--config_file", str(TRAIN_CONFIG),
-        "--dataset_dir", str(dataset_dir),
-        "--output_dir", str(output_dir),
-        "--num_workers", "0",
-        *overrides,
-    ]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+def run_bundle(run_id: str, configs: list[Path], *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run one workflow of the bundle from the repository root, with the documented command."""
+    config_file = str(configs[0]) if len(configs) == 1 else str([str(c) for c in configs])
+    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_file,
+           "--num_workers", "0", *overrides]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+
+
+def run_training(dataset_dir: Path, output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """Run the bundle's training, as the README does."""
+    return run_bundle("training", [TRAIN_CONFIG], "--dataset_dir", str(dataset_dir), "--output_dir", str(output_dir),
+                      *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +122,74 @@ def test_trains_on_real_glas_copy(tmp_path):
     splits = json.loads((out / "datalist.json").read_text())
     assert (len(splits["train"]), len(splits["validation"])) == (68, 17)
     assert (out / "models" / "model.pt").is_file()
+
+
+@pytest.fixture(scope="module")
+def trained(demo_glas, tmp_path_factory) -> Path:
+    """One short training run whose checkpoint and registered model the evaluate / inference tests use."""
+    out = tmp_path_factory.mktemp("trained")
+    result = run_training(demo_glas, out, "--max_epochs", "2", "--val_interval", "1", "--image_size", "[64,64]")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_evaluate_reports_per_image_and_summary_at_both_resolutions(demo_glas, trained):
+    result = run_bundle("evaluating", [TRAIN_CONFIG, CONFIGS / "evaluate.json"], "--dataset_dir", str(demo_glas),
+                        "--output_dir", str(trained), "--image_size", "[64,64]")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "iou_native" in result.stdout and "testA" in result.stdout  # the printed table
+
+    report = trained / "eval" / "test"
+    rows = (report / "per_image.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 4  # header + testA (2) + testB (2)
+    assert all(row.endswith(",48x64") for row in rows[1:])  # native size H x W of the demo images
+    summary = json.loads((report / "summary.json").read_text())
+    assert set(summary["summary"]) == {"test", "testA", "testB"}
+    for group in summary["summary"].values():
+        for metric in ("iou", "dice", "iou_native", "dice_native"):
+            assert 0.0 <= group[metric]["mean"] <= 1.0
+
+
+@pytest.mark.slow
+def test_evaluate_registered_model_records_test_metrics_on_its_version(demo_glas, trained):
+    result = run_bundle("evaluating", [TRAIN_CONFIG, CONFIGS / "evaluate.json"], "--dataset_dir", str(demo_glas),
+                        "--output_dir", str(trained), "--image_size", "[64,64]", "--eval_split", "testA",
+                        "--model_source", "models:/masksup-glas@candidate")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    uri = f"sqlite:///{trained / 'mlflow.db'}"
+    version = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias("masksup-glas", "candidate")
+    summary = json.loads((trained / "eval" / "testA" / "summary.json").read_text())
+    assert float(version.tags["test_testA_iou"]) == pytest.approx(summary["summary"]["testA"]["iou"]["mean"], abs=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("output_ext", [".png", ".nii.gz"])
+def test_inference_writes_masks_of_each_input_size_and_overlays(demo_glas, trained, tmp_path, output_ext):
+    inputs = tmp_path / "my scans é"  # spaces and non-ASCII in the path
+    inputs.mkdir()
+    Image.open(demo_glas / "testA_1.bmp").save(inputs / "first.png")
+    Image.open(demo_glas / "testB_1.bmp").resize((80, 60)).save(inputs / "second image.jpg", quality=95)
+    (inputs / ".DS_Store").write_bytes(b"\0")
+    result = run_bundle("inferring", [TRAIN_CONFIG, CONFIGS / "inference.json"], "--input_dir", str(inputs),
+                        "--output_dir", str(trained), "--image_size", "[64,64]", "--output_ext", output_ext,
+                        "--prediction_dir", str(tmp_path / "pred"), "--save_overlays", "true")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for stem, size in (("first", (64, 48)), ("second image", (80, 60))):
+        mask_file = tmp_path / "pred" / f"{stem}_mask{output_ext}"
+        if output_ext == ".png":
+            mask = np.array(Image.open(mask_file))
+            assert mask.shape == size[::-1] and set(np.unique(mask)) <= {0, 255}
+        else:
+            mask = np.asarray(nib.load(mask_file).dataobj)
+            assert mask.shape == size and set(np.unique(mask)) <= {0, 1}  # MONAI axes: W, H
+        assert Image.open(tmp_path / "pred" / f"{stem}_overlay.png").size == size
+
+
+def test_inference_on_empty_folder_names_it(tmp_path):
+    empty = tmp_path / "nothing here"
+    empty.mkdir()
+    result = run_bundle("inferring", [TRAIN_CONFIG, CONFIGS / "inference.json"], "--input_dir", str(empty),
+                        "--output_dir", str(tmp_path / "out"))
+    assert result.returncode != 0
+    assert str(empty) in result.stdout + result.stderr

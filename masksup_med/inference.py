@@ -1,0 +1,74 @@
+"""Inference helpers: list the images of a folder, write overlays for a person to look at."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from PIL import Image
+
+from masksup_med.data.errors import DatasetNotFoundError
+from masksup_med.data.readers import PIL_SUFFIXES, TIFF_SUFFIXES
+
+__all__ = ["list_images", "OverlayWriter", "overlay"]
+
+IGNORED = {".ds_store", "thumbs.db"}
+
+
+def list_images(input_dir: str | os.PathLike) -> list[dict]:
+    """``[{"image": path}, …]`` for every supported image in ``input_dir`` (sorted); refuse an empty folder."""
+    folder = Path(input_dir)
+    if not folder.is_dir():
+        raise DatasetNotFoundError(f"input folder {folder} does not exist; pass --input_dir with your images.")
+    supported = {*PIL_SUFFIXES, *TIFF_SUFFIXES}
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in supported
+                   and p.name.lower() not in IGNORED and not p.name.startswith("."))
+    if not files:
+        raise DatasetNotFoundError(
+            f"input folder {folder} holds no images with a supported extension ({', '.join(sorted(supported))})."
+        )
+    return [{"image": str(p)} for p in files]
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (0, 255, 80), alpha: float = 0.45) -> np.ndarray:
+    """``H, W, 3`` uint8 image with ``mask`` (``H, W`` bool) tinted in ``color`` and its outline drawn."""
+    rgb = np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image[..., :3]
+    rgb = rgb.astype(np.float32)
+    tint = np.asarray(color, dtype=np.float32)
+    rgb[mask] = (1 - alpha) * rgb[mask] + alpha * tint
+    inner = mask.copy()
+    inner[1:, :] &= mask[:-1, :]
+    inner[:-1, :] &= mask[1:, :]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    rgb[mask & ~inner] = tint
+    return rgb.clip(0, 255).astype(np.uint8)
+
+
+class OverlayWriter:
+    """Evaluator handler writing ``<stem>_overlay.png``: the input image with the predicted mask tinted.
+
+    Reads ``image_native`` (the loaded image, before scaling and resizing) from the batch and
+    ``pred_native`` (the mask at the image's own size) from the output; both use MONAI's PIL axes.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, enabled: bool = True) -> None:
+        self.output_dir = Path(output_dir)
+        self.enabled = enabled
+
+    def attach(self, engine: Engine) -> None:
+        """Write overlays after every iteration."""
+        if self.enabled:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        for item, out in zip(engine.state.batch, engine.state.output):
+            image = np.transpose(torch.as_tensor(item["image_native"]).cpu().numpy(), (2, 1, 0))  # C,W,H -> H,W,C
+            mask = torch.as_tensor(out["pred_native"]).cpu().numpy()[0].T > 0.5  # W,H -> H,W
+            picture = overlay(image[..., 0] if image.shape[-1] == 1 else image, mask)
+            stem = Path(str(item["image_native"].meta["filename_or_obj"])).stem
+            Image.fromarray(picture).save(self.output_dir / f"{stem}_overlay.png")
