@@ -83,15 +83,10 @@ class RandPatchMask(RandMask):
 
 
 class RandPatchMaskd(RandMaskd):
-    """Dictionary version of :class:`RandPatchMask`: writes the masked copy to ``masked_keys``.
+    """Dictionary version of :class:`RandPatchMask`: writes the masked copy of ``keys`` to ``masked_keys``.
 
-    Args:
-        keys: images to mask (default ``image``); the label is never masked.
-        masked_keys: output keys, one per key (default ``image_masked``).
-        hole_key: optional key for the boolean hole mask (``1, *spatial``).
-        prob: probability of masking a sample.
-        allow_missing_keys: do not raise when a key is absent.
-        Other arguments: see :class:`RandPatchMask`.
+    ``keys``, ``masked_keys``, ``hole_key``, ``prob`` and ``allow_missing_keys`` are those of
+    :class:`~masksup_med.transforms.base.RandMaskd`; the masking arguments those of :class:`RandPatchMask`.
     """
 
     def __init__(
