@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from masksup_med import __version__
 from masksup_med.cli_data import add_data_commands
+from masksup_med.cli_deploy import add_deploy_commands
 from masksup_med.cli_registry import add_registry_commands
 from masksup_med.data import DatasetError
 
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_data(commands)
     add_registry_commands(commands)
+    add_deploy_commands(commands)
     return parser
 
 

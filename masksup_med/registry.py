@@ -7,10 +7,11 @@ register the same checkpoint again by hand with ``masksup-med registry register`
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import shlex
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,22 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def using_store(tracking_uri: str | None) -> Iterator[None]:
+    """Point MLflow's fluent API at ``tracking_uri`` (tracking and registry) for a block, then restore."""
+    if not tracking_uri:
+        yield
+        return
+    previous_tracking, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous_tracking)
+        mlflow.set_registry_uri(previous_registry)
 
 
 def load_checkpoint(network: torch.nn.Module, checkpoint: str | Path) -> torch.nn.Module:
@@ -54,10 +71,8 @@ def load_network(
     """The network to evaluate or run: ``models:/NAME@ALIAS`` (or ``/VERSION``) from the MLflow registry,
     otherwise a checkpoint file loaded into the configured ``network``. Returned in eval mode on ``device``."""
     if str(source).startswith("models:/"):
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
-            mlflow.set_registry_uri(tracking_uri)
-        model = mlflow.pytorch.load_model(str(source), map_location=torch.device(device))
+        with using_store(tracking_uri):
+            model = mlflow.pytorch.load_model(str(source), map_location=torch.device(device))
     else:
         model = load_checkpoint(network, source)
     return model.to(device).eval()
@@ -117,14 +132,13 @@ def register_checkpoint(
         output = model(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, output)
 
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id) as run:
-        # "pickle" keeps a plain nn.Module (any batch size, .eval()); the pt2 default fixes the batch size
-        info = mlflow.pytorch.log_model(
-            model, name="model", signature=signature, input_example=example, serialization_format="pickle"
-        )
-    version = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()})
+    with using_store(tracking_uri):
+        with mlflow.start_run(run_id=run_id) as run:
+            # "pickle" keeps a plain nn.Module (any batch size, .eval()); the pt2 default fixes the batch size
+            info = mlflow.pytorch.log_model(
+                model, name="model", signature=signature, input_example=example, serialization_format="pickle"
+            )
+        version = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()})
     client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     client.set_model_version_tag(name, version.version, "run_id", run.info.run_id)
     client.set_model_version_tag(name, version.version, "checkpoint", str(checkpoint.resolve()))

@@ -14,7 +14,13 @@ from ignite.engine import Engine
 from monai.networks.nets import UNet
 
 from masksup_med.cli import main
-from masksup_med.registry import ModelRegistrationHandler, manual_register_command, register_checkpoint
+from masksup_med.registry import (
+    ModelRegistrationHandler,
+    load_network,
+    manual_register_command,
+    register_checkpoint,
+    using_store,
+)
 from masksup_med.tracking import check_tracking_server, resolve_tracking_uri
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,8 +57,10 @@ def sqlite_uri(tmp_path) -> str:
 def test_registered_model_loads_by_alias_and_predicts_like_the_checkpoint(checkpoint, sqlite_uri):
     path, state = checkpoint
     before = digest(path)
+    global_uri = mlflow.get_tracking_uri()
     version = register_checkpoint(path, tiny_unet(), "masksup-test", sqlite_uri, (3, 32, 32),
                                   tags={"dataset": "glas", "best_val_mean_iou": "0.5"})
+    assert mlflow.get_tracking_uri() == global_uri  # the caller's MLflow settings are left alone
     assert str(version.version) == "1"
     assert digest(path) == before  # the checkpoint is only read
 
@@ -61,14 +69,15 @@ def test_registered_model_loads_by_alias_and_predicts_like_the_checkpoint(checkp
     assert str(by_alias.version) == "1"
     assert by_alias.tags["dataset"] == "glas" and by_alias.tags["checkpoint"] == str(path.resolve())
 
-    mlflow.set_registry_uri(sqlite_uri)
-    loaded = mlflow.pytorch.load_model("models:/masksup-test@candidate").eval()
+    loaded = load_network("models:/masksup-test@candidate", tiny_unet(), "cpu", tracking_uri=sqlite_uri)
+    assert not loaded.training
     reference = tiny_unet()
     reference.load_state_dict(state)
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(loaded(x), reference.eval()(x), atol=1e-6)
-    model_info = mlflow.models.get_model_info("models:/masksup-test@candidate")
+    with using_store(sqlite_uri):
+        model_info = mlflow.models.get_model_info("models:/masksup-test@candidate")
     assert model_info.signature is not None and model_info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 3, 32, 32)
 
 

@@ -1,0 +1,239 @@
+"""``masksup-med train | evaluate | predict | serve``: the jobs a deployment runs (the Docker entrypoint).
+
+``train``, ``evaluate`` and ``predict`` run a MONAI bundle as a subprocess of this Python
+(``python -m monai.bundle run …``) and return its exit code; bundle overrides (``--max_epochs 2``,
+``--image_size "[128,128]"``, …) are passed through verbatim. ``serve`` wraps a registered model
+with the bundle's preprocessing (:mod:`masksup_med.serving`) and runs MLflow's scoring server on it.
+
+Bundles are looked up under a bundles root: ``--bundles-dir``, else ``$MASKSUP_BUNDLES_DIR``, else
+the ``bundles/`` folder of the source checkout the package runs from, else ``./bundles``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["add_deploy_commands", "bundles_root", "bundle_command"]
+
+BUNDLES_ENV = "MASKSUP_BUNDLES_DIR"
+FORMATS = {"png": ".png", "nifti": ".nii.gz"}
+
+
+def bundles_root(explicit: str | os.PathLike | None = None) -> Path:
+    """Where bundles live: ``explicit``, ``$MASKSUP_BUNDLES_DIR``, the checkout's ``bundles/``, or ``./bundles``."""
+    if explicit:
+        return Path(explicit)
+    from_env = os.environ.get(BUNDLES_ENV, "").strip()
+    if from_env:
+        return Path(from_env)
+    checkout = Path(__file__).resolve().parent.parent / "bundles"
+    if checkout.is_dir():
+        return checkout
+    return Path.cwd() / "bundles"
+
+
+def bundle_dir(name: str, root: str | os.PathLike | None = None) -> Path:
+    """The folder of bundle ``name`` (must hold ``configs/train.json``); SystemExit naming what is there."""
+    base = bundles_root(root)
+    folder = base / name
+    if not (folder / "configs" / "train.json").is_file():
+        found = sorted(p.name for p in base.iterdir() if (p / "configs" / "train.json").is_file()) if base.is_dir() else []
+        raise SystemExit(
+            f"error: no bundle {name!r} under {base} (expected {folder / 'configs' / 'train.json'}); "
+            f"bundles there: {', '.join(found) or 'none'}. Set --bundles-dir or ${BUNDLES_ENV}."
+        )
+    return folder.resolve()
+
+
+def _has_override(overrides: Sequence[str], key: str) -> bool:
+    flag = f"--{key}"
+    return any(arg == flag or arg.startswith(flag + "=") for arg in overrides)
+
+
+def bundle_command(folder: Path, run_id: str, configs: Sequence[str], overrides: Sequence[str]) -> list[str]:
+    """``python -m monai.bundle run RUN_ID --config_file … --bundle_root FOLDER OVERRIDES…`` for this Python."""
+    files = [str(folder / "configs" / c) for c in configs]
+    config_file = files[0] if len(files) == 1 else str(files)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_file]
+    if not _has_override(overrides, "bundle_root"):
+        cmd += ["--bundle_root", str(folder)]
+    return cmd + list(overrides)
+
+
+def _run(cmd: list[str]) -> int:
+    """Run ``cmd`` in the foreground; forward SIGTERM to it; return its exit code."""
+    print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
+    proc = subprocess.Popen(cmd)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    extra = list(args.overrides or [])
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    return extra
+
+
+def _train(args: argparse.Namespace) -> int:
+    folder = bundle_dir(args.bundle, args.bundles_dir)
+    return _run(bundle_command(folder, "training", ["train.json"], _overrides(args)))
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    folder = bundle_dir(args.bundle, args.bundles_dir)
+    return _run(bundle_command(folder, "evaluating", ["train.json", "evaluate.json"], _overrides(args)))
+
+
+def _tracking_setup(tracking_uri: str | None) -> None:
+    if tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+
+
+def _model_image_size(source: str) -> list[int] | None:
+    """The training size of a registered/logged model, from its signature (None for checkpoint files)."""
+    if not source.startswith(("models:/", "runs:/")):
+        return None
+    from masksup_med.serving import model_input_size
+
+    return model_input_size(source)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    _tracking_setup(args.tracking_uri)
+    folder = bundle_dir(args.bundle, args.bundles_dir)
+    overrides = _overrides(args)
+    input_dir = Path(args.input)
+    if not input_dir.is_dir():
+        raise SystemExit(f"error: input folder {input_dir} does not exist")
+    cmd_overrides = ["--model_source", args.model, "--input_dir", str(input_dir.resolve()),
+                     "--prediction_dir", str(Path(args.output).resolve()), "--output_ext", FORMATS[args.format]]
+    if args.overlays:
+        cmd_overrides += ["--save_overlays", "true"]
+    if not _has_override(overrides, "image_size"):
+        size = _model_image_size(args.model)
+        if size:
+            cmd_overrides += ["--image_size", str(size)]
+    return _run(bundle_command(folder, "inferring", ["train.json", "inference.json"], cmd_overrides + overrides))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from masksup_med.serving import build_serving_model, serve_command
+
+    _tracking_setup(args.tracking_uri)
+    folder = bundle_dir(args.bundle, args.bundles_dir)
+    workdir = Path(tempfile.mkdtemp(prefix="masksup-serve-"))
+    proc: subprocess.Popen | None = None
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        model_dir = build_serving_model(args.model, folder / "configs" / "train.json", workdir / "model",
+                                        device=args.device, threshold=args.threshold)
+        print(f"serving {args.model} on http://{args.host}:{args.port} (POST /invocations, GET /ping)",
+              file=sys.stderr, flush=True)
+        env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+        proc = subprocess.Popen(serve_command(model_dir, args.host, args.port, args.workers, args.timeout), env=env)
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        signal.signal(signal.SIGTERM, previous)
+        with contextlib.suppress(OSError):
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _bundle_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundles-dir", metavar="DIR",
+                        help=f"folder holding the bundles (default: ${BUNDLES_ENV}, else the checkout's bundles/, "
+                             "else ./bundles)")
+
+
+def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
+    """Add ``train``, ``evaluate``, ``predict`` and ``serve``."""
+    passthrough = ("bundle overrides, passed verbatim to `python -m monai.bundle run` "
+                   "(e.g. --dataset_dir /data/glas --output_dir /outputs/glas --max_epochs 50)")
+
+    train = commands.add_parser(
+        "train", help="train a bundle (python -m monai.bundle run training)",
+        description="Train BUNDLE with its configs/train.json. Every argument after BUNDLE is a bundle override.",
+        epilog="example: masksup-med train glas --dataset_dir /data/glas --output_dir /outputs/glas --max_epochs 100",
+    )
+    _bundle_options(train)
+    train.add_argument("bundle", metavar="BUNDLE", help="bundle name, e.g. glas")
+    train.add_argument("overrides", nargs=argparse.REMAINDER, metavar="OVERRIDES", help=passthrough)
+    train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="test-set report of a bundle (python -m monai.bundle run evaluating)",
+        description="Evaluate BUNDLE with configs/train.json + configs/evaluate.json (per-image CSV, summary JSON). "
+                    "Every argument after BUNDLE is a bundle override, e.g. --model_source models:/masksup-glas@champion.",
+        epilog="example: masksup-med evaluate glas --dataset_dir /data/glas --output_dir /outputs/glas",
+    )
+    _bundle_options(evaluate)
+    evaluate.add_argument("bundle", metavar="BUNDLE", help="bundle name, e.g. glas")
+    evaluate.add_argument("overrides", nargs=argparse.REMAINDER, metavar="OVERRIDES", help=passthrough)
+    evaluate.set_defaults(handler=_evaluate)
+
+    predict = commands.add_parser(
+        "predict", help="masks for a folder of images (python -m monai.bundle run inferring)",
+        description="Write a mask for every PNG/JPEG/BMP/TIFF image in --input, each at the image's own size. "
+                    "A registered model is run at the size it was trained at (from its signature). "
+                    "Further bundle overrides may follow after `--`.",
+        epilog="example: masksup-med predict --model models:/masksup-glas@champion --input /data/new --output /outputs/masks",
+    )
+    _bundle_options(predict)
+    predict.add_argument("--model", required=True, metavar="SOURCE",
+                         help="models:/NAME@ALIAS, models:/NAME/VERSION, or a checkpoint file (model.pt)")
+    predict.add_argument("--input", required=True, metavar="DIR", help="folder of images")
+    predict.add_argument("--output", required=True, metavar="DIR", help="folder for the masks (<stem>_mask.png)")
+    predict.add_argument("--bundle", default="glas", help="bundle whose inference config runs (default: glas)")
+    predict.add_argument("--format", choices=sorted(FORMATS), default="png",
+                         help="png (0/255, default) or nifti (.nii.gz, 0/1)")
+    predict.add_argument("--overlays", action="store_true", help="also write <stem>_overlay.png for a person to look at")
+    predict.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ sources (default: $MLFLOW_TRACKING_URI)")
+    predict.add_argument("overrides", nargs="*", metavar="-- OVERRIDES", help="bundle overrides, e.g. -- --device cpu")
+    predict.set_defaults(handler=_predict)
+
+    serve = commands.add_parser(
+        "serve", help="serve a registered model over REST (MLflow scoring server: images in, masks out)",
+        description="Serve a registered model with MLflow's scoring server: GET /ping is the health check, "
+                    "POST /invocations takes base64-encoded image files in column 'image' and answers with "
+                    "base64 PNG masks (0/255) at each image's size. See docker/README.md for the request format.",
+        epilog="example: masksup-med serve --model models:/masksup-glas@champion --host 0.0.0.0 --port 8080",
+    )
+    _bundle_options(serve)
+    serve.add_argument("--model", required=True, metavar="SOURCE", help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    serve.add_argument("--bundle", default="glas", help="bundle whose preprocessing is used (default: glas)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
+    serve.add_argument("--workers", type=int, default=1, help="server worker processes (default: 1)")
+    serve.add_argument("--timeout", type=int, default=None, help="seconds allowed per request (MLflow default: 60)")
+    serve.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, …")
+    serve.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default: 0.5)")
+    serve.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    serve.set_defaults(handler=_serve)

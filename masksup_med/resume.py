@@ -1,0 +1,63 @@
+"""Resuming a killed training run from its last epoch checkpoint (MONAI CheckpointSaver/Loader pattern).
+
+The trainer's CheckpointSaver keeps the last two epoch checkpoints (``checkpoint_epoch=N.pt``) with
+the network, optimizer, trainer state and the validator's best metric; a run started with
+``--resume true`` loads the newest one that reads back completely, so a kill during a save costs
+one epoch, never the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine
+
+__all__ = ["BestMetricState", "latest_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+_EPOCH = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
+
+
+def latest_checkpoint(ckpt_dir: str | Path, resume: bool = True) -> str | None:
+    """Path of the newest complete ``checkpoint_epoch=N.pt`` in ``ckpt_dir``; None when there is none
+    (or ``resume`` is False). Files that do not load (cut short by a kill) are skipped with a warning."""
+    if not resume:
+        return None
+    candidates = []
+    for path in Path(ckpt_dir).glob("*checkpoint_epoch=*.pt"):
+        match = _EPOCH.search(path.name)
+        if match:
+            candidates.append((int(match.group(1)), path))
+    for epoch, path in sorted(candidates, reverse=True):
+        try:
+            torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # truncated or corrupt: fall back to the previous epoch
+            logger.warning(f"skipping unreadable checkpoint {path} ({type(e).__name__}: {e})")
+            continue
+        logger.info(f"resuming from {path} (epoch {epoch})")
+        return str(path)
+    logger.info(f"no checkpoint to resume from in {ckpt_dir}; training starts at epoch 1")
+    return None
+
+
+class BestMetricState:
+    """Checkpointable view of an evaluator's best key metric, so a resumed run keeps its best model.
+
+    Put it in the trainer CheckpointSaver's ``save_dict`` and the CheckpointLoader's ``load_dict``.
+    """
+
+    def __init__(self, evaluator: Engine) -> None:
+        self.evaluator = evaluator
+
+    def state_dict(self) -> dict:
+        """The evaluator's best metric and the epoch it was reached."""
+        return {"best_metric": self.evaluator.state.best_metric, "best_metric_epoch": self.evaluator.state.best_metric_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self.evaluator.state.best_metric = state["best_metric"]
+        self.evaluator.state.best_metric_epoch = state["best_metric_epoch"]
