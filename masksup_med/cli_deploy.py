@@ -90,12 +90,24 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return extra
 
 
+def _asks_help(args: argparse.Namespace) -> bool:
+    """``masksup-med train glas --help``: the help of this command, not of the bundle runner."""
+    if _overrides(args) in (["-h"], ["--help"]):
+        args.command_parser.print_help()
+        return True
+    return False
+
+
 def _train(args: argparse.Namespace) -> int:
+    if _asks_help(args):
+        return 0
     folder = bundle_dir(args.bundle, args.bundles_dir)
     return _run(bundle_command(folder, "training", ["train.json"], _overrides(args)))
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    if _asks_help(args):
+        return 0
     folder = bundle_dir(args.bundle, args.bundles_dir)
     return _run(bundle_command(folder, "evaluating", ["train.json", "evaluate.json"], _overrides(args)))
 
@@ -186,7 +198,7 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     _bundle_options(train)
     train.add_argument("bundle", metavar="BUNDLE", help="bundle name, e.g. glas")
     train.add_argument("overrides", nargs=argparse.REMAINDER, metavar="OVERRIDES", help=passthrough)
-    train.set_defaults(handler=_train)
+    train.set_defaults(handler=_train, command_parser=train)
 
     evaluate = commands.add_parser(
         "evaluate", help="test-set report of a bundle (python -m monai.bundle run evaluating)",
@@ -197,7 +209,7 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     _bundle_options(evaluate)
     evaluate.add_argument("bundle", metavar="BUNDLE", help="bundle name, e.g. glas")
     evaluate.add_argument("overrides", nargs=argparse.REMAINDER, metavar="OVERRIDES", help=passthrough)
-    evaluate.set_defaults(handler=_evaluate)
+    evaluate.set_defaults(handler=_evaluate, command_parser=evaluate)
 
     predict = commands.add_parser(
         "predict", help="masks for a folder of images (python -m monai.bundle run inferring)",

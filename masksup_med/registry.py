@@ -51,13 +51,15 @@ def using_store(tracking_uri: str | None) -> Iterator[None]:
 
 
 def load_checkpoint(network: torch.nn.Module, checkpoint: str | Path) -> torch.nn.Module:
-    """Load weights saved by MONAI's CheckpointSaver (``{"model": state}``) or a bare state dict into ``network``."""
+    """Load weights saved by MONAI's CheckpointSaver (``{"model": state}`` or a bare state dict) into ``network``."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist (train the bundle first, or pass model_source).")
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
         state = state["model"]
+    # the best-model saver also stores its tracking list ("checkpointer") beside the weights, for resuming
+    state = {key: value for key, value in state.items() if key != "checkpointer"}
     try:
         network.load_state_dict(state)
     except RuntimeError as e:

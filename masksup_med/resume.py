@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine
 
-__all__ = ["BestMetricState", "latest_checkpoint"]
+__all__ = ["BestMetricState", "attach_handlers", "latest_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,3 +61,15 @@ class BestMetricState:
         """Restore what :meth:`state_dict` saved."""
         self.evaluator.state.best_metric = state["best_metric"]
         self.evaluator.state.best_metric_epoch = state["best_metric_epoch"]
+
+
+def attach_handlers(engine: Engine, handlers: list) -> Engine:
+    """Attach ``handlers`` (skipping disabled ones, which a bundle config resolves to None) to ``engine``.
+
+    For handlers that refer to the engine itself (checkpointing the trainer), which a bundle config
+    cannot list in the engine's own ``train_handlers`` without a circular reference.
+    """
+    for handler in handlers:
+        if handler is not None:
+            handler.attach(engine)
+    return engine

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -193,3 +196,36 @@ def test_inference_on_empty_folder_names_it(tmp_path):
                         "--output_dir", str(tmp_path / "out"))
     assert result.returncode != 0
     assert str(empty) in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_training_killed_midway_resumes_without_repeating_or_losing_epochs(demo_glas, tmp_path):
+    out = tmp_path / "out"
+    common = ["--max_epochs", "6", "--val_interval", "1", "--image_size", "[96,96]", "--batch_size", "2"]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(TRAIN_CONFIG),
+           "--dataset_dir", str(demo_glas), "--output_dir", str(out), "--num_workers", "0", *common]
+    first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "models" / "checkpoint_epoch=2.pt").exists():
+            assert first.poll() is None, "training ended before it could be killed"
+            assert time.monotonic() < deadline, "no epoch checkpoint within 300 s"
+            time.sleep(0.05)
+        first.send_signal(signal.SIGKILL)
+    finally:
+        first.kill()
+        first.wait()
+    assert not (out / "models" / "checkpoint_epoch=6.pt").exists()
+
+    result = run_training(demo_glas, out, *common, "--resume", "true")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    resumed_from = int(re.search(r"resuming from \S+ \(epoch (\d+)\)", log).group(1))
+    assert resumed_from >= 1
+    epochs_run = [int(e) for e in re.findall(r"Epoch\[(\d+)\] Metrics -- train_loss", result.stdout)]
+    assert epochs_run == list(range(resumed_from + 1, 7))  # every remaining epoch once, none repeated
+
+    final = torch.load(out / "models" / "checkpoint_epoch=6.pt", map_location="cpu", weights_only=False)
+    assert final["trainer"]["iteration"] == 6 * final["trainer"]["epoch_length"]  # ignite stores iterations
+    assert {"model", "optimizer", "best_metric"} <= set(final)
+    assert final["best_metric"]["best_metric_epoch"] >= 1
