@@ -58,8 +58,6 @@ def load_checkpoint(network: torch.nn.Module, checkpoint: str | Path) -> torch.n
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
         state = state["model"]
-    # the best-model saver also stores its tracking list ("checkpointer") beside the weights, for resuming
-    state = {key: value for key, value in state.items() if key != "checkpointer"}
     try:
         network.load_state_dict(state)
     except RuntimeError as e:

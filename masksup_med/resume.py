@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Engine
+from monai.handlers import CheckpointSaver
 
 __all__ = ["BestMetricState", "attach_handlers", "latest_checkpoint"]
 
@@ -45,22 +46,32 @@ def latest_checkpoint(ckpt_dir: str | Path, resume: bool = True) -> str | None:
 
 
 class BestMetricState:
-    """Checkpointable view of an evaluator's best key metric, so a resumed run keeps its best model.
+    """Checkpointable view of the best-model tracking, so a resumed run keeps its best model.
 
-    Put it in the trainer CheckpointSaver's ``save_dict`` and the CheckpointLoader's ``load_dict``.
+    Holds the evaluator's best key metric (and its epoch) and the tracking list of the evaluator's
+    best-model CheckpointSaver, so ``model.pt`` is replaced after resuming only by a better model,
+    while ``model.pt`` itself stays a plain state dict. Put it in the trainer CheckpointSaver's
+    ``save_dict`` and the CheckpointLoader's ``load_dict``.
     """
 
-    def __init__(self, evaluator: Engine) -> None:
+    def __init__(self, evaluator: Engine, best_saver: CheckpointSaver | None = None) -> None:
         self.evaluator = evaluator
+        self.best_saver = best_saver
 
     def state_dict(self) -> dict:
-        """The evaluator's best metric and the epoch it was reached."""
-        return {"best_metric": self.evaluator.state.best_metric, "best_metric_epoch": self.evaluator.state.best_metric_epoch}
+        """The evaluator's best metric, its epoch, and the best-model saver's tracking list."""
+        state = {"best_metric": self.evaluator.state.best_metric, "best_metric_epoch": self.evaluator.state.best_metric_epoch}
+        tracker = getattr(self.best_saver, "_key_metric_checkpoint", None)  # MONAI keeps ignite's Checkpoint here
+        if tracker is not None:
+            state["best_saver"] = tracker.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` saved."""
         self.evaluator.state.best_metric = state["best_metric"]
         self.evaluator.state.best_metric_epoch = state["best_metric_epoch"]
+        if self.best_saver is not None and "best_saver" in state:
+            self.best_saver.load_state_dict(state["best_saver"])
 
 
 def attach_handlers(engine: Engine, handlers: list) -> Engine:

@@ -1,0 +1,298 @@
+"""The jobs the Docker image runs, run here outside Docker: ``masksup-med train | evaluate | predict | serve``.
+
+The image's ENTRYPOINT is ``masksup-med``; these tests run the same console script with the same
+arguments on demo data. Training runs once per module; ``predict`` and ``serve`` use the model it
+registers (``models:/masksup-glas@candidate`` in the run's SQLite tracking store), and ``serve`` answers a
+real REST request on 127.0.0.1 with a mask.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+from servers import NO_TELEMETRY_ENV, free_port
+
+from masksup_med import cli_deploy
+from masksup_med.cli import main
+from masksup_med.data import make_glas_demo
+from masksup_med.serving import decode_image, sniff_suffix
+
+REPO = Path(__file__).resolve().parents[1]
+HEALTHCHECK = REPO / "docker" / "healthcheck.py"
+LOOPBACK = "127.0.0.1"
+MODEL = "models:/masksup-glas@candidate"
+SERVE_START_TIMEOUT_S = 180
+
+
+def masksup_command() -> list[str]:
+    """The ``masksup-med`` console script of this environment (the image's ENTRYPOINT)."""
+    script = Path(sys.executable).parent / "masksup-med"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "masksup_med"]
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MASKSUP_BUNDLES_DIR")}
+    return {**env, **NO_TELEMETRY_ENV, "PYTHONWARNINGS": "ignore", **extra}
+
+
+def run_job(*args: str, cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([*masksup_command(), *args], cwd=cwd, env=env or job_env(), capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def output_of(result: subprocess.CompletedProcess) -> str:
+    return result.stdout[-4000:] + "\n--- stderr ---\n" + result.stderr[-6000:]
+
+
+# ------------------------------------------------------------------------------------------ --help, units
+@pytest.mark.parametrize("command", ["train", "evaluate", "predict", "serve"])
+def test_help_of_each_job(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: masksup-med {command}") and "example:" in out
+
+
+def test_help_after_the_bundle_name_is_ours_too(capsys):
+    assert main(["train", "glas", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: masksup-med train")
+
+
+def test_console_script_help_runs():
+    result = subprocess.run([*masksup_command(), "serve", "--help"], capture_output=True, text=True, timeout=120,
+                            env=job_env())
+    assert result.returncode == 0 and "/invocations" in result.stdout, output_of(result)
+
+
+def test_bundles_root_precedence(tmp_path, monkeypatch):
+    monkeypatch.delenv(cli_deploy.BUNDLES_ENV, raising=False)
+    assert cli_deploy.bundles_root() == REPO / "bundles"  # the source checkout's bundles/
+    monkeypatch.setenv(cli_deploy.BUNDLES_ENV, str(tmp_path / "env"))
+    assert cli_deploy.bundles_root() == tmp_path / "env"
+    assert cli_deploy.bundles_root(tmp_path / "explicit") == tmp_path / "explicit"
+
+
+def test_unknown_bundle_names_the_folder_and_what_is_there(tmp_path, monkeypatch):
+    monkeypatch.delenv(cli_deploy.BUNDLES_ENV, raising=False)
+    with pytest.raises(SystemExit) as info:
+        main(["train", "nosuchbundle", "--max_epochs", "1"])
+    message = str(info.value.code)
+    assert "nosuchbundle" in message and str(REPO / "bundles") in message and "glas" in message
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--bundles-dir", str(tmp_path), "glas"])
+    assert str(tmp_path) in str(info.value.code) and "bundles there: none" in str(info.value.code)
+
+
+def test_bundle_command_passes_overrides_verbatim():
+    folder = REPO / "bundles" / "glas"
+    cmd = cli_deploy.bundle_command(folder, "evaluating", ["train.json", "evaluate.json"],
+                                    ["--max_epochs", "2", "--image_size", "[64,64]"])
+    assert cmd[:5] == [sys.executable, "-m", "monai.bundle", "run", "evaluating"]
+    configs = cmd[cmd.index("--config_file") + 1]
+    assert configs == str([str(folder / "configs" / "train.json"), str(folder / "configs" / "evaluate.json")])
+    assert cmd[cmd.index("--bundle_root") + 1] == str(folder)
+    assert cmd[-4:] == ["--max_epochs", "2", "--image_size", "[64,64]"]
+    own_root = cli_deploy.bundle_command(folder, "training", ["train.json"], ["--bundle_root", "/x"])
+    assert own_root.count("--bundle_root") == 1
+
+
+def _encoded(image: Image.Image, fmt: str) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+@pytest.mark.parametrize("mode,fmt", [("RGB", "PNG"), ("L", "PNG"), ("RGBA", "PNG"), ("RGB", "JPEG"), ("RGB", "BMP")])
+def test_decode_image_gives_three_channels_in_monai_axes(mode, fmt):
+    image = Image.new(mode, (30, 20))
+    array = decode_image(_encoded(image, fmt))
+    assert array.shape == (3, 30, 20)  # C, W, H as MONAI's PILReader
+
+
+def test_decode_tiff_through_the_project_reader():
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.zeros((20, 30, 3), dtype=np.uint8))
+    assert decode_image(base64.b64encode(buffer.getvalue())).shape == (3, 30, 20)
+
+
+def test_decode_rejects_what_is_not_an_image():
+    with pytest.raises(ValueError, match="PNG, JPEG, BMP or TIFF"):
+        sniff_suffix(b"hello world")
+    with pytest.raises(ValueError, match="base64"):
+        decode_image("not base64 !!")
+
+
+# ------------------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> SimpleNamespace:
+    """``masksup-med train glas`` once on demo data, run from an unrelated folder; registers a model."""
+    root = tmp_path_factory.mktemp("deploy")
+    demo = make_glas_demo(root / "demo", n_train=10, n_test_a=2, n_test_b=2, size=(64, 48))
+    out = root / "out"
+    workdir = root / "work"
+    workdir.mkdir()
+    result = run_job("train", "glas", "--dataset_dir", str(demo), "--output_dir", str(out), "--max_epochs", "1",
+                     "--val_interval", "1", "--image_size", "[64,64]", "--num_workers", "0", "--batch_size", "4",
+                     cwd=workdir)
+    return SimpleNamespace(root=root, demo=demo, out=out, workdir=workdir, result=result,
+                           tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="module")
+def inputs(trained) -> Path:
+    """A folder of images of different sizes and formats: BMP 64x48, PNG 80x56, TIFF 50x70."""
+    folder = trained.root / "inputs"
+    folder.mkdir()
+    shutil.copy(trained.demo / "testA_1.bmp", folder / "a.bmp")
+    picture = Image.open(trained.demo / "testB_1.bmp").convert("RGB")
+    picture.resize((80, 56)).save(folder / "b.png")
+    tifffile.imwrite(folder / "c.tif", np.asarray(picture.resize((50, 70))))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def predicted(trained, inputs) -> SimpleNamespace:
+    if trained.result.returncode != 0:
+        pytest.skip("training failed (see test_train_job)")
+    output = trained.root / "masks"
+    result = run_job("predict", "--model", MODEL, "--input", str(inputs), "--output", str(output), "--overlays",
+                     cwd=trained.workdir, env=job_env(MLFLOW_TRACKING_URI=trained.tracking_uri))
+    return SimpleNamespace(result=result, output=output)
+
+
+@pytest.mark.slow
+def test_train_job_writes_checkpoint_and_registers_model(trained):
+    assert trained.result.returncode == 0, output_of(trained.result)
+    assert (trained.out / "models" / "model.pt").is_file()
+    assert "monai.bundle run training" in trained.result.stderr  # the command it ran is echoed
+    assert not (trained.workdir / "outputs").exists()  # nothing lands in the working folder
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=trained.tracking_uri, registry_uri=trained.tracking_uri)
+    assert str(client.get_model_version_by_alias("masksup-glas", "candidate").version) == "1"
+
+
+@pytest.mark.slow
+def test_evaluate_job_writes_the_summary(trained):
+    if trained.result.returncode != 0:
+        pytest.skip("training failed (see test_train_job)")
+    result = run_job("evaluate", "glas", "--dataset_dir", str(trained.demo), "--output_dir", str(trained.out),
+                     "--image_size", "[64,64]", "--num_workers", "0", cwd=trained.workdir)
+    assert result.returncode == 0, output_of(result)
+    summary = json.loads((trained.out / "eval" / "test" / "summary.json").read_text())
+    assert summary["images"] == 4 and summary["split"] == "test"
+
+
+@pytest.mark.slow
+def test_predict_job_writes_masks_at_each_input_size(predicted, inputs):
+    assert predicted.result.returncode == 0, output_of(predicted.result)
+    assert "--image_size [64, 64]" in predicted.result.stderr  # run at the registered model's training size
+    for name, size in (("a", (64, 48)), ("b", (80, 56)), ("c", (50, 70))):
+        mask = Image.open(predicted.output / f"{name}_mask.png")
+        assert mask.size == size, name
+        assert set(np.unique(np.asarray(mask))) <= {0, 255}
+        assert (predicted.output / f"{name}_overlay.png").is_file()
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def _wait_for_ping(proc: subprocess.Popen, url: str, log: Path) -> None:
+    deadline = time.monotonic() + SERVE_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"masksup-med serve exited with {proc.returncode}:\n{log.read_text()[-6000:]}")
+        with contextlib.suppress(urllib.error.URLError, OSError):
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        time.sleep(0.5)
+    pytest.fail(f"masksup-med serve did not answer {url} in {SERVE_START_TIMEOUT_S}s:\n{log.read_text()[-6000:]}")
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    # the uvicorn grandchild shares the group; make sure none survives
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _mask(encoded: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(encoded))))
+
+
+@pytest.mark.slow
+def test_serve_answers_a_rest_request_with_a_mask(trained, inputs, predicted):
+    port = free_port()
+    log = trained.root / "serve.log"
+    with open(log, "wb") as log_file:
+        proc = subprocess.Popen(
+            [*masksup_command(), "serve", "--model", MODEL, "--host", LOOPBACK, "--port", str(port)],
+            cwd=trained.workdir, env=job_env(MLFLOW_TRACKING_URI=trained.tracking_uri), stdout=log_file,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    base = f"http://{LOOPBACK}:{port}"
+    try:
+        _wait_for_ping(proc, f"{base}/ping", log)
+        # the image's HEALTHCHECK script agrees
+        health = subprocess.run([sys.executable, str(HEALTHCHECK), "--url", f"{base}/ping"], timeout=60)
+        assert health.returncode == 0
+
+        png = base64.b64encode((inputs / "b.png").read_bytes()).decode("ascii")
+        status, answer = _post(f"{base}/invocations", {"dataframe_split": {"columns": ["image"], "data": [[png]]}})
+        assert status == 200, answer
+        (row,) = answer["predictions"]
+        mask = _mask(row["mask"])
+        assert mask.shape == (56, 80) and (row["width"], row["height"]) == (80, 56)
+        assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+        assert row["foreground_fraction"] == pytest.approx((mask > 0).mean())
+        # same preprocessing as the bundle: the served mask is the one `masksup-med predict` wrote
+        if predicted.result.returncode == 0:
+            written = np.asarray(Image.open(predicted.output / "b_mask.png"))
+            assert (written == mask).mean() > 0.999
+
+        # several images of other sizes and formats in one request, "inputs" layout
+        tif = base64.b64encode((inputs / "c.tif").read_bytes()).decode("ascii")
+        bmp = base64.b64encode((inputs / "a.bmp").read_bytes()).decode("ascii")
+        status, answer = _post(f"{base}/invocations", {"inputs": {"image": [tif, bmp]}})
+        assert status == 200, answer
+        assert [_mask(r["mask"]).shape for r in answer["predictions"]] == [(70, 50), (48, 64)]
+
+        # something that is not an image: a 400 naming the problem, and the server stays up
+        status, answer = _post(f"{base}/invocations", {"dataframe_records": [{"image": "aGVsbG8="}]})
+        assert status == 400 and "PNG, JPEG, BMP or TIFF" in json.dumps(answer)
+        assert proc.poll() is None
+    finally:
+        _stop_group(proc)
