@@ -15,9 +15,9 @@ packages only the CUDA build pulls in (``nvidia-*``) are then left unpinned, cho
 
 from __future__ import annotations
 
-import importlib.metadata as metadata
 import sys
 import tomllib
+from importlib import metadata
 from pathlib import Path
 
 from packaging.requirements import Requirement

@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["add_deploy_commands", "bundles_root", "bundle_command"]
+__all__ = ["add_deploy_commands", "bundle_command", "bundles_root"]
 
 BUNDLES_ENV = "MASKSUP_BUNDLES_DIR"
 FORMATS = {"png": ".png", "nifti": ".nii.gz"}
@@ -57,6 +57,16 @@ def bundle_dir(name: str, root: str | os.PathLike | None = None) -> Path:
 def _has_override(overrides: Sequence[str], key: str) -> bool:
     flag = f"--{key}"
     return any(arg == flag or arg.startswith(flag + "=") for arg in overrides)
+
+
+def _override_value(overrides: Sequence[str], key: str) -> str | None:
+    flag = f"--{key}"
+    for i, arg in enumerate(overrides):
+        if arg == flag and i + 1 < len(overrides):
+            return overrides[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def bundle_command(folder: Path, run_id: str, configs: Sequence[str], overrides: Sequence[str]) -> list[str]:
@@ -109,7 +119,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     if _asks_help(args):
         return 0
     folder = bundle_dir(args.bundle, args.bundles_dir)
-    return _run(bundle_command(folder, "evaluating", ["train.json", "evaluate.json"], _overrides(args)))
+    overrides = _overrides(args)
+    source = _override_value(overrides, "model_source")
+    if source and not _has_override(overrides, "image_size"):
+        size = _model_image_size(source, folder, overrides)  # a registered model runs at the size it was trained at
+        if size:
+            overrides += ["--image_size", str(size)]
+    return _run(bundle_command(folder, "evaluating", ["train.json", "evaluate.json"], overrides))
 
 
 def _tracking_setup(tracking_uri: str | None) -> None:
@@ -117,13 +133,32 @@ def _tracking_setup(tracking_uri: str | None) -> None:
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
 
 
-def _model_image_size(source: str) -> list[int] | None:
-    """The training size of a registered/logged model, from its signature (None for checkpoint files)."""
+def _model_image_size(source: str, folder: Path, overrides: Sequence[str]) -> list[int] | None:
+    """The training size of a registered/logged model, from its signature (None for checkpoint files).
+
+    The model is looked up where the bundle will look: ``$MLFLOW_TRACKING_URI``, else the SQLite store in
+    the bundle's ``output_dir``. Any failure leaves the size to the bundle (which then reports the problem).
+    """
     if not source.startswith(("models:/", "runs:/")):
         return None
-    from masksup_med.serving import model_input_size
+    import json
 
-    return model_input_size(source)
+    import mlflow
+
+    from masksup_med.serving import model_input_size
+    from masksup_med.tracking import resolve_tracking_uri
+
+    output_dir = _override_value(overrides, "output_dir")
+    if output_dir is None:
+        output_dir = json.loads((folder / "configs" / "train.json").read_text())["output_dir"]
+    uri = resolve_tracking_uri(output_dir)
+    try:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        return model_input_size(source)
+    except Exception as e:  # noqa: BLE001 - the bundle run reports it properly
+        print(f"warning: could not read the input size of {source} from {uri}: {e}", file=sys.stderr)
+        return None
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -138,7 +173,7 @@ def _predict(args: argparse.Namespace) -> int:
     if args.overlays:
         cmd_overrides += ["--save_overlays", "true"]
     if not _has_override(overrides, "image_size"):
-        size = _model_image_size(args.model)
+        size = _model_image_size(args.model, folder, overrides)
         if size:
             cmd_overrides += ["--image_size", str(size)]
     return _run(bundle_command(folder, "inferring", ["train.json", "inference.json"], cmd_overrides + overrides))

@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -53,7 +54,7 @@ def job_env(**extra: str) -> dict[str, str]:
 
 
 def run_job(*args: str, cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([*masksup_command(), *args], cwd=cwd, env=env or job_env(), capture_output=True,
+    return subprocess.run(check=False, args=[*masksup_command(), *args], cwd=cwd, env=env or job_env(), capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
@@ -77,7 +78,7 @@ def test_help_after_the_bundle_name_is_ours_too(capsys):
 
 
 def test_console_script_help_runs():
-    result = subprocess.run([*masksup_command(), "serve", "--help"], capture_output=True, text=True, timeout=120,
+    result = subprocess.run(check=False, args=[*masksup_command(), "serve", "--help"], capture_output=True, text=True, timeout=120,
                             env=job_env())
     assert result.returncode == 0 and "/invocations" in result.stdout, output_of(result)
 
@@ -195,10 +196,11 @@ def test_evaluate_job_writes_the_summary(trained):
     if trained.result.returncode != 0:
         pytest.skip("training failed (see test_train_job)")
     result = run_job("evaluate", "glas", "--dataset_dir", str(trained.demo), "--output_dir", str(trained.out),
-                     "--image_size", "[64,64]", "--num_workers", "0", cwd=trained.workdir)
+                     "--model_source", MODEL, "--num_workers", "0", cwd=trained.workdir)
     assert result.returncode == 0, output_of(result)
+    assert "--image_size [64, 64]" in result.stderr  # the registered model's training size, from its signature
     summary = json.loads((trained.out / "eval" / "test" / "summary.json").read_text())
-    assert summary["images"] == 4 and summary["split"] == "test"
+    assert summary["images"] == 4 and summary["split"] == "test" and summary["model_source"] == MODEL
 
 
 @pytest.mark.slow
@@ -227,10 +229,9 @@ def _wait_for_ping(proc: subprocess.Popen, url: str, log: Path) -> None:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"masksup-med serve exited with {proc.returncode}:\n{log.read_text()[-6000:]}")
-        with contextlib.suppress(urllib.error.URLError, OSError):
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
+        with contextlib.suppress(urllib.error.URLError, OSError), urllib.request.urlopen(url, timeout=2) as response:
+            if response.status == 200:
+                return
         time.sleep(0.5)
     pytest.fail(f"masksup-med serve did not answer {url} in {SERVE_START_TIMEOUT_S}s:\n{log.read_text()[-6000:]}")
 
@@ -267,7 +268,7 @@ def test_serve_answers_a_rest_request_with_a_mask(trained, inputs, predicted):
     try:
         _wait_for_ping(proc, f"{base}/ping", log)
         # the image's HEALTHCHECK script agrees
-        health = subprocess.run([sys.executable, str(HEALTHCHECK), "--url", f"{base}/ping"], timeout=60)
+        health = subprocess.run(check=False, args=[sys.executable, str(HEALTHCHECK), "--url", f"{base}/ping"], timeout=60)
         assert health.returncode == 0
 
         png = base64.b64encode((inputs / "b.png").read_bytes()).decode("ascii")
@@ -296,3 +297,75 @@ def test_serve_answers_a_rest_request_with_a_mask(trained, inputs, predicted):
         assert proc.poll() is None
     finally:
         _stop_group(proc)
+
+
+# ------------------------------------------------------------------------- the compose tracking server
+@pytest.mark.slow
+def test_compose_tracking_server_command_with_basic_auth(postgres_uri, tmp_path):
+    """The mlflow service of docker/compose.yaml, its command and auth settings as written, on PostgreSQL.
+
+    Only what exists inside compose alone is replaced: the database address, the artifact folder, the
+    listening address and port. Clients use the credentials the trainer and serving services get.
+    """
+    import psycopg2
+    import yaml
+    from servers import _kill_group, _wait_for_health
+
+    docker = REPO / "docker"
+    service = yaml.safe_load((docker / "compose.yaml").read_text())["services"]["mlflow"]
+    args = list(service["command"])
+    port = free_port()
+    base = f"http://{LOOPBACK}:{port}"
+
+    # a database of its own on the test PostgreSQL server
+    database = "masksup_compose"
+    connection = psycopg2.connect(postgres_uri.replace("postgresql+psycopg2", "postgresql"))
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        cursor.execute(f"DROP DATABASE IF EXISTS {database}")
+        cursor.execute(f"CREATE DATABASE {database}")
+    connection.close()
+
+    def replace(flag: str, value: str) -> None:
+        args[args.index(flag) + 1] = value
+
+    replace("--backend-store-uri", postgres_uri.rsplit("/", 1)[0] + f"/{database}")
+    replace("--artifacts-destination", str(tmp_path / "artifacts"))
+    replace("--host", LOOPBACK)
+    replace("--port", str(port))
+    replace("--workers", "1")
+    replace("--allowed-hosts", args[args.index("--allowed-hosts") + 1] + f",{LOOPBACK}:{port}")
+    auth_ini = tmp_path / "mlflow-auth.ini"
+    auth_ini.write_text((docker / "mlflow-auth.ini").read_text().replace(
+        "sqlite:////mlflow-auth/basic_auth.db", f"sqlite:///{tmp_path / 'basic_auth.db'}"))
+    example = dict(re.findall(r"^([A-Z_][A-Z0-9_]*)=(.*)$", (docker / ".env.example").read_text(), flags=re.MULTILINE))
+    resolved = {k: re.sub(r"\$\{([A-Z0-9_]+)[^}]*\}", lambda m: example[m.group(1)], str(v))
+                for k, v in service["environment"].items()}  # as compose would, with the example .env
+    env = job_env(**{**resolved, "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini), "PYTHONUNBUFFERED": "1"})
+    user, password = example["MLFLOW_TRACKING_USERNAME"], example["MLFLOW_TRACKING_PASSWORD"]
+    log = tmp_path / "mlflow.log"
+    with open(log, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", *service["entrypoint"], *args], cwd=tmp_path, env=env,
+                                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    try:
+        _wait_for_health(proc, base, log, 120)  # /health needs no credentials (the compose health check)
+        search = f"{base}/api/2.0/mlflow/experiments/search?max_results=1"
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            urllib.request.urlopen(search, timeout=30)
+        assert denied.value.code == 401
+        request = urllib.request.Request(search, headers={
+            "Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.status == 200
+
+        # the trainer / serving containers' client settings
+        client_env = job_env(MLFLOW_TRACKING_URI=base, MLFLOW_TRACKING_USERNAME=user,
+                             MLFLOW_TRACKING_PASSWORD=password)
+        listed = run_job("registry", "list", cwd=tmp_path, env=client_env, timeout=120)
+        assert listed.returncode == 0 and "no registered models" in listed.stdout, output_of(listed)
+        wrong = run_job("registry", "list", cwd=tmp_path, timeout=120,
+                        env={**client_env, "MLFLOW_TRACKING_PASSWORD": "wrong"})
+        assert wrong.returncode != 0
+    finally:
+        _kill_group(proc)

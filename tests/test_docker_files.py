@@ -30,7 +30,7 @@ COMPOSE_FILES = [DOCKER / "compose.yaml", DOCKER / "compose.gpu.yaml"]
 LOOPBACK = "127.0.0.1"
 
 sys.path.insert(0, str(DOCKER))
-import healthcheck  # noqa: E402  (docker/healthcheck.py, stdlib only)
+import healthcheck
 
 
 def in_ci() -> bool:
@@ -73,7 +73,7 @@ def final_stage() -> list[tuple[str, str]]:
 
 # ------------------------------------------------------------------------------------------ Dockerfile
 def test_hadolint_reports_nothing():
-    result = subprocess.run([tool("hadolint"), "--no-color", str(DOCKERFILE)], capture_output=True, text=True,
+    result = subprocess.run(check=False, args=[tool("hadolint"), "--no-color", str(DOCKERFILE)], capture_output=True, text=True,
                             cwd=REPO, timeout=120)
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
 
@@ -146,7 +146,7 @@ def test_constraints_pin_every_runtime_requirement_of_pyproject():
 # -------------------------------------------------------------------------------------------- compose
 @pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
 def test_compose_file_validates_against_the_compose_specification(path):
-    result = subprocess.run([tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path)],
+    result = subprocess.run(check=False, args=[tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -156,7 +156,7 @@ def test_compose_schema_check_rejects_a_broken_file(tmp_path):
     broken["services"]["serving"]["portz"] = ["8080:8080"]
     path = tmp_path / "compose.yaml"
     path.write_text(yaml.safe_dump(broken))
-    result = subprocess.run([tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path)],
+    result = subprocess.run(check=False, args=[tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "portz" in result.stdout
 
@@ -203,7 +203,7 @@ def test_services_volumes_profiles_and_networks():
 
 def test_every_variable_compose_reads_is_documented_in_env_example():
     example = (DOCKER / ".env.example").read_text()
-    defined = set(re.findall(r"^([A-Z_][A-Z0-9_]*)=", example, flags=re.M))
+    defined = set(re.findall(r"^([A-Z_][A-Z0-9_]*)=", example, flags=re.MULTILINE))
     used = set()
     for path in COMPOSE_FILES:
         used |= set(re.findall(r"(?<!\$)\$\{([A-Z_][A-Z0-9_]*)", path.read_text()))
@@ -218,9 +218,9 @@ def test_every_variable_compose_reads_is_documented_in_env_example():
 def test_env_file_is_gitignored_and_example_is_not():
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
-    ignored = subprocess.run(["git", "check-ignore", "-q", "docker/.env"], cwd=REPO)
+    ignored = subprocess.run(check=False, args=["git", "check-ignore", "-q", "docker/.env"], cwd=REPO)
     assert ignored.returncode == 0, "docker/.env is not ignored by git"
-    example = subprocess.run(["git", "check-ignore", "-q", "docker/.env.example"], cwd=REPO)
+    example = subprocess.run(check=False, args=["git", "check-ignore", "-q", "docker/.env.example"], cwd=REPO)
     assert example.returncode == 1, "docker/.env.example must be committed"
 
 
@@ -245,7 +245,7 @@ def test_healthcheck_port_from_the_main_process_arguments(tmp_path):
 
 
 class _Ping(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         self.send_response(200 if self.path == "/ping" else 404)
         self.end_headers()
 
