@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import shlex
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -24,11 +25,11 @@ from mlflow.models import infer_signature
 
 __all__ = [
     "ModelRegistrationHandler",
-    "register_checkpoint",
     "find_run_id",
     "load_checkpoint",
     "load_network",
     "manual_register_command",
+    "register_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -36,18 +37,31 @@ logger = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def using_store(tracking_uri: str | None) -> Iterator[None]:
-    """Point MLflow's fluent API at ``tracking_uri`` (tracking and registry) for a block, then restore."""
+    """Point MLflow's fluent API at ``tracking_uri`` (tracking and registry) for a block, then restore.
+
+    ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` to the
+    environment (inherited by subprocesses), so both the module state (MLflow 3.17's private globals)
+    and the environment are put back as they were, unset included.
+    """
     if not tracking_uri:
         yield
         return
-    previous_tracking, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved_globals = (tracking_utils._tracking_uri, registry_utils._registry_uri)
+    saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous_tracking)
-        mlflow.set_registry_uri(previous_registry)
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved_globals
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def load_checkpoint(network: torch.nn.Module, checkpoint: str | Path) -> torch.nn.Module:

@@ -6,8 +6,6 @@ version once (module fixture ``registered``), and each test checks one side of i
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 from pathlib import Path
 
@@ -21,6 +19,8 @@ from servers import (
     require,
 )
 
+from masksup_med.registry import using_store
+
 pytestmark = pytest.mark.slow
 
 EXPERIMENT = "masksup-infra"
@@ -32,27 +32,7 @@ ARTIFACT = "notes/summary.txt"
 ARTIFACT_TEXT = "masksup infra check\n"
 
 
-@contextlib.contextmanager
-def _global_tracking_uri(uri: str):
-    """Point MLflow's fluent API (log_model, register_model) at ``uri``; restore the previous state after."""
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    saved_globals = (tracking_utils._tracking_uri, registry_utils._registry_uri)
-    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        tracking_utils._tracking_uri, registry_utils._registry_uri = saved_globals
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+_global_tracking_uri = using_store  # MLflow store for a block, global state and environment restored
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ experiment holds only this run: the run is found by its ``dataset_dir`` param an
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import pytest
 from servers import LOOPBACK, NO_TELEMETRY_ENV, free_port, port_open
+
+from masksup_med.registry import using_store
 
 pytestmark = pytest.mark.slow
 
@@ -103,26 +104,7 @@ def _download_artifact(server: str, run_id: str, path: str) -> bytes:
     return resp.content
 
 
-@contextlib.contextmanager
-def _global_tracking_uri(uri: str):
-    """Point MLflow's fluent API (``models:/`` URIs) at ``uri``; restore the previous global state after."""
-    import mlflow
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    saved_globals = (tracking_utils._tracking_uri, registry_utils._registry_uri)
-    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        tracking_utils._tracking_uri, registry_utils._registry_uri = saved_globals
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+_global_tracking_uri = using_store  # MLflow store for a block, global state and environment restored
 
 
 def _bundle_parser(dataset_dir: Path):
