@@ -61,6 +61,10 @@ class MaskSupTrainer(SupervisedTrainer):
             training device (``RandMask.mask_batch``), so GPU runs do not mask on CPU workers.
             When given, ``masked_key`` is not read.
 
+        single_pass: run the network once on the image and masked batches concatenated, instead of
+            twice. Needed under DistributedDataParallel (one forward per backward); BatchNorm then
+            normalises over both halves together, a small departure from the published two passes.
+
     With ``a2 = a3 = 0`` the masked pass is skipped and the iteration is plain supervised
     training with ``seg_loss`` (the ablation baseline), through the same code.
     ``engine.state.output`` holds ``image``, ``label``, ``pred``, ``loss`` (the total), and the
@@ -72,6 +76,7 @@ class MaskSupTrainer(SupervisedTrainer):
         *args: Any,
         masked_key: str = MaskSupKeys.IMAGE_MASKED,
         batch_masker: RandMask | None = None,
+        single_pass: bool = False,
         **kwargs: Any,
     ) -> None:
         if kwargs.get("accumulation_steps", 1) != 1:
@@ -83,6 +88,7 @@ class MaskSupTrainer(SupervisedTrainer):
             raise TypeError(f"loss_function must be a MaskSupLoss, got {type(self.loss_function).__name__}.")
         self.masked_key = masked_key
         self.batch_masker = batch_masker
+        self.single_pass = single_pass
 
     def _masked_inputs(self, batchdata: Mapping[str, Any], inputs: torch.Tensor) -> torch.Tensor:
         if self.batch_masker is not None:
@@ -113,8 +119,11 @@ class MaskSupTrainer(SupervisedTrainer):
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         with engine._autocast():
-            pred = engine.inferer(inputs, engine.network)
-            pred_masked = engine.inferer(masked, engine.network) if masked is not None else None
+            if masked is not None and engine.single_pass:
+                pred, pred_masked = engine.inferer(torch.cat([inputs, masked]), engine.network).chunk(2)
+            else:
+                pred = engine.inferer(inputs, engine.network)
+                pred_masked = engine.inferer(masked, engine.network) if masked is not None else None
             engine.state.output[CommonKeys.PRED] = pred
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             terms = loss_fn(pred, pred_masked, targets)

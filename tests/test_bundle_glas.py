@@ -229,3 +229,24 @@ def test_training_killed_midway_resumes_without_repeating_or_losing_epochs(demo_
     assert final["trainer"]["iteration"] == 6 * final["trainer"]["epoch_length"]  # ignite stores iterations
     assert {"model", "optimizer", "best_metric"} <= set(final)
     assert final["best_metric"]["best_metric_epoch"] >= 1
+
+
+@pytest.mark.slow
+def test_two_process_ddp_training_on_cpu(demo_glas, tmp_path):
+    """torchrun with 2 CPU processes (gloo): one epoch, rank 0 alone checkpoints, tracks and registers."""
+    out = tmp_path / "out"
+    configs = str([str(TRAIN_CONFIG), str(CONFIGS / "multi_gpu_train.json")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "monai.bundle", "run", "training", "--config_file", configs,
+           "--dataset_dir", str(demo_glas), "--output_dir", str(out), "--num_workers", "0",
+           "--max_epochs", "1", "--val_interval", "1", "--image_size", "[64,64]", "--batch_size", "2"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (out / "models" / "model.pt").is_file()
+    state = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert not any(key.startswith("module.") for key in state)  # saved unwrapped: loads into the plain network
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("masksup-glas").experiment_id])
+    assert len(runs) == 1  # only rank 0 tracks
+    assert client.get_model_version_by_alias("masksup-glas", "candidate").run_id == runs[0].info.run_id

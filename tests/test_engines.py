@@ -260,3 +260,19 @@ def test_plain_torch_loss_raises_type_error():
 def test_unsupported_options_raise(kw, match):
     with pytest.raises(ValueError, match=match):
         _trainer(_net(), _loader(_data(2)), **kw)
+
+
+def test_single_pass_matches_two_passes_and_calls_the_network_once():
+    """One forward on [image; masked] (for DDP) trains like two passes when normalisation is per sample."""
+    data = _data()
+    nets = {mode: _net() for mode in (False, True)}
+    calls = {mode: 0 for mode in nets}
+    for mode, net in nets.items():
+        def count(*_, mode=mode):
+            calls[mode] += 1
+        net.register_forward_hook(count)
+        torch.manual_seed(5)  # MONAI's DataLoader reseeds the masking from the global RNG: same masks for both
+        _trainer(net, _loader(data, seed=3), single_pass=mode).run()
+    assert calls == {False: 4, True: 2}  # 2 iterations
+    for (name, a), (_, b) in zip(nets[False].named_parameters(), nets[True].named_parameters()):
+        assert torch.allclose(a, b, atol=1e-5), name
