@@ -466,3 +466,21 @@ def _loopback_only(route, blocked: list[str]) -> None:
     else:
         blocked.append(url)
         route.abort()
+
+
+def capture_model_page(browser, server: str, model_name: str, version_label: str, alias: str, shot: Path) -> tuple[str, str]:
+    """Open a registered model's page in the MLflow UI, wait until ``version_label``'s row shows ``alias``,
+    save a full-page screenshot to ``shot``; return the page text and that row's text."""
+    page = browser.new_page()
+    try:
+        # The registered model's page (route ``/models/:modelName`` of the UI's hash router).
+        page.goto(f"{server}/#/models/{model_name}", wait_until="domcontentloaded", timeout=60_000)
+        # A React app: wait until the data has been fetched and rendered, not just for the document.
+        page.get_by_role("heading", name=model_name).wait_for(timeout=60_000)
+        row = page.get_by_role("row").filter(has_text=version_label)
+        row.get_by_text(alias).wait_for(timeout=30_000)
+        page.wait_for_timeout(500)  # let late widgets finish painting before the screenshot
+        page.screenshot(path=str(shot), full_page=True)
+        return page.inner_text("body"), row.inner_text()
+    finally:
+        page.close()

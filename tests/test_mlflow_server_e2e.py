@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from servers import LOOPBACK, NO_TELEMETRY_ENV, free_port, port_open
+from servers import LOOPBACK, NO_TELEMETRY_ENV, capture_model_page, free_port, port_open
 
 from masksup_med.registry import using_store
 
@@ -269,20 +269,7 @@ def test_registered_model_page_in_headless_chromium(trained: dict, chromium, art
     server = trained["server"]
     version_label = f"Version {trained['version']['version']}"
     shot = artifacts_dir / "mlflow-masksup-glas-model.png"
-    page = chromium.new_page()
-    try:
-        # The registered model's page (route ``/models/:modelName`` of the UI's hash router).
-        page.goto(f"{server}/#/models/{MODEL_NAME}", wait_until="domcontentloaded", timeout=60_000)
-        # A React app: wait until the data has been fetched and rendered, not just for the document.
-        page.get_by_role("heading", name=MODEL_NAME).wait_for(timeout=60_000)
-        row = page.get_by_role("row").filter(has_text=version_label)
-        row.get_by_text(ALIAS).wait_for(timeout=30_000)
-        page.wait_for_timeout(500)  # let late widgets finish painting before the screenshot
-        page.screenshot(path=str(shot), full_page=True)
-        text = page.inner_text("body")
-        row_text = row.inner_text()
-    finally:
-        page.close()
+    text, row_text = capture_model_page(chromium, server, MODEL_NAME, version_label, ALIAS, shot)
     assert MODEL_NAME in text
     assert version_label in row_text and ALIAS in row_text, row_text
     assert shot.is_file() and shot.stat().st_size > 10_000
