@@ -1,0 +1,247 @@
+"""MaskSup ablation on real GLaS: which of the two extra loss terms, and how much masking, helps.
+
+Arms (the GLaS bundle's recipe, only these settings change):
+
+    baseline     a2 = a3 = 0            plain supervised training (the masked pass is skipped)
+    context      a3 = 0                 + the masked-image segmentation term
+    full-heavy   a1 = a2 = a3 = 1       full MaskSup, free-form holes over 40-60 % of the image
+    full-light   a1 = a2 = a3 = 1       full MaskSup, holes over 10-30 % of the image
+
+Each (arm, seed) trains with ``python -m monai.bundle run training``, keeps the checkpoint with the
+best *validation* mIoU (the bundle's own selection; the test set is never looked at while
+training), then runs the bundle's ``evaluating`` config on testA + testB. Every finished run is
+appended to ``benchmarks/results/ablation.jsonl`` and skipped next time, and a run killed halfway
+resumes from its last epoch checkpoint, so the study can span several sessions::
+
+    python benchmarks/ablation.py run                    # all arms, seeds 0 1 2 (hours on a CPU)
+    python benchmarks/ablation.py run --arms baseline --seeds 3
+    python benchmarks/ablation.py report                 # tables into RESULTS.md and the bundle docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import BENCHMARKS_DIR, RESULTS_DIR, RESULTS_MD, machine, replace_block
+
+from masksup_med.resume import latest_checkpoint
+
+ROOT = BENCHMARKS_DIR.parent
+TRAIN_CONFIG = "bundles/glas/configs/train.json"
+EVAL_CONFIG = "bundles/glas/configs/evaluate.json"
+BUNDLE_DOCS = ROOT / "bundles" / "glas" / "docs" / "README.md"
+
+HEAVY, LIGHT = [0.4, 0.6], [0.1, 0.3]
+ARMS: dict[str, dict[str, Any]] = {
+    "baseline": {"loss_weights": {"a1": 1.0, "a2": 0.0, "a3": 0.0}, "mask_ratio_range": HEAVY},
+    "context": {"loss_weights": {"a1": 1.0, "a2": 1.0, "a3": 0.0}, "mask_ratio_range": HEAVY},
+    "full-heavy": {"loss_weights": {"a1": 1.0, "a2": 1.0, "a3": 1.0}, "mask_ratio_range": HEAVY},
+    "full-light": {"loss_weights": {"a1": 1.0, "a2": 1.0, "a3": 1.0}, "mask_ratio_range": LIGHT},
+}
+METRICS = ("iou", "dice", "iou_native", "dice_native")
+
+
+def study_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings every run of one study shares (a record only counts for the same settings)."""
+    return {"epochs": args.epochs, "val_interval": args.val_interval, "image_size": list(args.image_size)}
+
+
+def bundle_overrides(arm: str, seed: int, settings: dict[str, Any], dataset_dir: str, output_dir: Path) -> list[str]:
+    """Command-line overrides of the GLaS bundle for one (arm, seed) run."""
+    values = {
+        "dataset_dir": dataset_dir,
+        "output_dir": str(output_dir),
+        "seed": seed,
+        "max_epochs": settings["epochs"],
+        "val_interval": settings["val_interval"],
+        "image_size": settings["image_size"],
+        **ARMS[arm],
+    }
+    return [item for key, value in values.items() for item in (f"--{key}", json.dumps(value) if not isinstance(value, str) else value)]
+
+
+def training_command(overrides: list[str]) -> list[str]:
+    """``monai.bundle run training`` with ``--resume true``: a half-finished run carries on."""
+    return [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN_CONFIG, *overrides, "--resume", "true"]
+
+
+def evaluation_command(overrides: list[str]) -> list[str]:
+    """``monai.bundle run evaluating`` of the best-validation checkpoint on testA + testB."""
+    configs = json.dumps([TRAIN_CONFIG, EVAL_CONFIG])
+    return [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file", configs, *overrides, "--eval_split", "test"]
+
+
+def shown_command(command: list[str]) -> str:
+    """``command`` as a user would type it from the repository root."""
+    return subprocess.list2cmdline(["python", *command[1:]] if command[0] == sys.executable else command)
+
+
+def run_logged(command: list[str], log_file: Path) -> float:
+    """Run ``command`` from the repository root, appending its output to ``log_file``; return seconds taken."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with log_file.open("a", encoding="utf-8") as log:
+        log.write(f"\n$ {subprocess.list2cmdline(command)}\n")
+        log.flush()
+        code = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    if code != 0:
+        raise RuntimeError(f"command failed with exit code {code}; see {log_file}: {subprocess.list2cmdline(command)}")
+    return time.perf_counter() - start
+
+
+def best_validation(ckpt_dir: Path) -> tuple[float, int]:
+    """Best validation mIoU and its epoch, from the run's newest epoch checkpoint."""
+    path = latest_checkpoint(ckpt_dir)
+    if path is None:
+        raise RuntimeError(f"no epoch checkpoint in {ckpt_dir}: training did not finish an epoch")
+    state = torch.load(path, map_location="cpu", weights_only=False)["best_metric"]
+    return float(state["best_metric"]), int(state["best_metric_epoch"])
+
+
+def load_records(results: Path) -> list[dict[str, Any]]:
+    """Finished runs recorded so far."""
+    if not results.exists():
+        return []
+    return [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def run_one(arm: str, seed: int, settings: dict[str, Any], dataset_dir: str, work_dir: Path) -> dict[str, Any]:
+    """Train, select on validation, evaluate on test; return the record of one finished run."""
+    output_dir = work_dir / f"{arm}-seed{seed}"
+    local_dir = output_dir if output_dir.is_absolute() else ROOT / output_dir
+    overrides = bundle_overrides(arm, seed, settings, dataset_dir, output_dir)
+    train_cmd, eval_cmd = training_command(overrides), evaluation_command(overrides)
+    resumed = latest_checkpoint(local_dir / "models") is not None
+    train_seconds = run_logged(train_cmd, local_dir / "train.log")
+    best_val, best_epoch = best_validation(local_dir / "models")
+    run_logged(eval_cmd, local_dir / "evaluate.log")
+    summary = json.loads((local_dir / "eval" / "test" / "summary.json").read_text(encoding="utf-8"))["summary"]
+    return {
+        "arm": arm,
+        "seed": seed,
+        **settings,
+        **ARMS[arm],
+        "best_val_iou": best_val,
+        "best_epoch": best_epoch,
+        "test": {group: {m: summary[group][m]["mean"] for m in METRICS} for group in summary},
+        "train_seconds": round(train_seconds, 1),
+        "resumed": resumed,
+        "machine": machine(),
+        "commands": [shown_command(c) for c in (train_cmd, eval_cmd)],
+    }
+
+
+def run_study(args: argparse.Namespace) -> None:
+    """Run every (seed, arm) pair not yet recorded for these settings, seed by seed."""
+    settings = study_settings(args)
+    done = {(r["arm"], r["seed"]) for r in load_records(args.results) if all(r.get(k) == v for k, v in settings.items())}
+    for seed in args.seeds:
+        for arm in args.arms:
+            if (arm, seed) in done:
+                print(f"[ablation] {arm} seed {seed}: recorded, skipped", flush=True)
+                continue
+            print(f"[ablation] {arm} seed {seed}: training ({settings})", flush=True)
+            record = run_one(arm, seed, settings, args.dataset_dir, args.work_dir)
+            args.results.parent.mkdir(parents=True, exist_ok=True)
+            with args.results.open("a", encoding="utf-8") as out:
+                out.write(json.dumps(record) + "\n")
+            print(f"[ablation] {arm} seed {seed}: val {record['best_val_iou']:.4f}, "
+                  f"test mIoU {record['test']['test']['iou']:.4f} ({record['train_seconds']:.0f} s)", flush=True)
+
+
+def mean_std(values: Sequence[float]) -> str:
+    """``mean ± sample std`` (std 0 for one value)."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} ± {std:.4f}"
+
+
+def ablation_tables(records: list[dict[str, Any]]) -> str:
+    """Markdown: mean ± std per arm, then one row per seed with the commands."""
+    arms = [a for a in ARMS if any(r["arm"] == a for r in records)]
+    lines = [
+        "| arm | seeds | val mIoU (selection) | test mIoU | test Dice | test mIoU native | test Dice native | train min/run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for arm in arms:
+        rows = [r for r in records if r["arm"] == arm]
+        cells = [mean_std([r["best_val_iou"] for r in rows])]
+        cells += [mean_std([r["test"]["test"][m] for r in rows]) for m in METRICS]
+        minutes = statistics.mean(r["train_seconds"] for r in rows) / 60
+        lines.append(f"| {arm} | {len(rows)} | " + " | ".join(cells) + f" | {minutes:.1f} |")
+    lines += ["", "Per run (test = testA + testB):", "",
+              "| arm | seed | best epoch | val mIoU | test mIoU | test Dice | mIoU native | Dice native | testA / testB mIoU |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: (list(ARMS).index(r["arm"]), r["seed"])):
+        t = r["test"]
+        split_iou = " / ".join(f"{t[g]['iou']:.4f}" for g in ("testA", "testB") if g in t)
+        lines.append(f"| {r['arm']} | {r['seed']} | {r['best_epoch']} | {r['best_val_iou']:.4f} | "
+                     + " | ".join(f"{t['test'][m]:.4f}" for m in METRICS) + f" | {split_iou} |")
+    return "\n".join(lines)
+
+
+def write_report(args: argparse.Namespace) -> str:
+    """Put the ablation tables into RESULTS.md and the GLaS bundle's docs; return the Markdown."""
+    settings = study_settings(args)
+    records = [r for r in load_records(args.results) if all(r.get(k) == v for k, v in settings.items())]
+    if not records:
+        raise SystemExit(f"no finished runs with {settings} in {args.results}")
+    example = records[0]["commands"]
+    body = "\n".join([
+        (f"Settings: {settings['epochs']} epochs, validation every {settings['val_interval']}, "
+        f"{settings['image_size'][0]}x{settings['image_size'][1]}; everything else as in `{TRAIN_CONFIG}`. "
+        "Mean ± sample std over seeds; mIoU is per-image foreground IoU averaged over images."),
+        "",
+        ablation_tables(records),
+        "",
+        ("Reproduce: `python benchmarks/ablation.py run && python benchmarks/ablation.py report`. "
+        "One run is these two commands (here the first recorded run):"),
+        "",
+        "```",
+        *example,
+        "```",
+    ])
+    for markdown in args.markdown:
+        replace_block(markdown, "ablation", body)
+    print(body)
+    return body
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command line of the ablation runner."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=("run", "report"))
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=30, help="training epochs per run (about 15 min for full MaskSup on 2 cores)")
+    parser.add_argument("--val-interval", type=int, default=3)
+    parser.add_argument("--image-size", nargs=2, type=int, default=[256, 256])
+    parser.add_argument("--dataset-dir", default="../shared/data/glas", help="GLaS folder (relative to the repository root)")
+    parser.add_argument("--work-dir", type=Path, default=Path("benchmarks/runs"),
+                        help="run outputs, relative to the repository root (not committed)")
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR / "ablation.jsonl")
+    parser.add_argument("--markdown", type=Path, nargs="*", default=[RESULTS_MD, BUNDLE_DOCS],
+                        help="Markdown files whose 'ablation' block the report replaces")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.action == "run":
+        run_study(args)
+    else:
+        write_report(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Writing benchmark figures down: JSON files under ``benchmarks/results`` and generated blocks in Markdown.
+
+A generated block sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` in a Markdown file
+(``benchmarks/RESULTS.md``, a bundle's ``docs/README.md``); everything outside the markers is
+hand-written and kept as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BENCHMARKS_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCHMARKS_DIR / "results"
+RESULTS_MD = BENCHMARKS_DIR / "RESULTS.md"
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    return {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically (a kill never leaves half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as tmp:
+        json.dump(data, tmp, indent=2)
+        tmp.write("\n")
+    os.replace(tmp.name, path)
+
+
+def replace_block(markdown_file: Path, name: str, body: str) -> None:
+    """Replace the generated block ``name`` in ``markdown_file`` with ``body`` (appended when absent)."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    text = markdown_file.read_text(encoding="utf-8") if markdown_file.exists() else ""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
+        text = head + block + tail
+    else:
+        text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
+    markdown_file.write_text(text, encoding="utf-8")
