@@ -6,8 +6,10 @@ import argparse
 import sys
 import warnings
 
-from masksup_med.data import make_glas_demo, write_datalist
+from masksup_med.data import make_cvc_clinicdb_demo, make_glas_demo, write_datalist
+from masksup_med.data.cvc_clinicdb import builtin_sequence_table, sequence_of
 from masksup_med.data.registry import available_datasets, get_dataset
+from masksup_med.data.synthetic import CVC_MIN_FRAMES, cvc_clinicdb_demo_frames
 
 
 def check_dataset(*args, **kwargs):
@@ -17,16 +19,17 @@ def check_dataset(*args, **kwargs):
     return check(*args, **kwargs)
 
 
-def int_at_least(minimum: int, what: str):
-    """Return an argparse ``type`` accepting integers >= ``minimum``."""
+def int_at_least(minimum: int, what: str, maximum: int | None = None):
+    """Return an argparse ``type`` accepting integers >= ``minimum`` (and <= ``maximum`` if given)."""
+    bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"expected {what} (an integer >= {minimum}), got {text!r}")
+        if value is None or value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected {what} (an integer {bounds}), got {text!r}")
         return value
 
     return parse
@@ -44,6 +47,14 @@ def _fraction(text: str) -> float:
 
 _count = int_at_least(0, "an image count")
 _side = int_at_least(32, "an image side in pixels")
+_seed = int_at_least(0, "a seed")
+_frames = int_at_least(CVC_MIN_FRAMES, "a frame count", maximum=builtin_sequence_table()[-1][1])
+
+
+def _wrote_demo(out, count: int, what: str, details: str, args: argparse.Namespace) -> int:
+    """Print the one line a ``data demo`` command ends with; return exit code 0."""
+    print(f"wrote {count} synthetic {what} ({details}, {args.size[0]}x{args.size[1]}, seed {args.seed}) to {out}")
+    return 0
 
 
 def _demo_glas(args: argparse.Namespace) -> int:
@@ -51,12 +62,28 @@ def _demo_glas(args: argparse.Namespace) -> int:
         args.out_dir, n_train=args.n_train, n_test_a=args.n_test_a, n_test_b=args.n_test_b,
         size=tuple(args.size), seed=args.seed,
     )
-    total = args.n_train + args.n_test_a + args.n_test_b
-    print(
-        f"wrote {total} synthetic GLaS image/annotation pairs ({args.n_train} train, {args.n_test_a} testA, "
-        f"{args.n_test_b} testB, {args.size[0]}x{args.size[1]}, seed {args.seed}) to {out}"
-    )
-    return 0
+    return _wrote_demo(out, args.n_train + args.n_test_a + args.n_test_b, "GLaS image/annotation pairs",
+                       f"{args.n_train} train, {args.n_test_a} testA, {args.n_test_b} testB", args)
+
+
+def _demo_cvc_clinicdb(args: argparse.Namespace) -> int:
+    out = make_cvc_clinicdb_demo(args.out_dir, n_frames=args.n_frames, size=tuple(args.size), seed=args.seed)
+    table = builtin_sequence_table()
+    sequences = {sequence_of(str(frame), table) for frame in cvc_clinicdb_demo_frames(args.n_frames)}
+    return _wrote_demo(out, args.n_frames, "CVC-ClinicDB frame/mask pairs",
+                       f"{len(sequences)} video sequences, official layout Original/ + Ground Truth/", args)
+
+
+def _add_demo_parser(datasets: argparse._SubParsersAction, name: str, description: str, handler,
+                     size: tuple[int, int]) -> argparse.ArgumentParser:
+    """Add ``data demo NAME OUT_DIR [--seed N] [--size W H]``; the caller adds the counts."""
+    demo = datasets.add_parser(name, help=description)
+    demo.add_argument("out_dir", metavar="OUT_DIR", help="folder to write into (created if missing)")
+    demo.add_argument("--seed", type=_seed, metavar="N", default=0, help="random seed (default: 0)")
+    demo.add_argument("--size", type=_side, nargs=2, metavar=("W", "H"), default=list(size),
+                      help=f"image width and height in pixels (default: {size[0]} {size[1]})")
+    demo.set_defaults(handler=handler)
+    return demo
 
 
 def _split_options(args: argparse.Namespace) -> dict | None:
@@ -148,12 +175,13 @@ def add_data_commands(commands: argparse._SubParsersAction) -> None:
 
     demo = actions.add_parser("demo", help="write a synthetic look-alike dataset for demos and tests")
     datasets = demo.add_subparsers(dest="dataset", metavar="DATASET", required=True)
-    glas = datasets.add_parser("glas", help="GLaS-like histology in the official release layout (.bmp)")
-    glas.add_argument("out_dir", metavar="OUT_DIR", help="folder to write into (created if missing)")
-    glas.add_argument("--seed", type=int, metavar="N", default=0, help="random seed (default: 0)")
+    glas = _add_demo_parser(datasets, "glas", "GLaS-like histology in the official release layout (.bmp)",
+                            _demo_glas, (160, 120))
     glas.add_argument("--n-train", type=_count, metavar="N", default=24, help="training images (default: 24)")
     glas.add_argument("--n-test-a", type=_count, metavar="N", default=8, help="test A images (default: 8)")
     glas.add_argument("--n-test-b", type=_count, metavar="N", default=4, help="test B images (default: 4)")
-    glas.add_argument("--size", type=_side, nargs=2, metavar=("W", "H"), default=[160, 120],
-                      help="image width and height in pixels (default: 160 120)")
-    glas.set_defaults(handler=_demo_glas)
+    cvc = _add_demo_parser(datasets, "cvc-clinicdb", "CVC-ClinicDB-like colonoscopy frames in the official "
+                           "release layout (.tif)", _demo_cvc_clinicdb, (384, 288))
+    cvc.add_argument("--n-frames", type=_frames, metavar="N", default=24,
+                     help=f"frames, two per video sequence (default: 24; at least {CVC_MIN_FRAMES}, for "
+                          "non-empty train, validation and test parts of the split by sequence)")

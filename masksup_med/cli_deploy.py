@@ -69,14 +69,21 @@ def _override_value(overrides: Sequence[str], key: str) -> str | None:
     return None
 
 
-def bundle_command(folder: Path, run_id: str, configs: Sequence[str], overrides: Sequence[str]) -> list[str]:
-    """``python -m monai.bundle run RUN_ID --config_file … --bundle_root FOLDER OVERRIDES…`` for this Python."""
-    files = [str(folder / "configs" / c) for c in configs]
-    config_file = files[0] if len(files) == 1 else str(files)
-    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_file]
+def bundle_command(config_file: str | os.PathLike, run_id: str, folder: Path, overrides: Sequence[str]) -> list[str]:
+    """``python -m monai.bundle run RUN_ID --config_file CONFIG --bundle_root FOLDER OVERRIDES…`` for this Python."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", str(config_file)]
     if not _has_override(overrides, "bundle_root"):
         cmd += ["--bundle_root", str(folder)]
     return cmd + list(overrides)
+
+
+def _run_bundle(folder: Path, run_id: str, configs: Sequence[str], overrides: Sequence[str]) -> int:
+    """Run ``configs`` of the bundle in ``folder`` (merged, macros expanded, so any working directory works)."""
+    from masksup_med.bundle_config import write_expanded_config  # MONAI: imported only when a job runs
+
+    with tempfile.TemporaryDirectory(prefix="masksup-bundle-") as tmp:
+        config = write_expanded_config([folder / "configs" / name for name in configs], Path(tmp) / f"{run_id}.json")
+        return _run(bundle_command(config, run_id, folder, overrides))
 
 
 def _run(cmd: list[str]) -> int:
@@ -112,7 +119,7 @@ def _train(args: argparse.Namespace) -> int:
     if _asks_help(args):
         return 0
     folder = bundle_dir(args.bundle, args.bundles_dir)
-    return _run(bundle_command(folder, "training", ["train.json"], _overrides(args)))
+    return _run_bundle(folder, "training", ["train.json"], _overrides(args))
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -125,7 +132,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         size = _model_image_size(source, folder, overrides)  # a registered model runs at the size it was trained at
         if size:
             overrides += ["--image_size", str(size)]
-    return _run(bundle_command(folder, "evaluating", ["train.json", "evaluate.json"], overrides))
+    return _run_bundle(folder, "evaluating", ["train.json", "evaluate.json"], overrides)
 
 
 def _tracking_setup(tracking_uri: str | None) -> None:
@@ -176,7 +183,7 @@ def _predict(args: argparse.Namespace) -> int:
         size = _model_image_size(args.model, folder, overrides)
         if size:
             cmd_overrides += ["--image_size", str(size)]
-    return _run(bundle_command(folder, "inferring", ["train.json", "inference.json"], cmd_overrides + overrides))
+    return _run_bundle(folder, "inferring", ["train.json", "inference.json"], cmd_overrides + overrides)
 
 
 def _serve(args: argparse.Namespace) -> int:

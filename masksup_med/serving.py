@@ -213,6 +213,7 @@ def build_serving_model(
     tracking server afterwards). Returns ``path``.
     """
     from masksup_med import __version__
+    from masksup_med.bundle_config import write_expanded_config
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
@@ -221,11 +222,12 @@ def build_serving_model(
     staging = Path(tempfile.mkdtemp(prefix="masksup-serve-stage-"))
     try:
         network_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(staging / "network")))
+        config = write_expanded_config(bundle_config, staging / "train.json")  # self-contained: no %macros
         image_size = model_input_size(str(network_dir))
         mlflow.pyfunc.save_model(
             path=str(path),
             python_model=MaskSupSegmenter(),
-            artifacts={"network": str(network_dir), "bundle_config": str(bundle_config)},
+            artifacts={"network": str(network_dir), "bundle_config": str(config)},
             model_config={"image_size": image_size, "threshold": threshold, "device": device},
             signature=SIGNATURE,
             pip_requirements=[f"masksup-med=={__version__}"],  # served with --env-manager local: nothing installed

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from masksup_med.cli import main
-from masksup_med.data import find_glas_pairs
+from masksup_med.data import find_cvc_clinicdb_pairs, find_glas_pairs
 
 
 def test_demo_glas_writes_files(tmp_path, capsys):
@@ -20,6 +20,38 @@ def test_demo_glas_writes_files(tmp_path, capsys):
     assert len(printed.splitlines()) == 1 and str(out) in printed
 
 
+def test_demo_cvc_clinicdb_writes_checkable_files(tmp_path, capsys):
+    out = tmp_path / "cvc demo"
+    assert main(["data", "demo", "cvc-clinicdb", str(out), "--n-frames", "5", "--size", "64", "48",
+                 "--seed", "5"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert len(printed.splitlines()) == 1 and str(out) in printed
+    assert "5 synthetic CVC-ClinicDB" in printed and "3 video sequences" in printed and "64x48" in printed
+    assert len(find_cvc_clinicdb_pairs(out)) == 5
+    assert sorted(p.name for p in out.iterdir()) == ["Ground Truth", "Original", "README.txt"]
+    assert main(["data", "check", "cvc-clinicdb", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "OK: 5 pairs usable" in captured.out and "problem:" not in captured.err
+    assert "sequences: train 1, validation 1, test 1" in captured.out
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["cvc-clinicdb", "--n-frames", "2"], "--n-frames: expected a frame count (an integer from 3 to 612), got '2'"),
+    (["cvc-clinicdb", "--n-frames", "613"], "--n-frames: expected a frame count (an integer from 3 to 612)"),
+    (["cvc-clinicdb", "--n-frames", "many"], "--n-frames: expected a frame count"),
+    (["cvc-clinicdb", "--seed", "-1"], "--seed: expected a seed (an integer >= 0), got '-1'"),
+    (["glas", "--seed", "-1"], "--seed: expected a seed (an integer >= 0), got '-1'"),
+    (["cvc-clinicdb", "--size", "384", "16"], "--size: expected an image side in pixels (an integer >= 32)"),
+])
+def test_demo_bad_arguments_are_argparse_errors(tmp_path, capsys, argv, message):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as info:
+        main(["data", "demo", argv[0], str(out), *argv[1:]])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_unknown_dataset_is_argparse_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["data", "demo", "nosuchdata", str(tmp_path)])
@@ -27,10 +59,11 @@ def test_unknown_dataset_is_argparse_error(tmp_path, capsys):
     assert "nosuchdata" in capsys.readouterr().err
 
 
-def test_dataset_error_exit_code(tmp_path, capsys):
+@pytest.mark.parametrize("dataset", ["glas", "cvc-clinicdb"])
+def test_dataset_error_exit_code(tmp_path, capsys, dataset):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    assert main(["data", "demo", "glas", str(blocker)]) == 2
+    assert main(["data", "demo", dataset, str(blocker)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(blocker) in err
 

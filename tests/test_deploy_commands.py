@@ -102,16 +102,15 @@ def test_unknown_bundle_names_the_folder_and_what_is_there(tmp_path, monkeypatch
     assert str(tmp_path) in str(info.value.code) and "bundles there: none" in str(info.value.code)
 
 
-def test_bundle_command_passes_overrides_verbatim():
+def test_bundle_command_passes_overrides_verbatim(tmp_path):
     folder = REPO / "bundles" / "glas"
-    cmd = cli_deploy.bundle_command(folder, "evaluating", ["train.json", "evaluate.json"],
+    cmd = cli_deploy.bundle_command(tmp_path / "evaluating.json", "evaluating", folder,
                                     ["--max_epochs", "2", "--image_size", "[64,64]"])
     assert cmd[:5] == [sys.executable, "-m", "monai.bundle", "run", "evaluating"]
-    configs = cmd[cmd.index("--config_file") + 1]
-    assert configs == str([str(folder / "configs" / "train.json"), str(folder / "configs" / "evaluate.json")])
+    assert cmd[cmd.index("--config_file") + 1] == str(tmp_path / "evaluating.json")
     assert cmd[cmd.index("--bundle_root") + 1] == str(folder)
     assert cmd[-4:] == ["--max_epochs", "2", "--image_size", "[64,64]"]
-    own_root = cli_deploy.bundle_command(folder, "training", ["train.json"], ["--bundle_root", "/x"])
+    own_root = cli_deploy.bundle_command(tmp_path / "training.json", "training", folder, ["--bundle_root", "/x"])
     assert own_root.count("--bundle_root") == 1
 
 

@@ -14,7 +14,7 @@ from .pairing import Problem, Scan
 from .pranet import find_pranet_pairs, split_pranet
 from .registry import DatasetSpec, available_datasets, get_dataset
 from .splits import carve_validation, read_datalist, split_groups, write_datalist
-from .synthetic import make_glas_demo
+from .synthetic import make_cvc_clinicdb_demo, make_glas_demo
 
 _LAZY = {"TiffReader": "readers", "loader_reader": "readers", "read_array": "readers",
          "check_dataset": "checks", "CheckReport": "checks"}
@@ -44,6 +44,7 @@ __all__ = [
     "find_pranet_pairs",
     "get_dataset",
     "loader_reader",
+    "make_cvc_clinicdb_demo",
     "make_glas_demo",
     "read_array",
     "read_datalist",

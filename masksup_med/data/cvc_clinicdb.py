@@ -30,7 +30,8 @@ _LAYOUTS = ((None, "official layout"), ("TIF", "TIF re-release layout"), ("PNG",
 _HOW_TO_GET = (
     "CVC-ClinicDB is distributed by the Computer Vision Center (Barcelona) through the ISBI 2015 polyp "
     "detection challenge pages, and re-released with PNG copies on public dataset hubs; unzip it and pass "
-    "the folder that holds Original/ and Ground Truth/ (or PNG/Original/ and PNG/Ground Truth/)."
+    "the folder that holds Original/ and Ground Truth/ (or PNG/Original/ and PNG/Ground Truth/). "
+    "To make synthetic demo data instead, run: masksup-med data demo cvc-clinicdb DIR"
 )
 
 

@@ -1,4 +1,9 @@
-"""End-to-end runs of the GLaS bundle through `python -m monai.bundle run training`, as users run it."""
+"""End-to-end runs of both bundles through `python -m monai.bundle run ...`, as users run them.
+
+Every config of each bundle (train, evaluate, inference, multi_gpu_train) runs on demo data; the
+GLaS bundle also covers what is the same code for both (registered-model evaluation, NIfTI output,
+resuming a killed run).
+"""
 
 from __future__ import annotations
 
@@ -9,21 +14,67 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import nibabel as nib
 import numpy as np
 import pytest
+import tifffile
 import torch
 from PIL import Image
 
-from masksup_med.data import make_glas_demo
+from masksup_med.data import make_cvc_clinicdb_demo, make_glas_demo
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "glas" / "configs"
 TRAIN_CONFIG = CONFIGS / "train.json"
 REAL_GLAS = REPO.parent / "shared" / "data" / "glas"
+REAL_CVC = REPO.parent / "shared" / "data" / "cvc-clinicdb-sample"
+
+
+@dataclass(frozen=True)
+class BundleCase:
+    """One bundle and what its demo data looks like."""
+
+    name: str
+    dataset: str
+    test_groups: frozenset[str]
+    native_size: str  # H x W of the demo images, as the per-image report writes it
+    where_to_get: str  # a word of the missing-data message
+
+    @property
+    def configs(self) -> Path:
+        return REPO / "bundles" / self.name / "configs"
+
+    @property
+    def model_name(self) -> str:
+        return f"masksup-{self.dataset}"
+
+    def config(self, *names: str) -> list[Path]:
+        return [self.configs / "train.json", *(self.configs / n for n in names)]
+
+    def make_demo(self, folder: Path) -> Path:
+        if self.name == "glas":
+            return make_glas_demo(folder, n_train=10, n_test_a=2, n_test_b=2, size=(64, 48))
+        return make_cvc_clinicdb_demo(folder, n_frames=14, size=(64, 48))
+
+
+CASES = {
+    "glas": BundleCase("glas", "glas", frozenset({"test", "testA", "testB"}), "48x64", "Warwick"),
+    "cvc_clinicdb": BundleCase("cvc_clinicdb", "cvc-clinicdb", frozenset({"test"}), "48x64", "CVC-ClinicDB"),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request) -> BundleCase:
+    return CASES[request.param]
+
+
+@pytest.fixture(scope="module")
+def demo(case, tmp_path_factory) -> Path:
+    return case.make_demo(tmp_path_factory.mktemp("demo") / case.name)
 
 
 def run_bundle(run_id: str, configs: list[Path], *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -32,25 +83,21 @@ def run_bundle(run_id: str, configs: list[Path], *overrides: str, env: dict | No
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_file,
            "--num_workers", "0", *overrides]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
 
 
-def run_training(dataset_dir: Path, output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """Run the bundle's training, as the README does."""
-    return run_bundle("training", [TRAIN_CONFIG], "--dataset_dir", str(dataset_dir), "--output_dir", str(output_dir),
+def run_training(dataset_dir: Path, output_dir: Path, *overrides: str, config: Path = TRAIN_CONFIG
+                 ) -> subprocess.CompletedProcess:
+    """Run a bundle's training (GLaS by default), as the README does."""
+    return run_bundle("training", [config], "--dataset_dir", str(dataset_dir), "--output_dir", str(output_dir),
                       *overrides)
 
 
-@pytest.fixture(scope="module")
-def demo_glas(tmp_path_factory) -> Path:
-    return make_glas_demo(tmp_path_factory.mktemp("demo") / "glas", n_train=10, n_test_a=2, n_test_b=2, size=(64, 48))
-
-
 @pytest.mark.slow
-def test_one_epoch_on_demo_data_saves_checkpoint_split_and_mlflow_run(demo_glas, tmp_path):
+def test_one_epoch_on_demo_data_saves_checkpoint_split_and_mlflow_run(case, demo, tmp_path):
     out = tmp_path / "out"
-    result = run_training(demo_glas, out, "--max_epochs", "1", "--val_interval", "1",
-                          "--image_size", "[64,64]", "--batch_size", "4")
+    result = run_training(demo, out, "--max_epochs", "1", "--val_interval", "1",
+                          "--image_size", "[64,64]", "--batch_size", "4", config=case.configs / "train.json")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     # the per-epoch summary on the console shows each MaskSup term and the validation metrics
@@ -60,19 +107,23 @@ def test_one_epoch_on_demo_data_saves_checkpoint_split_and_mlflow_run(demo_glas,
     state = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert any(k.endswith("weight") for k in state)
 
-    # the split is written with the run: validation carved from train, tests untouched
+    # the split is written with the run: validation carved out of the training data, tests untouched
     splits = json.loads((out / "datalist.json").read_text())
-    assert len(splits["train"]) + len(splits["validation"]) == 10
     assert {p["id"] for p in splits["validation"]}.isdisjoint(p["id"] for p in splits["train"])
-    assert len(splits["testA"]) == 2 and len(splits["testB"]) == 2
+    if case.name == "glas":
+        assert len(splits["train"]) + len(splits["validation"]) == 10
+        assert len(splits["testA"]) == 2 and len(splits["testB"]) == 2
+    else:  # by video sequence: no sequence in two parts
+        parts = [{p["sequence"] for p in splits[k]} for k in ("train", "validation", "test")]
+        assert all(parts) and sum(len(p) for p in parts) == len(set().union(*parts))
 
     # MLflow (embedded SQLite store in the output folder) has params, per-term losses and metrics
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("masksup-glas")
+    experiment = client.get_experiment_by_name(case.model_name)
     (run,) = client.search_runs([experiment.experiment_id])
-    assert run.info.run_name.startswith("glas-")
+    assert run.info.run_name.startswith(f"{case.dataset}-")
     assert run.data.params["a2"] == "1.0" and run.data.params["masking"] == "RandFreeFormMaskd"
-    assert run.data.params["dataset_dir"] == str(demo_glas)
+    assert run.data.params["dataset_dir"] == str(demo)
     for metric in ("train_loss", "train_loss_seg", "train_loss_context", "train_loss_tasksim", "val_mean_iou", "val_mean_dice"):
         assert metric in run.data.metrics, metric
     assert 0.0 <= run.data.metrics["val_mean_iou"] <= 1.0
@@ -81,16 +132,16 @@ def test_one_epoch_on_demo_data_saves_checkpoint_split_and_mlflow_run(demo_glas,
     assert {"datalist.json", "figures/validation_epoch_0001.png", "figures/learning_curves.png"} <= artifacts
 
     # the best checkpoint is registered with the run's settings and validation score, alias "candidate"
-    version = client.get_model_version_by_alias("masksup-glas", "candidate")
+    version = client.get_model_version_by_alias(case.model_name, "candidate")
     assert version.run_id == run.info.run_id
-    assert version.tags["masking"] == "RandFreeFormMaskd" and version.tags["dataset"] == "glas"
+    assert version.tags["masking"] == "RandFreeFormMaskd" and version.tags["dataset"] == case.dataset
     assert float(version.tags["best_val_mean_iou"]) == pytest.approx(run.data.metrics["val_mean_iou"], abs=1e-4)
 
 
 @pytest.mark.slow
-def test_baseline_arm_runs_through_the_same_bundle(demo_glas, tmp_path):
+def test_baseline_arm_runs_through_the_same_bundle(tmp_path):
     out = tmp_path / "out"
-    result = run_training(demo_glas, out, "--max_epochs", "1", "--val_interval", "1", "--image_size", "[64,64]",
+    result = run_training(CASES["glas"].make_demo(tmp_path / "demo"), out, "--max_epochs", "1", "--val_interval", "1", "--image_size", "[64,64]",
                           "--loss_weights", "{'a1': 1.0, 'a2': 0.0, 'a3': 0.0}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
@@ -100,17 +151,17 @@ def test_baseline_arm_runs_through_the_same_bundle(demo_glas, tmp_path):
 
 
 @pytest.mark.parametrize("make_folder", [False, True], ids=["missing", "empty"])
-def test_missing_or_empty_dataset_dir_fails_at_start_with_instructions(tmp_path, make_folder):
-    dataset_dir = tmp_path / "no_glas_here"
+def test_missing_or_empty_dataset_dir_fails_at_start_with_instructions(case, tmp_path, make_folder):
+    dataset_dir = tmp_path / "no_data_here"
     if make_folder:
         dataset_dir.mkdir()
     out = tmp_path / "out"
-    result = run_training(dataset_dir, out, "--max_epochs", "1")
+    result = run_training(dataset_dir, out, "--max_epochs", "1", config=case.configs / "train.json")
     assert result.returncode != 0
     message = result.stdout + result.stderr
     assert str(dataset_dir) in message
-    assert "masksup-med data demo glas" in message
-    assert "Warwick" in message
+    assert f"masksup-med data demo {case.dataset}" in message
+    assert case.where_to_get in message
     assert not (out / "models").exists()  # failed before any training or checkpointing
 
 
@@ -127,36 +178,53 @@ def test_trains_on_real_glas_copy(tmp_path):
     assert (out / "models" / "model.pt").is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.real_data
+@pytest.mark.skipif(not REAL_CVC.is_dir(), reason=f"real CVC-ClinicDB sample not found at {REAL_CVC}")
+def test_trains_on_real_cvc_clinicdb_sample(tmp_path):
+    out = tmp_path / "out"
+    result = run_training(REAL_CVC, out, "--max_epochs", "1", "--val_interval", "1", "--image_size", "[64,96]",
+                          config=CASES["cvc_clinicdb"].configs / "train.json")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    splits = json.loads((out / "datalist.json").read_text())
+    assert sum(len(v) for v in splits.values()) == 14
+    assert (out / "models" / "model.pt").is_file()
+
+
 @pytest.fixture(scope="module")
-def trained(demo_glas, tmp_path_factory) -> Path:
+def trained(case, demo, tmp_path_factory) -> Path:
     """One short training run whose checkpoint and registered model the evaluate / inference tests use."""
     out = tmp_path_factory.mktemp("trained")
-    result = run_training(demo_glas, out, "--max_epochs", "2", "--val_interval", "1", "--image_size", "[64,64]")
+    result = run_training(demo, out, "--max_epochs", "2", "--val_interval", "1", "--image_size", "[64,64]",
+                          config=case.configs / "train.json")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out
 
 
 @pytest.mark.slow
-def test_evaluate_reports_per_image_and_summary_at_both_resolutions(demo_glas, trained):
-    result = run_bundle("evaluating", [TRAIN_CONFIG, CONFIGS / "evaluate.json"], "--dataset_dir", str(demo_glas),
+def test_evaluate_reports_per_image_and_summary_at_both_resolutions(case, demo, trained):
+    result = run_bundle("evaluating", case.config("evaluate.json"), "--dataset_dir", str(demo),
                         "--output_dir", str(trained), "--image_size", "[64,64]")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "iou_native" in result.stdout and "testA" in result.stdout  # the printed table
+    assert "iou_native" in result.stdout  # the printed table
 
     report = trained / "eval" / "test"
     rows = (report / "per_image.csv").read_text().strip().splitlines()
-    assert len(rows) == 1 + 4  # header + testA (2) + testB (2)
-    assert all(row.endswith(",48x64") for row in rows[1:])  # native size H x W of the demo images
+    n_test = len(json.loads((trained / "datalist.json").read_text()).get("test", [])) or 4  # GLaS: testA + testB
+    assert len(rows) == 1 + n_test
+    assert all(row.endswith(f",{case.native_size}") for row in rows[1:])  # native size H x W of the demo images
     summary = json.loads((report / "summary.json").read_text())
-    assert set(summary["summary"]) == {"test", "testA", "testB"}
+    assert set(summary["summary"]) == case.test_groups
     for group in summary["summary"].values():
         for metric in ("iou", "dice", "iou_native", "dice_native"):
             assert 0.0 <= group[metric]["mean"] <= 1.0
 
 
 @pytest.mark.slow
-def test_evaluate_registered_model_records_test_metrics_on_its_version(demo_glas, trained):
-    result = run_bundle("evaluating", [TRAIN_CONFIG, CONFIGS / "evaluate.json"], "--dataset_dir", str(demo_glas),
+def test_evaluate_registered_model_records_test_metrics_on_its_version(case, demo, trained):
+    if case.name != "glas":
+        pytest.skip("the same shared evaluate config; run once, on the GLaS bundle")
+    result = run_bundle("evaluating", case.config("evaluate.json"), "--dataset_dir", str(demo),
                         "--output_dir", str(trained), "--image_size", "[64,64]", "--eval_split", "testA",
                         "--model_source", "models:/masksup-glas@candidate")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -168,13 +236,19 @@ def test_evaluate_registered_model_records_test_metrics_on_its_version(demo_glas
 
 @pytest.mark.slow
 @pytest.mark.parametrize("output_ext", [".png", ".nii.gz"])
-def test_inference_writes_masks_of_each_input_size_and_overlays(demo_glas, trained, tmp_path, output_ext):
+def test_inference_writes_masks_of_each_input_size_and_overlays(case, demo, trained, tmp_path, output_ext):
+    if case.name != "glas" and output_ext != ".png":
+        pytest.skip("the same shared inference config; NIfTI output is run once, on the GLaS bundle")
     inputs = tmp_path / "my scans é"  # spaces and non-ASCII in the path
     inputs.mkdir()
-    Image.open(demo_glas / "testA_1.bmp").save(inputs / "first.png")
-    Image.open(demo_glas / "testB_1.bmp").resize((80, 60)).save(inputs / "second image.jpg", quality=95)
+    first, second = sorted(p for p in demo.rglob("*") if p.suffix in (".bmp", ".tif") and "anno" not in p.name
+                           and "Ground Truth" not in str(p))[:2]
+    first, second = (Image.fromarray(tifffile.imread(p)) if p.suffix == ".tif" else Image.open(p).convert("RGB")
+                     for p in (first, second))  # Pillow cannot read CVC-ClinicDB's TIFF frames
+    first.save(inputs / "first.png")
+    second.resize((80, 60)).save(inputs / "second image.jpg", quality=95)
     (inputs / ".DS_Store").write_bytes(b"\0")
-    result = run_bundle("inferring", [TRAIN_CONFIG, CONFIGS / "inference.json"], "--input_dir", str(inputs),
+    result = run_bundle("inferring", case.config("inference.json"), "--input_dir", str(inputs),
                         "--output_dir", str(trained), "--image_size", "[64,64]", "--output_ext", output_ext,
                         "--prediction_dir", str(tmp_path / "pred"), "--save_overlays", "true")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -199,7 +273,8 @@ def test_inference_on_empty_folder_names_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_training_killed_midway_resumes_without_repeating_or_losing_epochs(demo_glas, tmp_path):
+def test_training_killed_midway_resumes_without_repeating_or_losing_epochs(tmp_path):
+    demo_glas = CASES["glas"].make_demo(tmp_path / "demo")
     out = tmp_path / "out"
     common = ["--max_epochs", "6", "--val_interval", "1", "--image_size", "[96,96]", "--batch_size", "2"]
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(TRAIN_CONFIG),
@@ -232,21 +307,21 @@ def test_training_killed_midway_resumes_without_repeating_or_losing_epochs(demo_
 
 
 @pytest.mark.slow
-def test_two_process_ddp_training_on_cpu(demo_glas, tmp_path):
+def test_two_process_ddp_training_on_cpu(case, demo, tmp_path):
     """torchrun with 2 CPU processes (gloo): one epoch, rank 0 alone checkpoints, tracks and registers."""
     out = tmp_path / "out"
-    configs = str([str(TRAIN_CONFIG), str(CONFIGS / "multi_gpu_train.json")])
+    configs = str([str(c) for c in case.config("multi_gpu_train.json")])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "monai.bundle", "run", "training", "--config_file", configs,
-           "--dataset_dir", str(demo_glas), "--output_dir", str(out), "--num_workers", "0",
+           "--dataset_dir", str(demo), "--output_dir", str(out), "--num_workers", "0",
            "--max_epochs", "1", "--val_interval", "1", "--image_size", "[64,64]", "--batch_size", "2"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (out / "models" / "model.pt").is_file()
     state = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert not any(key.startswith("module.") for key in state)  # saved unwrapped: loads into the plain network
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("masksup-glas").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name(case.model_name).experiment_id])
     assert len(runs) == 1  # only rank 0 tracks
-    assert client.get_model_version_by_alias("masksup-glas", "candidate").run_id == runs[0].info.run_id
+    assert client.get_model_version_by_alias(case.model_name, "candidate").run_id == runs[0].info.run_id
