@@ -39,6 +39,7 @@ def write_json(path: Path, data: Any) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as tmp:
         json.dump(data, tmp, indent=2)
         tmp.write("\n")
+    os.chmod(tmp.name, 0o644)  # NamedTemporaryFile creates owner-only files; results are for everyone to read
     os.replace(tmp.name, path)
 
 
