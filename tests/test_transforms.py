@@ -337,6 +337,40 @@ def test_array_torch_dtype_kept(dtype):
     assert torch.equal(out[:, ~holes], img[:, ~holes])
 
 
+def test_free_form_2d_strokes_are_capsules():
+    """The 2D drawing (Pillow) covers what the capsule definition says, up to the pixel grid at the edge."""
+    from masksup_med.transforms.free_form import StrokeGeometry, _first_covering_segment
+
+    geometry = StrokeGeometry(starts=np.array([[10.0, 12.0], [40.0, 50.0], [20.0, 70.0]]),
+                              ends=np.array([[40.0, 50.0], [60.0, 20.0], [22.0, 71.0]]),
+                              radii=np.array([4.0, 6.5, 3.0]), target_ratio=1.0)  # target 1: every segment drawn
+    shape = (72, 96)
+    drawn = RandFreeFormMask().rasterize(geometry, shape, torch.device("cpu"))
+    exact = _first_covering_segment(geometry.starts, geometry.ends, geometry.radii, shape, torch.device("cpu")) < 3
+    assert drawn.dtype == torch.bool and drawn.shape == shape
+    intersection, union = (drawn & exact).sum().item(), (drawn | exact).sum().item()
+    assert intersection / union > 0.85
+    # disagreements only on the rim: each differing pixel is within 1.5 px of a capsule's edge
+    rows, cols = torch.nonzero(drawn ^ exact, as_tuple=True)
+    points = torch.stack([rows, cols], 1).double()
+    rims = []
+    for a, b, r in zip(geometry.starts, geometry.ends, geometry.radii):
+        a, b = torch.as_tensor(a), torch.as_tensor(b)
+        t = ((points - a) @ (b - a) / max(float((b - a) @ (b - a)), 1e-12)).clamp(0, 1)
+        rims.append(((points - a - t[:, None] * (b - a)).norm(dim=1) - r).abs())
+    assert bool((torch.stack(rims).min(0).values <= 1.5).all())
+
+
+def test_free_form_2d_stops_at_the_first_segment_reaching_the_target():
+    from masksup_med.transforms.free_form import StrokeGeometry
+
+    starts = np.array([[10.0, 10.0], [10.0, 50.0], [50.0, 10.0], [50.0, 50.0]])
+    geometry = StrokeGeometry(starts=starts, ends=starts + 1.0, radii=np.full(4, 8.0), target_ratio=0.07)
+    holes = RandFreeFormMask().rasterize(geometry, (64, 64), torch.device("cpu"))
+    assert holes[10, 10] and holes[10, 50]  # two discs of ~200 px are needed for 7 % of 4096 px
+    assert not holes[50, 10] and not holes[50, 50]
+
+
 def test_free_form_3d():
     t = RandFreeFormMaskd(keys="image", hole_key="holes", fill_value=-1.0)
     t.set_random_state(0)

@@ -93,11 +93,10 @@ class RandMask(RandomizableTransform):
 
         ``holes`` broadcasts against ``img``: ``1, *spatial`` for an image, ``B, 1, *spatial`` for a batch.
         """
-        img_t = convert_to_tensor(img, track_meta=get_track_meta())
+        img_t = convert_to_tensor(img, track_meta=False)  # plain tensor: MetaTensor dispatch costs more than the fill
         holes = holes.to(img_t.device)
-        fill = torch.as_tensor(self.fill_value, device=img_t.device).to(img_t.dtype)
-        out = torch.where(holes, fill, img_t)
-        if isinstance(img, MetaTensor) and not isinstance(out, MetaTensor):
+        out = img_t.masked_fill(holes, self.fill_value)
+        if isinstance(img, MetaTensor):
             out = MetaTensor(out, meta=img.meta, applied_operations=list(img.applied_operations))
         out, *_ = convert_to_dst_type(out, dst=img, dtype=img.dtype)
         return out
