@@ -21,7 +21,7 @@ from monai.utils import CommonKeys
 from masksup_med.losses import MaskSupLoss
 from masksup_med.transforms.base import RandMask
 
-__all__ = ["MaskSupTrainer", "MaskSupKeys", "LossTermAverages", "loss_terms"]
+__all__ = ["LossTermAverages", "MaskSupKeys", "MaskSupTrainer", "loss_terms"]
 
 
 class MaskSupKeys:

@@ -21,7 +21,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 
-__all__ = ["image_scores", "summarize", "SegmentationReport", "format_table"]
+__all__ = ["SegmentationReport", "format_table", "image_scores", "summarize"]
 
 logger = logging.getLogger(__name__)
 

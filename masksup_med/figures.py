@@ -18,7 +18,7 @@ from ignite.engine import Engine, Events
 from masksup_med.registry import find_run_id
 from masksup_med.transforms.base import RandMask
 
-__all__ = ["ValidationFigureHandler", "LearningCurveHandler", "validation_figure", "learning_curve_figure"]
+__all__ = ["LearningCurveHandler", "ValidationFigureHandler", "learning_curve_figure", "validation_figure"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class _RunFigureHandler:
             run_id = find_run_id(self.tracking_uri, self.experiment_name, self.run_name)
             mlflow.MlflowClient(tracking_uri=self.tracking_uri).log_figure(run_id, fig, artifact_file)
             self.logged.append(artifact_file)
-        except Exception as e:  # a figure is never worth a failed training run
+        except Exception as e:  # noqa: BLE001 - a figure is never worth a failed training run
             logger.warning(f"could not log figure {artifact_file} to MLflow: {type(e).__name__}: {e}")
         finally:
             plt.close(fig)
@@ -164,7 +164,7 @@ class LearningCurveHandler(_RunFigureHandler):
             client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
             names = [n for n in client.get_run(run_id).data.metrics if n.startswith(("train_loss", "val_"))]
             histories = {n: [(m.step, m.value) for m in client.get_metric_history(run_id, n)] for n in names}
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - curves are optional
             logger.warning(f"could not read the metric history for learning curves: {type(e).__name__}: {e}")
             return
         # train_loss* (LossTermAverages) and val_* are logged once per epoch with step = epoch

@@ -13,7 +13,7 @@ from PIL import Image
 from masksup_med.data.errors import DatasetNotFoundError
 from masksup_med.data.readers import PIL_SUFFIXES, TIFF_SUFFIXES
 
-__all__ = ["list_images", "OverlayWriter", "overlay"]
+__all__ = ["OverlayWriter", "list_images", "overlay"]
 
 IGNORED = {".ds_store", "thumbs.db"}
 

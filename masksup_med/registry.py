@@ -238,7 +238,7 @@ class ModelRegistrationHandler:
             )
             logger.info(f"registered {self.checkpoint} as MLflow model {self.name} version {self.version.version}"
                         + (f" (alias {self.alias})" if self.alias else ""))
-        except Exception as e:  # registration must never lose the training result
+        except Exception as e:  # noqa: BLE001 - registration must never lose the training result
             logger.error(
                 f"registering {self.checkpoint} as {self.name!r} failed: {type(e).__name__}: {e}. The checkpoint "
                 "is unchanged; register it by hand with: "

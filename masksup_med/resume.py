@@ -36,7 +36,7 @@ def latest_checkpoint(ckpt_dir: str | Path, resume: bool = True) -> str | None:
     for epoch, path in sorted(candidates, reverse=True):
         try:
             torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # truncated or corrupt: fall back to the previous epoch
+        except Exception as e:  # noqa: BLE001 - truncated or corrupt: fall back to the previous epoch
             logger.warning(f"skipping unreadable checkpoint {path} ({type(e).__name__}: {e})")
             continue
         logger.info(f"resuming from {path} (epoch {epoch})")

@@ -390,7 +390,7 @@ def test_patch_3d_exact_count():
     t = RandPatchMask(ratio_range=0.5, patch_size=(4, 8, 8))
     t.set_random_state(0)
     img = torch.rand(1, 8, 16, 16)  # grid 2 x 2 x 2
-    out, holes = t.mask_with_holes(img)
+    _, holes = t.mask_with_holes(img)
     assert holes.shape == (8, 16, 16)
     blocks = holes.reshape(2, 4, 2, 8, 2, 8).permute(0, 2, 4, 1, 3, 5).reshape(8, -1)
     assert torch.all(blocks.all(1) | ~blocks.any(1))

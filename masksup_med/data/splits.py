@@ -79,11 +79,10 @@ def write_datalist(splits: dict[str, list[dict]], path: str | os.PathLike) -> Pa
     """
     path = Path(path)
     text = json.dumps(splits, indent=2, default=_jsonable) + "\n"
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 

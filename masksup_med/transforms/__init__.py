@@ -8,10 +8,10 @@ from masksup_med.transforms.patch import RandPatchMask, RandPatchMaskd
 __all__ = [
     "ForegroundMask",
     "ForegroundMaskd",
-    "RandMask",
-    "RandMaskd",
     "RandFreeFormMask",
     "RandFreeFormMaskd",
+    "RandMask",
+    "RandMaskd",
     "RandPatchMask",
     "RandPatchMaskd",
 ]

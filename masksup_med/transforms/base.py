@@ -18,7 +18,6 @@ import torch
 from monai.config import KeysCollection
 from monai.config.type_definitions import NdarrayOrTensor
 from monai.data import MetaTensor
-from monai.data.meta_obj import get_track_meta
 from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor, ensure_tuple_rep
 
@@ -48,7 +47,7 @@ class RandMask(RandomizableTransform):
         prob: probability of masking at all; when not applied the output equals the input.
     """
 
-    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]  # noqa: RUF012 - MONAI declares backends this way
 
     def __init__(self, fill_value: float = 0.5, prob: float = 1.0) -> None:
         RandomizableTransform.__init__(self, prob)

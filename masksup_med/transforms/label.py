@@ -40,7 +40,7 @@ def foreground_mask(img, threshold: float = 0.0):
 class ForegroundMask(Transform):
     """Array transform: see :func:`foreground_mask`."""
 
-    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]  # noqa: RUF012 - MONAI declares backends this way
 
     def __init__(self, threshold: float = 0.0) -> None:
         self.threshold = float(threshold)

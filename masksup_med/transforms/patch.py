@@ -17,7 +17,7 @@ from monai.utils import ensure_tuple_rep
 
 from masksup_med.transforms.base import RandMask, RandMaskd, check_ratio
 
-__all__ = ["RandPatchMask", "RandPatchMaskd", "PatchGeometry"]
+__all__ = ["PatchGeometry", "RandPatchMask", "RandPatchMaskd"]
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class RandPatchMask(RandMask):
         n_patches = int(np.prod(grid))
         ratio = self.R.uniform(*self.ratio_range)
         hidden = np.zeros(n_patches, dtype=bool)
-        hidden[self.R.permutation(n_patches)[: int(round(ratio * n_patches))]] = True
+        hidden[self.R.permutation(n_patches)[: round(ratio * n_patches)]] = True
         return PatchGeometry(hidden=hidden.reshape(grid), patch_size=patch)
 
     def rasterize(self, geometry: PatchGeometry, spatial_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
