@@ -77,10 +77,18 @@ class _RunFigureHandler:
         self.run_name = run_name
         self.enabled = enabled
         self.logged: list[str] = []
+        self._run_id: str | None = None
+
+    @property
+    def run_id(self) -> str:
+        """The MLflow run's id, looked up by name once (the run exists once MLFlowHandler has started it)."""
+        if self._run_id is None:
+            self._run_id = find_run_id(self.tracking_uri, self.experiment_name, self.run_name)
+        return self._run_id
 
     def _log(self, fig: plt.Figure, artifact_file: str) -> None:
         try:
-            run_id = find_run_id(self.tracking_uri, self.experiment_name, self.run_name)
+            run_id = self.run_id
             mlflow.MlflowClient(tracking_uri=self.tracking_uri).log_figure(run_id, fig, artifact_file)
             self.logged.append(artifact_file)
         except Exception as e:  # noqa: BLE001 - a figure is never worth a failed training run
@@ -160,7 +168,7 @@ class LearningCurveHandler(_RunFigureHandler):
 
     def __call__(self, engine: Engine) -> None:
         try:
-            run_id = find_run_id(self.tracking_uri, self.experiment_name, self.run_name)
+            run_id = self.run_id
             client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
             names = [n for n in client.get_run(run_id).data.metrics if n.startswith(("train_loss", "val_"))]
             histories = {n: [(m.step, m.value) for m in client.get_metric_history(run_id, n)] for n in names}

@@ -78,6 +78,12 @@ class RandMask(RandomizableTransform):
         self._spatial_shape = spatial_shape
         self._geometry = self.sample_geometry(spatial_shape) if self._do_transform else None
 
+    def skip(self, spatial_shape: Sequence[int]) -> None:
+        """Prepare to leave an image of ``spatial_shape`` unmasked (no holes), drawing no random numbers."""
+        spatial_shape = tuple(int(s) for s in spatial_shape)
+        self.check_spatial_shape(spatial_shape)  # a bad shape fails whether or not the image is masked
+        self._spatial_shape, self._geometry = spatial_shape, None
+
     def holes(self, device: torch.device | str | None = None) -> torch.Tensor:
         """Boolean hole mask (spatial shape) of the last :meth:`randomize` call."""
         if self._spatial_shape is None:
@@ -194,9 +200,7 @@ class RandMaskd(RandomizableTransform, MapTransform):
         if self._do_transform:
             self.masker.randomize(shape[1:])
         else:
-            spatial = tuple(int(s) for s in shape[1:])
-            self.masker.check_spatial_shape(spatial)  # a bad shape fails whether or not this sample is masked
-            self.masker._spatial_shape, self.masker._geometry = spatial, None
+            self.masker.skip(shape[1:])
         holes = None
         for key, masked_key in self.key_iterator(d, self.masked_keys):
             masked, holes = self.masker.mask_with_holes(d[key], randomize=False)
