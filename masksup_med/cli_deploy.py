@@ -232,26 +232,21 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     passthrough = ("bundle overrides, passed verbatim to `python -m monai.bundle run` "
                    "(e.g. --dataset_dir /data/glas --output_dir /outputs/glas --max_epochs 50)")
 
-    train = commands.add_parser(
-        "train", help="train a bundle (python -m monai.bundle run training)",
-        description="Train BUNDLE with its configs/train.json. Every argument after BUNDLE is a bundle override.",
-        epilog="example: masksup-med train glas --dataset_dir /data/glas --output_dir /outputs/glas --max_epochs 100",
+    bundle_jobs = (
+        ("train", _train, "train a bundle (python -m monai.bundle run training)",
+         "Train BUNDLE with its configs/train.json. Every argument after BUNDLE is a bundle override.",
+         "masksup-med train glas --dataset_dir /data/glas --output_dir /outputs/glas --max_epochs 100"),
+        ("evaluate", _evaluate, "test-set report of a bundle (python -m monai.bundle run evaluating)",
+         ("Evaluate BUNDLE with configs/train.json + configs/evaluate.json (per-image CSV, summary JSON). "
+         "Every argument after BUNDLE is a bundle override, e.g. --model_source models:/masksup-glas@champion."),
+         "masksup-med evaluate glas --dataset_dir /data/glas --output_dir /outputs/glas"),
     )
-    _bundle_options(train)
-    train.add_argument("bundle", metavar="BUNDLE", help="bundle name, e.g. glas")
-    train.add_argument("overrides", nargs=argparse.REMAINDER, metavar="OVERRIDES", help=passthrough)
-    train.set_defaults(handler=_train, command_parser=train)
-
-    evaluate = commands.add_parser(
-        "evaluate", help="test-set report of a bundle (python -m monai.bundle run evaluating)",
-        description="Evaluate BUNDLE with configs/train.json + configs/evaluate.json (per-image CSV, summary JSON). "
-                    "Every argument after BUNDLE is a bundle override, e.g. --model_source models:/masksup-glas@champion.",
-        epilog="example: masksup-med evaluate glas --dataset_dir /data/glas --output_dir /outputs/glas",
-    )
-    _bundle_options(evaluate)
-    evaluate.add_argument("bundle", metavar="BUNDLE", help="bundle name, e.g. glas")
-    evaluate.add_argument("overrides", nargs=argparse.REMAINDER, metavar="OVERRIDES", help=passthrough)
-    evaluate.set_defaults(handler=_evaluate, command_parser=evaluate)
+    for name, handler, summary, description, example in bundle_jobs:
+        job = commands.add_parser(name, help=summary, description=description, epilog=f"example: {example}")
+        _bundle_options(job)
+        job.add_argument("bundle", metavar="BUNDLE", help="bundle name: glas or cvc_clinicdb")
+        job.add_argument("overrides", nargs=argparse.REMAINDER, metavar="OVERRIDES", help=passthrough)
+        job.set_defaults(handler=handler, command_parser=job)
 
     predict = commands.add_parser(
         "predict", help="masks for a folder of images (python -m monai.bundle run inferring)",
