@@ -484,3 +484,13 @@ def capture_model_page(browser, server: str, model_name: str, version_label: str
         return page.inner_text("body"), row.inner_text()
     finally:
         page.close()
+
+
+def check_model_page(browser, server: str, model_name: str, version_label: str, alias: str, shot: Path) -> None:
+    """Assert the MLflow UI's page of ``model_name`` shows ``version_label`` with ``alias``, saved to ``shot``,
+    and that the page asked nothing of any address but the local server."""
+    text, row_text = capture_model_page(browser, server, model_name, version_label, alias, shot)
+    assert model_name in text
+    assert version_label in row_text and alias in row_text, row_text
+    assert shot.is_file() and shot.stat().st_size > 10_000
+    assert not browser.blocked_requests, f"the page tried to leave 127.0.0.1: {browser.blocked_requests}"
