@@ -88,29 +88,33 @@ def _first_covering_segment(
     return first[:n_voxels].reshape(spatial_shape)
 
 
-def _unit(vector: np.ndarray) -> np.ndarray:
-    """``vector`` scaled to length 1 (left as is when it is ~0)."""
-    return vector / max(math.sqrt(float(vector @ vector)), 1e-12)
+def _unit(vector: Sequence[float]) -> list[float]:
+    """``vector`` scaled to length 1 (left as is when it is ~0); plain floats: strokes have 2 or 3 axes."""
+    norm = max(math.hypot(*vector), 1e-12)
+    return [v / norm for v in vector]
 
 
 def _draw_2d(geometry: StrokeGeometry, spatial_shape: tuple[int, int]) -> np.ndarray:
     """Boolean (H, W) mask of the shortest prefix of the segments that covers the target fraction.
 
-    Each segment is a line as wide as the brush with a disc at each end. Coverage is counted only
-    once the summed segment areas could reach the target, then after every segment.
+    Each segment is a line as wide as the brush with a disc at each end. A segment adds at most the
+    area of its capsule grown by one pixel, so the covered pixels are counted only once the area
+    drawn since the last count could close the gap to the target.
     """
     height, width = spatial_shape
     needed = math.ceil(geometry.target_ratio * height * width)
     canvas = Image.new("1", (width, height), 0)
     draw = ImageDraw.Draw(canvas)
-    drawn = 0.0
-    for (r0, c0), (r1, c1), radius in zip(geometry.starts, geometry.ends, geometry.radii):
+    covered, pending = 0, 0.0
+    for (r0, c0), (r1, c1), radius in zip(geometry.starts.tolist(), geometry.ends.tolist(), geometry.radii.tolist()):
         draw.line([(c0, r0), (c1, r1)], fill=1, width=max(1, round(2 * radius)))
         for row, col in ((r0, c0), (r1, c1)):
             draw.ellipse([col - radius, row - radius, col + radius, row + radius], fill=1)
-        drawn += _capsule_volume(math.hypot(r1 - r0, c1 - c0), radius, 2)
-        if drawn >= needed and np.count_nonzero(np.asarray(canvas)) >= needed:
-            break
+        pending += _capsule_volume(math.hypot(r1 - r0, c1 - c0), radius + 1, 2)  # drawn pixels lie within 1 px
+        if covered + pending >= needed:
+            covered, pending = int(np.count_nonzero(np.asarray(canvas))), 0.0
+            if covered >= needed:
+                break
     return np.array(canvas, dtype=bool)
 
 
@@ -161,6 +165,7 @@ class RandFreeFormMask(RandMask):
         """Draw strokes until their summed area comfortably exceeds the target (overlaps included)."""
         ndim = len(spatial_shape)
         upper = np.asarray(spatial_shape, dtype=float) - 1
+        limits = upper.tolist()
         side = float(min(spatial_shape))
         target = float(self.R.uniform(*self.ratio_range))
         # For randomly placed shapes, covering a fraction f needs about -ln(1 - f) image areas of
@@ -170,14 +175,14 @@ class RandFreeFormMask(RandMask):
         drawn = 0.0
         while drawn < budget and len(starts) < _MAX_SEGMENTS:
             radius = max(0.5, self.R.uniform(*self.brush_width) * side / 2)
-            point = self.R.uniform(0, 1, size=ndim) * upper
-            direction = _unit(self.R.normal(size=ndim))
+            point = (self.R.uniform(0, 1, size=ndim) * upper).tolist()
+            direction = _unit(self.R.normal(size=ndim).tolist())
             n_vertices = self.R.randint(self.vertices[0], self.vertices[1] + 1)
-            turns = self.turn * self.R.normal(size=(n_vertices, ndim))  # drawn per stroke: few RNG calls
-            steps = self.R.uniform(*self.step_length, size=n_vertices) * side
+            turns = (self.turn * self.R.normal(size=(n_vertices, ndim))).tolist()  # drawn per stroke: few RNG calls
+            steps = (self.R.uniform(*self.step_length, size=n_vertices) * side).tolist()
             for turn, step in zip(turns, steps):
-                direction = _unit(direction + turn)
-                nxt = np.clip(point + step * direction, 0, upper)
+                direction = _unit([d + t for d, t in zip(direction, turn)])
+                nxt = [min(max(p + step * d, 0.0), u) for p, d, u in zip(point, direction, limits)]
                 starts.append(point)
                 ends.append(nxt)
                 radii.append(radius)
