@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +71,15 @@ def _masking_params(masking: RandMaskd | None) -> dict[str, Any]:
     return params
 
 
-def run_params(network: torch.nn.Module, loss: MaskSupLoss, masking: RandMaskd | None, **recipe: Any) -> dict[str, Any]:
-    """Parameters that identify a training run: network, loss weights, masking, recipe, versions, commit."""
+def run_params(
+    network: torch.nn.Module, loss: MaskSupLoss, masking: RandMaskd | None, split: Mapping[str, Any] | None = None,
+    **recipe: Any,
+) -> dict[str, Any]:
+    """Parameters that identify a training run: network, loss weights, masking, split, recipe, versions, commit.
+
+    ``split`` (the dataset adapter's split options) is logged key by key as ``split_<key>``
+    (``split_seed``, ``split_val_fraction``, ...), so runs can be searched by them.
+    """
     params: dict[str, Any] = {
         "network": type(network).__name__,
         "network_parameters": sum(p.numel() for p in network.parameters()),
@@ -82,6 +90,7 @@ def run_params(network: torch.nn.Module, loss: MaskSupLoss, masking: RandMaskd |
         "a3": loss.a3,
         "tasksim_activation": loss.activation,
         **_masking_params(masking),
+        **{f"split_{key}": value for key, value in (split or {}).items()},
         **recipe,
         "masksup_med_version": masksup_med.__version__,
         "monai_version": monai.__version__,

@@ -22,7 +22,7 @@ from masksup_med.registry import (
     register_checkpoint,
     using_store,
 )
-from masksup_med.tracking import check_tracking_server, resolve_tracking_uri
+from masksup_med.tracking import check_tracking_server, resolve_tracking_uri, run_params
 
 REPO = Path(__file__).resolve().parents[1]
 GLAS_TRAIN = REPO / "bundles" / "glas" / "configs" / "train.json"
@@ -150,3 +150,15 @@ def test_registry_cli_without_tracking_store_explains(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(SystemExit, match="--tracking-uri"):
         main(["registry", "list"])
+
+
+def test_run_params_log_split_options_key_by_key():
+    from masksup_med.losses import MaskSupLoss
+    from masksup_med.transforms import RandFreeFormMaskd
+
+    network = UNet(2, 3, 1, channels=(4, 8), strides=(2,))
+    params = run_params(network, MaskSupLoss(a2=0.0), RandFreeFormMaskd(keys="image"),
+                        split={"seed": 3, "val_fraction": 0.1, "by": "sequence"}, dataset="cvc-clinicdb")
+    assert (params["split_seed"], params["split_val_fraction"], params["split_by"]) == ("3", "0.1", "sequence")
+    assert params["a2"] == "0.0" and params["dataset"] == "cvc-clinicdb" and params["masking"] == "RandFreeFormMaskd"
+    assert all(isinstance(v, str) for v in params.values())  # MLflow params are strings
