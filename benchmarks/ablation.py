@@ -161,9 +161,10 @@ def run_study(args: argparse.Namespace) -> None:
 
 
 def mean_std(values: Sequence[float]) -> str:
-    """``mean ± sample std`` (std 0 for one value)."""
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {std:.4f}"
+    """``mean ± sample std``; the mean alone for a single value (one seed has no spread to show)."""
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
 def ablation_tables(records: list[dict[str, Any]]) -> str:
