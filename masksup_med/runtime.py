@@ -1,13 +1,15 @@
-"""Run-time choices a bundle config delegates to the package: device, run names."""
+"""Run-time choices and start-up checks a bundle config delegates to the package: device, run names, sizes."""
 
 from __future__ import annotations
 
 import datetime
+import math
 import secrets
+from collections.abc import Sequence
 
 import torch
 
-__all__ = ["distributed_backend", "select_device", "unique_run_name"]
+__all__ = ["check_image_size", "distributed_backend", "select_device", "unique_run_name"]
 
 
 def select_device(device: str | torch.device = "auto", local_rank: int | None = None) -> torch.device:
@@ -35,3 +37,24 @@ def unique_run_name(prefix: str) -> str:
 def distributed_backend(device: str | torch.device = "auto") -> str:
     """``nccl`` when the run uses CUDA, ``gloo`` on CPU."""
     return "nccl" if select_device(device).type == "cuda" else "gloo"
+
+
+def check_image_size(image_size: Sequence[int], network: torch.nn.Module) -> None:
+    """Fail at start, with sizes that work, when ``image_size`` does not divide by the network's total stride.
+
+    A UNet downsamples by the product of its ``strides``; a side that does not divide by it makes the
+    skip connections mismatch at the first batch, with a tensor-size error that does not name the cause.
+    Networks without a ``strides`` attribute are not checked.
+    """
+    strides = getattr(network, "strides", None)
+    if not strides:
+        return
+    sizes = [int(s) for s in image_size]
+    factors = [math.prod(int(s) if isinstance(s, int) else int(s[d]) for s in strides) for d in range(len(sizes))]
+    if any(side % factor for side, factor in zip(sizes, factors)):
+        fitting = [math.ceil(side / factor) * factor for side, factor in zip(sizes, factors)]
+        multiple = factors[0] if len(set(factors)) == 1 else factors
+        raise ValueError(
+            f"image_size {sizes} does not suit {type(network).__name__}: every side must be a multiple of {multiple} "
+            f"(the product of its strides {list(strides)}); use e.g. --image_size \"{fitting}\""
+        )

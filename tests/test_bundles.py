@@ -165,6 +165,30 @@ def test_missing_or_empty_dataset_dir_fails_at_start_with_instructions(case, tmp
     assert not (out / "models").exists()  # failed before any training or checkpointing
 
 
+@pytest.mark.parametrize("config", ["train.json", "evaluate.json", "inference.json"])
+def test_image_size_the_network_cannot_take_fails_at_start_with_a_size_that_works(tmp_path, config):
+    configs = CASES["glas"].config(*([] if config == "train.json" else [config]))
+    run_id = {"train.json": "training", "evaluate.json": "evaluating", "inference.json": "inferring"}[config]
+    result = run_bundle(run_id, configs, "--dataset_dir", str(tmp_path / "unused"), "--input_dir", str(tmp_path),
+                        "--output_dir", str(tmp_path / "out"), "--image_size", "[120,160]")
+    assert result.returncode != 0
+    message = result.stdout + result.stderr
+    assert "multiple of 16" in message and '--image_size "[128, 160]"' in message
+    assert not (tmp_path / "out" / "models").exists()
+
+
+def test_check_image_size_accepts_multiples_and_networks_without_strides():
+    from monai.networks.nets import UNet
+
+    from masksup_med.runtime import check_image_size
+
+    unet = UNet(2, 3, 1, channels=(4, 8, 16), strides=(2, (2, 4)))  # downsamples by 4 along H, 8 along W
+    check_image_size([36, 96], unet)
+    with pytest.raises(ValueError, match=r"multiple of \[4, 8\] .*\[36, 104\]"):
+        check_image_size([36, 100], unet)
+    check_image_size([63, 101], torch.nn.Conv2d(3, 1, 3))  # nothing to check
+
+
 @pytest.mark.slow
 @pytest.mark.real_data
 @pytest.mark.skipif(not REAL_GLAS.is_dir(), reason=f"real GLaS copy not found at {REAL_GLAS}")
