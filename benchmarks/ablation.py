@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import BENCHMARKS_DIR, RESULTS_DIR, RESULTS_MD, machine, replace_block
+from report import BENCHMARKS_DIR, RESULTS_DIR, RESULTS_MD, code_version, machine, replace_block
 
 from masksup_med.resume import latest_checkpoint
 
@@ -123,6 +123,7 @@ def run_one(arm: str, seed: int, settings: dict[str, Any], dataset_dir: str, wor
     overrides = bundle_overrides(arm, seed, settings, dataset_dir, output_dir)
     train_cmd, eval_cmd = training_command(overrides), evaluation_command(overrides)
     resumed = latest_checkpoint(local_dir / "models") is not None
+    commit = code_version()
     train_seconds = run_logged(train_cmd, local_dir / "train.log")
     best_val, best_epoch = best_validation(local_dir / "models")
     run_logged(eval_cmd, local_dir / "evaluate.log")
@@ -138,6 +139,7 @@ def run_one(arm: str, seed: int, settings: dict[str, Any], dataset_dir: str, wor
         "train_seconds": round(train_seconds, 1),
         "resumed": resumed,
         "machine": machine(),
+        "commit": commit,
         "commands": [shown_command(c) for c in (train_cmd, eval_cmd)],
     }
 

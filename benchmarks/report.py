@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,18 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def code_version() -> str:
+    """The git commit the figures were measured with, ``+dirty`` when tracked code or configs were modified.
+
+    Results and Markdown are left out of the check: a study appends to them while it runs.
+    """
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=BENCHMARKS_DIR.parent, capture_output=True, text=True, check=False).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)*.md", ":(exclude)*/results/*") else "")
 
 
 def write_json(path: Path, data: Any) -> None:
