@@ -21,26 +21,19 @@ resumes from its last epoch checkpoint, so the study can span several sessions::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import BENCHMARKS_DIR, RESULTS_DIR, RESULTS_MD, code_version, machine, replace_block
+from bundle_runs import METRICS, append_record, load_records, train_and_evaluate
+from report import RESULTS_DIR, RESULTS_MD, replace_block
 
-from masksup_med.resume import latest_checkpoint
-
-ROOT = BENCHMARKS_DIR.parent
 TRAIN_CONFIG = "bundles/glas/configs/train.json"
 EVAL_CONFIG = "bundles/glas/configs/evaluate.json"
-BUNDLE_DOCS = ROOT / "bundles" / "glas" / "docs" / "README.md"
+BUNDLE_DOCS = Path(__file__).resolve().parents[1] / "bundles" / "glas" / "docs" / "README.md"
 
 HEAVY, LIGHT = [0.4, 0.6], [0.1, 0.3]
 ARMS: dict[str, dict[str, Any]] = {
@@ -49,7 +42,6 @@ ARMS: dict[str, dict[str, Any]] = {
     "full-heavy": {"loss_weights": {"a1": 1.0, "a2": 1.0, "a3": 1.0}, "mask_ratio_range": HEAVY},
     "full-light": {"loss_weights": {"a1": 1.0, "a2": 1.0, "a3": 1.0}, "mask_ratio_range": LIGHT},
 }
-METRICS = ("iou", "dice", "iou_native", "dice_native")
 
 
 def study_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -57,91 +49,22 @@ def study_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {"epochs": args.epochs, "val_interval": args.val_interval, "image_size": list(args.image_size)}
 
 
-def bundle_overrides(arm: str, seed: int, settings: dict[str, Any], dataset_dir: str, output_dir: Path) -> list[str]:
-    """Command-line overrides of the GLaS bundle for one (arm, seed) run."""
-    values = {
+def arm_values(arm: str, seed: int, settings: dict[str, Any], dataset_dir: str) -> dict[str, Any]:
+    """Bundle values of one (arm, seed) run: the study settings and the arm's loss weights and masking."""
+    return {
         "dataset_dir": dataset_dir,
-        "output_dir": str(output_dir),
         "seed": seed,
         "max_epochs": settings["epochs"],
         "val_interval": settings["val_interval"],
         "image_size": settings["image_size"],
         **ARMS[arm],
     }
-    return [item for key, value in values.items() for item in (f"--{key}", json.dumps(value) if not isinstance(value, str) else value)]
-
-
-def training_command(overrides: list[str]) -> list[str]:
-    """``monai.bundle run training`` with ``--resume true``: a half-finished run carries on."""
-    return [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN_CONFIG, *overrides, "--resume", "true"]
-
-
-def evaluation_command(overrides: list[str]) -> list[str]:
-    """``monai.bundle run evaluating`` of the best-validation checkpoint on testA + testB."""
-    configs = json.dumps([TRAIN_CONFIG, EVAL_CONFIG])
-    return [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file", configs, *overrides, "--eval_split", "test"]
-
-
-def shown_command(command: list[str]) -> str:
-    """``command`` as a user would type it from the repository root."""
-    return subprocess.list2cmdline(["python", *command[1:]] if command[0] == sys.executable else command)
-
-
-def run_logged(command: list[str], log_file: Path) -> float:
-    """Run ``command`` from the repository root, appending its output to ``log_file``; return seconds taken."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with log_file.open("a", encoding="utf-8") as log:
-        log.write(f"\n$ {subprocess.list2cmdline(command)}\n")
-        log.flush()
-        code = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    if code != 0:
-        raise RuntimeError(f"command failed with exit code {code}; see {log_file}: {subprocess.list2cmdline(command)}")
-    return time.perf_counter() - start
-
-
-def best_validation(ckpt_dir: Path) -> tuple[float, int]:
-    """Best validation mIoU and its epoch, from the run's newest epoch checkpoint."""
-    path = latest_checkpoint(ckpt_dir)
-    if path is None:
-        raise RuntimeError(f"no epoch checkpoint in {ckpt_dir}: training did not finish an epoch")
-    state = torch.load(path, map_location="cpu", weights_only=False)["best_metric"]
-    return float(state["best_metric"]), int(state["best_metric_epoch"])
-
-
-def load_records(results: Path) -> list[dict[str, Any]]:
-    """Finished runs recorded so far."""
-    if not results.exists():
-        return []
-    return [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def run_one(arm: str, seed: int, settings: dict[str, Any], dataset_dir: str, work_dir: Path) -> dict[str, Any]:
     """Train, select on validation, evaluate on test; return the record of one finished run."""
-    output_dir = work_dir / f"{arm}-seed{seed}"
-    local_dir = output_dir if output_dir.is_absolute() else ROOT / output_dir
-    overrides = bundle_overrides(arm, seed, settings, dataset_dir, output_dir)
-    train_cmd, eval_cmd = training_command(overrides), evaluation_command(overrides)
-    resumed = latest_checkpoint(local_dir / "models") is not None
-    commit = code_version()
-    train_seconds = run_logged(train_cmd, local_dir / "train.log")
-    best_val, best_epoch = best_validation(local_dir / "models")
-    run_logged(eval_cmd, local_dir / "evaluate.log")
-    summary = json.loads((local_dir / "eval" / "test" / "summary.json").read_text(encoding="utf-8"))["summary"]
-    return {
-        "arm": arm,
-        "seed": seed,
-        **settings,
-        **ARMS[arm],
-        "best_val_iou": best_val,
-        "best_epoch": best_epoch,
-        "test": {group: {m: summary[group][m]["mean"] for m in METRICS} for group in summary},
-        "train_seconds": round(train_seconds, 1),
-        "resumed": resumed,
-        "machine": machine(),
-        "commit": commit,
-        "commands": [shown_command(c) for c in (train_cmd, eval_cmd)],
-    }
+    outcome = train_and_evaluate([TRAIN_CONFIG], EVAL_CONFIG, arm_values(arm, seed, settings, dataset_dir), work_dir / f"{arm}-seed{seed}")
+    return {"arm": arm, "seed": seed, **settings, **ARMS[arm], **outcome}
 
 
 def run_study(args: argparse.Namespace) -> None:
@@ -155,9 +78,7 @@ def run_study(args: argparse.Namespace) -> None:
                 continue
             print(f"[ablation] {arm} seed {seed}: training ({settings})", flush=True)
             record = run_one(arm, seed, settings, args.dataset_dir, args.work_dir)
-            args.results.parent.mkdir(parents=True, exist_ok=True)
-            with args.results.open("a", encoding="utf-8") as out:
-                out.write(json.dumps(record) + "\n")
+            append_record(args.results, record)
             print(f"[ablation] {arm} seed {seed}: val {record['best_val_iou']:.4f}, "
                   f"test mIoU {record['test']['test']['iou']:.4f} ({record['train_seconds']:.0f} s)", flush=True)
 

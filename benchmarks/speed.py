@@ -52,7 +52,8 @@ from monai.data import MetaTensor, list_data_collate
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablation import ARMS, TRAIN_CONFIG, shown_command
+from ablation import ARMS, TRAIN_CONFIG
+from bundle_runs import shown_command
 from report import BENCHMARKS_DIR, RESULTS_DIR, RESULTS_MD, machine, replace_block, write_json
 
 from masksup_med.bundle_config import load_bundle_config

@@ -6,10 +6,12 @@ import datetime
 import math
 import secrets
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+from monai.transforms import RandRotate90, RandRotate90d
 
-__all__ = ["check_image_size", "distributed_backend", "select_device", "unique_run_name"]
+__all__ = ["check_augmentation_keeps_size", "check_image_size", "distributed_backend", "select_device", "unique_run_name"]
 
 
 def select_device(device: str | torch.device = "auto", local_rank: int | None = None) -> torch.device:
@@ -58,3 +60,20 @@ def check_image_size(image_size: Sequence[int], network: torch.nn.Module) -> Non
             f"image_size {sizes} does not suit {type(network).__name__}: every side must be a multiple of {multiple} "
             f"(the product of its strides {list(strides)}); use e.g. --image_size \"{fitting}\""
         )
+
+
+def check_augmentation_keeps_size(augmentation: Sequence[Any], image_size: Sequence[int]) -> None:
+    """Fail at start when a 90-degree rotation in ``augmentation`` would swap two unequal sides of ``image_size``.
+
+    Rotated and unrotated samples then differ in shape, and the first batch fails to collate with a
+    stacking error that names neither the transform nor the size.
+    """
+    sizes = [int(s) for s in image_size]
+    for transform in augmentation:
+        axes = getattr(transform, "spatial_axes", None)
+        if isinstance(transform, (RandRotate90, RandRotate90d)) and transform.prob > 0 and sizes[axes[0]] != sizes[axes[1]]:
+            raise ValueError(
+                f"augmentation {type(transform).__name__}(prob={transform.prob}, spatial_axes={tuple(axes)}) swaps sides "
+                f"{sizes[axes[0]]} and {sizes[axes[1]]} of image_size {sizes}, so samples in a batch would differ in shape: "
+                "use a square image_size, set its prob to 0, or remove it"
+            )

@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark scripts: ``report.replace_block`` and ``speed.py`` end to end at toy size."""
+"""Smoke tests of the benchmark scripts: ``report.replace_block``, ``speed.py`` and ``glas_recipes.py`` end to end at toy size."""
 
 from __future__ import annotations
 
@@ -8,9 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from masksup_med.data import make_glas_demo
+from masksup_med.tracking import resolve_tracking_uri
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
+import glas_recipes
 import speed
 from report import replace_block
 
@@ -90,3 +96,34 @@ def test_speed_benchmark_smoke(tmp_path, capsys):
         assert data["measures"][key]["label"] in block
     assert f"`{data['command']}`" in block
     assert "MaskSup training step / plain step" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # about a minute: two short bundle trainings and evaluations at toy size
+def test_recipe_runner_trains_selects_on_validation_and_records(tmp_path):
+    """A recipe merges its fragments over the bundle: the cosine schedule reaches its floor and is checkpointed."""
+    demo = make_glas_demo(tmp_path / "glas", n_train=10, n_test_a=2, n_test_b=2, size=(64, 48))
+    results, md = tmp_path / "recipes.jsonl", tmp_path / "RESULTS.md"
+    common = ["--epochs", "2", "--val-interval", "1", "--image-size", "32", "48", "--dataset-dir", str(demo),
+              "--work-dir", str(tmp_path / "runs"), "--results", str(results)]
+    glas_recipes.main(["run", "cosine-light", *common])
+    glas_recipes.main(["run", "cosine-light", *common])  # recorded: skipped, not trained again
+
+    (record,) = [json.loads(line) for line in results.read_text().splitlines()]
+    assert record["recipe"] == "cosine-light" and record["fragments"] == ["cosine_lr", "light_masking"]
+    assert 1 <= record["best_epoch"] <= 2 and 0 <= record["best_val_iou"] <= 1
+    assert set(record["test"]) == {"test", "testA", "testB"}
+    assert "benchmarks/recipes/glas/cosine_lr.json" in record["commands"][0]
+
+    run_dir = tmp_path / "runs" / "cosine-light-e2-seed0"
+    (last,) = sorted((run_dir / "models").glob("checkpoint_epoch=2.pt"))
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    assert state["lr_scheduler"]["last_epoch"] == 2
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-5)  # cosine floor: 1 % of 1e-3
+    client = MlflowClient(resolve_tracking_uri(str(run_dir)))
+    (run,) = client.search_runs([client.get_experiment_by_name("masksup-glas").experiment_id])
+    assert run.data.params["lr_scheduler"] == "CosineAnnealingLR" and run.data.params["image_size"] == "[32, 48]"
+
+    glas_recipes.main(["report", "--results", str(results), "--markdown", str(md)])
+    block = _block(md.read_text(), "recipes")
+    assert "| cosine-light | cosine_lr, light_masking | 2 | 0 |" in block
+    assert record["commands"][1] in block

@@ -25,6 +25,7 @@ import tifffile
 import torch
 from PIL import Image
 
+from masksup_med.bundle_config import load_bundle_config
 from masksup_med.data import make_cvc_clinicdb_demo, make_glas_demo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,6 +189,24 @@ def test_check_image_size_accepts_multiples_and_networks_without_strides():
         check_image_size([36, 100], unet)
     check_image_size([63, 101], torch.nn.Conv2d(3, 1, 3))  # nothing to check
 
+
+
+def test_rotation_by_90_degrees_is_refused_for_unequal_sides_and_off_in_the_glas_bundle():
+    from monai.transforms import RandFlipd, RandRotate90, RandRotate90d
+
+    from masksup_med.runtime import check_augmentation_keeps_size
+
+    rotate = RandRotate90d(["image", "label"], prob=0.5)
+    check_augmentation_keeps_size([RandFlipd("image", prob=0.5), rotate], [256, 256])
+    check_augmentation_keeps_size([RandRotate90d("image", prob=0.0)], [384, 256])
+    check_augmentation_keeps_size([RandRotate90(prob=1.0, spatial_axes=(0, 1))], [32, 32, 16])  # rotates the square plane
+    with pytest.raises(ValueError, match=r"RandRotate90d\(prob=0.5, spatial_axes=\(0, 1\)\) swaps sides 384 and 256"):
+        check_augmentation_keeps_size([rotate], [384, 256])
+
+    parser = load_bundle_config(CASES["glas"].config())
+    parser["image_size"] = [384, 256]
+    rotations = [t for t in parser.get_parsed_content("augmentation") if isinstance(t, RandRotate90d)]
+    assert [t.prob for t in rotations] == [0.0]  # the bundle turns its 90-degree rotation off for a non-square size
 
 @pytest.mark.slow
 @pytest.mark.real_data
