@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bundle_runs import METRICS, append_record, load_records, train_and_evaluate
-from report import RESULTS_DIR, RESULTS_MD, replace_block
+from bundle_runs import METRICS, add_study_options, append_record, load_records, publish, train_and_evaluate
+from report import RESULTS_MD
 
 TRAIN_CONFIG = "bundles/glas/configs/train.json"
 EVAL_CONFIG = "bundles/glas/configs/evaluate.json"
@@ -135,10 +135,7 @@ def write_report(args: argparse.Namespace) -> str:
         *example,
         "```",
     ])
-    for markdown in args.markdown:
-        replace_block(markdown, "ablation", body)
-    print(body)
-    return body
+    return publish(body, "ablation", args.markdown)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -150,12 +147,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=30, help="training epochs per run (about 15 min for full MaskSup on 2 cores)")
     parser.add_argument("--val-interval", type=int, default=3)
     parser.add_argument("--image-size", nargs=2, type=int, default=[256, 256])
-    parser.add_argument("--dataset-dir", default="../shared/data/glas", help="GLaS folder (relative to the repository root)")
-    parser.add_argument("--work-dir", type=Path, default=Path("benchmarks/runs"),
-                        help="run outputs, relative to the repository root (not committed)")
-    parser.add_argument("--results", type=Path, default=RESULTS_DIR / "ablation.jsonl")
-    parser.add_argument("--markdown", type=Path, nargs="*", default=[RESULTS_MD, BUNDLE_DOCS],
-                        help="Markdown files whose 'ablation' block the report replaces")
+    add_study_options(parser, "ablation.jsonl", "ablation", [RESULTS_MD, BUNDLE_DOCS])
     return parser.parse_args(argv)
 
 

@@ -10,6 +10,7 @@ are built on this.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from report import BENCHMARKS_DIR, code_version, machine
+from report import BENCHMARKS_DIR, RESULTS_DIR, code_version, machine, replace_block
 
 from masksup_med.resume import latest_checkpoint
 
@@ -113,3 +114,21 @@ def append_record(results: Path, record: dict[str, Any]) -> None:
     results.parent.mkdir(parents=True, exist_ok=True)
     with results.open("a", encoding="utf-8") as out:
         out.write(json.dumps(record) + "\n")
+
+
+def add_study_options(parser: argparse.ArgumentParser, results_name: str, block: str, markdown: Sequence[Path]) -> None:
+    """Options every study shares: data, where runs and records go, which Markdown gets the ``block``."""
+    parser.add_argument("--dataset-dir", default="../shared/data/glas", help="GLaS folder (relative to the repository root)")
+    parser.add_argument("--work-dir", type=Path, default=Path("benchmarks/runs"),
+                        help="run outputs, relative to the repository root (not committed)")
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR / results_name)
+    parser.add_argument("--markdown", type=Path, nargs="*", default=list(markdown),
+                        help=f"Markdown files whose '{block}' block the report replaces")
+
+
+def publish(body: str, block: str, markdown: Sequence[Path]) -> str:
+    """Put ``body`` into the generated ``block`` of each Markdown file, print it and return it."""
+    for path in markdown:
+        replace_block(path, block, body)
+    print(body)
+    return body

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bundle_runs import METRICS, append_record, load_records, train_and_evaluate
-from report import RESULTS_DIR, RESULTS_MD, replace_block
+from bundle_runs import METRICS, add_study_options, append_record, load_records, publish, train_and_evaluate
+from report import RESULTS_MD
 
 TRAIN_CONFIG = "bundles/glas/configs/train.json"
 EVAL_CONFIG = "bundles/glas/configs/evaluate.json"
@@ -96,11 +96,7 @@ def write_report(args: argparse.Namespace) -> str:
     records = load_records(args.results)
     if not records:
         raise SystemExit(f"no finished tries in {args.results}")
-    body = recipes_table(records)
-    for markdown in args.markdown:
-        replace_block(markdown, "recipes", body)
-    print(body)
-    return body
+    return publish(recipes_table(records), "recipes", args.markdown)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -112,12 +108,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--val-interval", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", nargs=2, type=int, help="override the recipe's image size (smoke runs)")
-    parser.add_argument("--dataset-dir", default="../shared/data/glas", help="GLaS folder (relative to the repository root)")
-    parser.add_argument("--work-dir", type=Path, default=Path("benchmarks/runs"),
-                        help="run outputs, relative to the repository root (not committed)")
-    parser.add_argument("--results", type=Path, default=RESULTS_DIR / "glas_recipes.jsonl")
-    parser.add_argument("--markdown", type=Path, nargs="*", default=[RESULTS_MD],
-                        help="Markdown files whose 'recipes' block the report replaces")
+    add_study_options(parser, "glas_recipes.jsonl", "recipes", [RESULTS_MD])
     args = parser.parse_args(argv)
     unknown = [name for name in args.recipes if name not in RECIPES]
     if unknown or (args.action == "run" and not args.recipes):

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Engine
-from monai.handlers import CheckpointSaver
+from monai.handlers import CheckpointLoader, CheckpointSaver
 
-__all__ = ["BestMetricState", "attach_handlers", "latest_checkpoint"]
+__all__ = ["BestMetricState", "attach_handlers", "check_checkpoint_holds", "latest_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +78,30 @@ def attach_handlers(engine: Engine, handlers: list) -> Engine:
     """Attach ``handlers`` (skipping disabled ones, which a bundle config resolves to None) to ``engine``.
 
     For handlers that refer to the engine itself (checkpointing the trainer), which a bundle config
-    cannot list in the engine's own ``train_handlers`` without a circular reference.
+    cannot list in the engine's own ``train_handlers`` without a circular reference. A
+    CheckpointLoader's file is checked here, before the run starts, to hold every object it restores.
     """
     for handler in handlers:
+        if isinstance(handler, CheckpointLoader):
+            check_checkpoint_holds(handler.load_path, handler.load_dict)
         if handler is not None:
             handler.attach(engine)
     return engine
+
+
+def check_checkpoint_holds(path: str | Path, load_dict: dict) -> None:
+    """Fail, naming the file and what is missing, when checkpoint ``path`` lacks an object of ``load_dict``.
+
+    A checkpoint written by an older config (before an id such as ``lr_scheduler`` was added)
+    cannot resume the current one; without this check ignite fails with a bare key error.
+    """
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    if len(load_dict) == 1 and not set(load_dict) & set(saved):
+        return  # one object: ignite reads the file as that object's own state dict
+    missing = sorted(set(load_dict) - set(saved))
+    if missing:
+        raise ValueError(
+            f"checkpoint {path} cannot resume this run: it has no {', '.join(missing)} "
+            f"(it holds {', '.join(sorted(saved))}); it was written by a different config. "
+            "Train again without --resume true, or resume with the config that wrote it."
+        )

@@ -345,8 +345,16 @@ def test_training_killed_midway_resumes_without_repeating_or_losing_epochs(tmp_p
 
     final = torch.load(out / "models" / "checkpoint_epoch=6.pt", map_location="cpu", weights_only=False)
     assert final["trainer"]["iteration"] == 6 * final["trainer"]["epoch_length"]  # ignite stores iterations
-    assert {"model", "optimizer", "best_metric"} <= set(final)
+    assert {"model", "optimizer", "lr_scheduler", "best_metric"} <= set(final)
     assert final["best_metric"]["best_metric_epoch"] >= 1
+
+    # a checkpoint written by an older config (no lr_scheduler) is refused before any epoch runs
+    older = out / "models" / "checkpoint_epoch=7.pt"
+    torch.save({k: v for k, v in final.items() if k != "lr_scheduler"}, older)
+    result = run_training(demo_glas, out, *common, "--resume", "true")
+    assert result.returncode != 0
+    assert f"checkpoint {older} cannot resume this run: it has no lr_scheduler" in result.stdout + result.stderr
+    assert "Epoch[" not in result.stdout
 
 
 @pytest.mark.slow
