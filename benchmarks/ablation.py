@@ -103,15 +103,30 @@ def ablation_tables(records: list[dict[str, Any]]) -> str:
         cells += [mean_std([r["test"]["test"][m] for r in rows]) for m in METRICS]
         minutes = statistics.mean(r["train_seconds"] for r in rows) / 60
         lines.append(f"| {arm} | {len(rows)} | " + " | ".join(cells) + f" | {minutes:.1f} |")
+    lines += ["", *paired_gains(records)]
     lines += ["", "Per run (test = testA + testB):", "",
-              "| arm | seed | best epoch | val mIoU | test mIoU | test Dice | mIoU native | Dice native | testA / testB mIoU |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| arm | seed | best epoch | val mIoU | test mIoU | test Dice | mIoU native | Dice native | testA / testB mIoU | commit |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: (list(ARMS).index(r["arm"]), r["seed"])):
         t = r["test"]
         split_iou = " / ".join(f"{t[g]['iou']:.4f}" for g in ("testA", "testB") if g in t)
         lines.append(f"| {r['arm']} | {r['seed']} | {r['best_epoch']} | {r['best_val_iou']:.4f} | "
-                     + " | ".join(f"{t['test'][m]:.4f}" for m in METRICS) + f" | {split_iou} |")
+                     + " | ".join(f"{t['test'][m]:.4f}" for m in METRICS) + f" | {split_iou} | {r.get('commit', '?')} |")
     return "\n".join(lines)
+
+
+def paired_gains(records: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: each arm's test mIoU minus the baseline's on the same seed, per seed and on average."""
+    baseline = {r["seed"]: r["test"]["test"]["iou"] for r in records if r["arm"] == "baseline"}
+    lines = ["Test mIoU gain over the baseline trained with the same seed:", "",
+             "| arm | seeds paired | gain per seed | mean gain | seeds with a gain |", "|---|---|---|---|---|"]
+    for arm in [a for a in ARMS if a != "baseline"]:
+        gains = {r["seed"]: r["test"]["test"]["iou"] - baseline[r["seed"]] for r in records if r["arm"] == arm and r["seed"] in baseline}
+        if gains:
+            per_seed = ", ".join(f"{gains[s]:+.4f} (seed {s})" for s in sorted(gains))
+            lines.append(f"| {arm} | {len(gains)} | {per_seed} | {statistics.mean(gains.values()):+.4f} | "
+                         f"{sum(g > 0 for g in gains.values())} of {len(gains)} |")
+    return lines
 
 
 def write_report(args: argparse.Namespace) -> str:

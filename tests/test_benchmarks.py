@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark scripts: ``report.replace_block``, ``speed.py`` and ``glas_recipes.py`` end to end at toy size."""
+"""Smoke tests of the benchmark scripts: ``report.replace_block``, the ablation tables, ``speed.py`` and ``glas_recipes.py`` end to end at toy size."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from masksup_med.tracking import resolve_tracking_uri
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
+import ablation
 import glas_recipes
 import speed
 from report import replace_block
@@ -127,3 +128,21 @@ def test_recipe_runner_trains_selects_on_validation_and_records(tmp_path):
     block = _block(md.read_text(), "recipes")
     assert "| cosine-light | cosine_lr, light_masking | 2 | 0 |" in block
     assert record["commands"][1] in block
+
+
+def _ablation_record(arm: str, seed: int, test_iou: float) -> dict:
+    test = {m: test_iou for m in ("iou", "dice", "iou_native", "dice_native")}
+    return {"arm": arm, "seed": seed, "best_val_iou": 0.5, "best_epoch": 3, "train_seconds": 60.0, "commit": "abc1234",
+            "test": {"test": test, "testA": test, "testB": test}}
+
+
+def test_ablation_tables_report_spread_and_gains_paired_by_seed():
+    records = [_ablation_record("baseline", 0, 0.60), _ablation_record("baseline", 1, 0.64),
+               _ablation_record("full-heavy", 0, 0.65), _ablation_record("full-heavy", 1, 0.63),
+               _ablation_record("context", 2, 0.70)]  # no baseline with seed 2: not paired
+    text = ablation.ablation_tables(records)
+    assert "| baseline | 2 | 0.5000 ± 0.0000 | 0.6200 ± 0.0283 |" in text
+    assert "| context | 1 | 0.5000 | 0.7000 |" in text  # one seed: the mean alone
+    assert "| full-heavy | 2 | +0.0500 (seed 0), -0.0100 (seed 1) | +0.0200 | 1 of 2 |" in text
+    assert "| context | 0 |" not in text and "| full-light" not in text
+    assert text.count("| abc1234 |") == 5
