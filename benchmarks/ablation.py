@@ -159,7 +159,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("action", choices=("run", "report"))
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=30, help="training epochs per run (about 15 min for full MaskSup on 2 cores)")
+    parser.add_argument("--epochs", type=int, default=30, help="training epochs per run (about 8 min for full MaskSup on 2 idle cores)")
     parser.add_argument("--val-interval", type=int, default=3)
     parser.add_argument("--image-size", nargs=2, type=int, default=[256, 256])
     add_study_options(parser, "ablation.jsonl", "ablation", [RESULTS_MD, BUNDLE_DOCS])
