@@ -9,6 +9,7 @@ thing the literature suggests for GLaS from scratch:
     light_masking    free-form holes over 10-30 % of the image instead of 40-60 %
     aspect_384x256   384x256, close to the tiles' own 775x522 aspect, instead of 256x256
     stain_jitter     per-channel intensity scale and shift (H&E stain variation) and slight blur
+    batch_4          batches of 4 instead of 8: twice the optimiser steps for the same epochs
 
 Each try trains, keeps the best-*validation* checkpoint and is scored once on testA + testB (see
 ``bundle_runs.py``); finished tries go to ``benchmarks/results/glas_recipes.jsonl`` and are
@@ -40,6 +41,7 @@ RECIPES: dict[str, list[str]] = {
     "cosine-light": ["cosine_lr", "light_masking"],
     "cosine-light-384x256": ["cosine_lr", "light_masking", "aspect_384x256"],
     "cosine-light-384x256-stain": ["cosine_lr", "light_masking", "aspect_384x256", "stain_jitter"],
+    "cosine-light-384x256-stain-b4": ["cosine_lr", "light_masking", "aspect_384x256", "stain_jitter", "batch_4"],
 }
 
 
