@@ -144,7 +144,9 @@ def write_report(args: argparse.Namespace) -> str:
         ablation_tables(records),
         "",
         ("Reproduce: `python benchmarks/ablation.py run && python benchmarks/ablation.py report`. "
-        "One run is these two commands (here the first recorded run):"),
+        "One row again, into a fresh record file (recorded runs are skipped): "
+        "`python benchmarks/ablation.py run --arms ARM --seeds SEED --results rerun.jsonl`. "
+        "Each run is these two commands (here the first recorded run):"),
         "",
         "```",
         *example,
