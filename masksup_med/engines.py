@@ -12,15 +12,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from ignite.engine import Engine
-from ignite.metrics import Average
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys
 
+from masksup_med.handlers import LossTermAverages, loss_terms, named_terms
 from masksup_med.losses import MaskSupLoss
 from masksup_med.transforms.base import RandMask
 
+# the generic loss-term handlers live in masksup_med.handlers; re-exported for MaskSup users
 __all__ = ["LossTermAverages", "MaskSupKeys", "MaskSupTrainer", "loss_terms"]
 
 
@@ -33,19 +33,6 @@ class MaskSupKeys:
     CONTEXT = "loss_context"
     TASKSIM = "loss_tasksim"
     TERMS = (CommonKeys.LOSS, SEG, CONTEXT, TASKSIM)
-
-
-def loss_terms(output: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """``output_transform`` for StatsHandler / MLFlowHandler: the total loss and each MaskSup term.
-
-    Accepts the trainer output before or after decollation (a list of per-sample dicts).
-    """
-    first = output[0] if isinstance(output, Sequence) else output
-    return {
-        key: float(first[key].detach() if isinstance(first[key], torch.Tensor) else first[key])
-        for key in MaskSupKeys.TERMS
-        if key in first
-    }
 
 
 class MaskSupTrainer(SupervisedTrainer):
@@ -64,11 +51,13 @@ class MaskSupTrainer(SupervisedTrainer):
         single_pass: run the network once on the image and masked batches concatenated, instead of
             twice. Needed under DistributedDataParallel (one forward per backward); BatchNorm then
             normalises over both halves together, a small departure from the published two passes.
+            ``None`` (default): on exactly when the network is wrapped in DistributedDataParallel.
 
     With ``a2 = a3 = 0`` the masked pass is skipped and the iteration is plain supervised
     training with ``seg_loss`` (the ablation baseline), through the same code.
-    ``engine.state.output`` holds ``image``, ``label``, ``pred``, ``loss`` (the total), and the
-    unweighted terms ``loss_seg``, ``loss_context`` and ``loss_tasksim`` (detached).
+    ``engine.state.output`` holds ``image``, ``label``, ``pred``, ``loss`` (the total), and every
+    other term the loss returns as ``loss_<name>`` (detached): ``loss_seg``, ``loss_context`` and
+    ``loss_tasksim`` for :class:`~masksup_med.losses.MaskSupLoss`, plus whatever a subclass adds.
     """
 
     def __init__(
@@ -76,7 +65,7 @@ class MaskSupTrainer(SupervisedTrainer):
         *args: Any,
         masked_key: str = MaskSupKeys.IMAGE_MASKED,
         batch_masker: RandMask | None = None,
-        single_pass: bool = False,
+        single_pass: bool | None = None,
         **kwargs: Any,
     ) -> None:
         if kwargs.get("accumulation_steps", 1) != 1:
@@ -88,6 +77,8 @@ class MaskSupTrainer(SupervisedTrainer):
             raise TypeError(f"loss_function must be a MaskSupLoss, got {type(self.loss_function).__name__}.")
         self.masked_key = masked_key
         self.batch_masker = batch_masker
+        if single_pass is None:
+            single_pass = isinstance(self.network, torch.nn.parallel.DistributedDataParallel)
         self.single_pass = single_pass
 
     def _masked_inputs(self, batchdata: Mapping[str, Any], inputs: torch.Tensor) -> torch.Tensor:
@@ -126,35 +117,23 @@ class MaskSupTrainer(SupervisedTrainer):
                 pred_masked = engine.inferer(masked, engine.network) if masked is not None else None
             engine.state.output[CommonKeys.PRED] = pred
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            terms = loss_fn(pred, pred_masked, targets)
-        engine.state.output[CommonKeys.LOSS] = terms.total
-        engine.state.output[MaskSupKeys.SEG] = terms.seg.detach()
-        engine.state.output[MaskSupKeys.CONTEXT] = terms.context.detach()
-        engine.state.output[MaskSupKeys.TASKSIM] = terms.tasksim.detach()
+            terms = named_terms(loss_fn(pred, pred_masked, targets))
+        total = terms.pop("total")
+        engine.state.output[CommonKeys.LOSS] = total
+        for name, value in terms.items():
+            engine.state.output[f"{CommonKeys.LOSS}_{name}"] = value.detach()
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
         if engine.amp and engine.scaler is not None:
-            engine.scaler.scale(terms.total).backward()
+            engine.scaler.scale(total).backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.scaler.step(engine.optimizer)
             engine.scaler.update()
         else:
-            terms.total.backward()
+            total.backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.optimizer.step()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 
 
-
-class LossTermAverages:
-    """Handler that attaches ignite ``Average`` metrics of the total loss and each MaskSup term.
-
-    The epoch means appear in ``engine.state.metrics`` as ``train_loss``, ``train_loss_seg``, …, so
-    StatsHandler prints them and MLFlowHandler logs them per epoch. List it before those handlers.
-    """
-
-    def attach(self, engine: Engine) -> None:
-        """Attach one ``Average`` metric per term to ``engine``."""
-        for key in MaskSupKeys.TERMS:
-            Average(output_transform=lambda output, key=key: loss_terms(output)[key]).attach(engine, f"train_{key}")

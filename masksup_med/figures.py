@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from masksup_med.registry import find_run_id
+from masksup_med.tracking import find_run_id
 from masksup_med.transforms.base import RandMask
 
 __all__ = ["LearningCurveHandler", "ValidationFigureHandler", "learning_curve_figure", "validation_figure"]
@@ -30,10 +30,14 @@ def _as_display(image: torch.Tensor) -> np.ndarray:
     return array[0] if array.shape[0] == 1 else np.moveaxis(array[:3], 0, -1)
 
 
+COLUMN_TITLES = {"image": "image", "label": "ground truth", "pred": "prediction", "image_masked": "masked input",
+                 "pred_masked": "prediction on masked"}
+
+
 def validation_figure(rows: Sequence[dict[str, torch.Tensor]], title: str) -> plt.Figure:
-    """A grid, one row per example: image, ground truth, prediction, masked input, prediction on it."""
-    columns = ("image", "label", "pred", "image_masked", "pred_masked")
-    names = ("image", "ground truth", "prediction", "masked input", "prediction on masked")
+    """A grid, one row per example, one column per key of the rows (image, ground truth, prediction, ...)."""
+    columns = tuple(rows[0]) if rows else ("image",)
+    names = tuple(COLUMN_TITLES.get(key, key.replace("_", " ")) for key in columns)
     fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.4 * len(columns), 2.4 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
         for c, key in enumerate(columns):
@@ -98,18 +102,18 @@ class _RunFigureHandler:
 
 
 class ValidationFigureHandler(_RunFigureHandler):
-    """After each validation round, log image / truth / prediction / masked input / prediction on it.
+    """After each validation round, log image / truth / prediction (and masked input / prediction on it).
 
     The examples are the first ``num_images`` items of the (preprocessed, unshuffled) validation
-    dataset, masked with a copy of ``masker`` reseeded every round, so rounds are comparable.
-    Attach to the evaluator.
+    dataset. With a ``masker`` (a method that trains on masked images), each is also masked with a
+    copy of it reseeded every round, so rounds are comparable. Attach to the evaluator.
     """
 
     def __init__(
         self,
         dataset: Sequence[dict],
         network: torch.nn.Module,
-        masker: RandMask,
+        masker: RandMask | None,
         tracking_uri: str,
         experiment_name: str,
         run_name: str,
@@ -120,7 +124,7 @@ class ValidationFigureHandler(_RunFigureHandler):
         super().__init__(tracking_uri, experiment_name, run_name, enabled)
         self.dataset = dataset
         self.network = network
-        self.masker = copy.deepcopy(masker)
+        self.masker = copy.deepcopy(masker) if masker is not None else None
         self.num_images = num_images
         self.seed = seed
 
@@ -131,20 +135,23 @@ class ValidationFigureHandler(_RunFigureHandler):
 
     @torch.no_grad()
     def rows(self, device: torch.device) -> list[dict[str, torch.Tensor]]:
-        """Predictions of the current network on the fixed examples, plain and masked."""
-        self.masker.set_random_state(self.seed)
+        """Predictions of the current network on the fixed examples (and on their masked copies)."""
+        if self.masker is not None:
+            self.masker.set_random_state(self.seed)
         was_training = self.network.training
         self.network.eval()
         rows = []
         for index in range(min(self.num_images, len(self.dataset))):
             item = self.dataset[index]
             image = torch.as_tensor(item["image"]).float()
-            masked = torch.as_tensor(self.masker(image))
-            logits = self.network(torch.stack([image, masked]).to(device))
+            inputs = [image] if self.masker is None else [image, torch.as_tensor(self.masker(image))]
+            logits = self.network(torch.stack(inputs).to(device))
             probs = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, 1).argmax(1, keepdim=True)
-            pred, pred_masked = ((p > 0.5).float() if logits.shape[1] == 1 else p.float() for p in probs)
-            rows.append({"image": image, "label": torch.as_tensor(item["label"]).float(), "pred": pred,
-                         "image_masked": masked, "pred_masked": pred_masked})
+            preds = [(p > 0.5).float() if logits.shape[1] == 1 else p.float() for p in probs]
+            row = {"image": image, "label": torch.as_tensor(item["label"]).float(), "pred": preds[0]}
+            if self.masker is not None:
+                row.update({"image_masked": inputs[1], "pred_masked": preds[1]})
+            rows.append(row)
         self.network.train(was_training)
         return rows
 

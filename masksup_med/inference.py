@@ -1,4 +1,9 @@
-"""Inference helpers: list the images of a folder, write overlays for a person to look at."""
+"""Inference, shared by the bundles' evaluate / inference configs and by model serving.
+
+The input side (readers for every supported format, grey to RGB) and the output side (probabilities,
+inverted back to each image's own size, thresholded) are written once here; the configs and
+:mod:`masksup_med.serving` call the same functions. Also: list the images of a folder, write overlays.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,33 @@ import torch
 from ignite.engine import Engine, Events
 from PIL import Image
 
-from masksup_med.data.errors import DatasetNotFoundError
-from masksup_med.data.readers import PIL_SUFFIXES, TIFF_SUFFIXES
+from monai.data import PILReader
+from monai.transforms import Activationsd, AsDiscreted, CopyItemsd, Invertd, Transform
 
-__all__ = ["OverlayWriter", "list_images", "overlay"]
+from masksup_med.data.errors import DatasetNotFoundError
+from masksup_med.data.readers import PIL_SUFFIXES, TIFF_SUFFIXES, TiffReader
+
+__all__ = ["OverlayWriter", "image_readers", "list_images", "native_mask_postprocessing", "overlay"]
+
+
+def image_readers() -> list:
+    """``reader`` argument of ``LoadImaged`` for any supported image file: Pillow formats, then TIFF."""
+    return [PILReader(), TiffReader()]
+
+
+def native_mask_postprocessing(preprocessing: Transform, threshold: float = 0.5) -> list[Transform]:
+    """Logits ``pred`` -> probabilities -> ``pred_native`` at the input's own size -> both thresholded.
+
+    ``preprocessing`` is the (invertible) transform that made the network's input from ``image``;
+    ``pred_native`` is ``pred`` inverted through it (bilinear on probabilities, then thresholded), so
+    it lines up with the file that was read. Used by evaluation, inference and serving alike.
+    """
+    return [
+        Activationsd(keys="pred", sigmoid=True),
+        CopyItemsd(keys="pred", names="pred_native"),
+        Invertd(keys="pred_native", transform=preprocessing, orig_keys="image", nearest_interp=False, to_tensor=True),
+        AsDiscreted(keys=["pred", "pred_native"], threshold=threshold),
+    ]
 
 IGNORED = {".ds_store", "thumbs.db"}
 

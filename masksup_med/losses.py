@@ -59,6 +59,18 @@ class MaskSupLoss(nn.Module):
         self.a1, self.a2, self.a3 = float(a1), float(a2), float(a3)
         self.activation = activation
 
+    def hyperparameters(self) -> dict[str, object]:
+        """The settings that identify this loss in a run's record (logged as MLflow parameters)."""
+        return {
+            "loss": type(self).__name__,
+            "seg_loss": type(self.seg_loss).__name__,
+            "context_loss": type(self.context_loss).__name__,
+            "a1": self.a1,
+            "a2": self.a2,
+            "a3": self.a3,
+            "tasksim_activation": self.activation,
+        }
+
     @property
     def uses_masked_pass(self) -> bool:
         """False when a2 = a3 = 0: the masked prediction cannot change the loss (plain supervision)."""

@@ -7,12 +7,10 @@ register the same checkpoint again by hand with ``masksup-med registry register`
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-import os
 import shlex
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,8 @@ from ignite.engine import Engine, Events
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import infer_signature
 
+from masksup_med.tracking import find_run_id, using_store
+
 __all__ = [
     "ModelRegistrationHandler",
     "find_run_id",
@@ -30,38 +30,10 @@ __all__ = [
     "load_network",
     "manual_register_command",
     "register_checkpoint",
+    "using_store",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def using_store(tracking_uri: str | None) -> Iterator[None]:
-    """Point MLflow's fluent API at ``tracking_uri`` (tracking and registry) for a block, then restore.
-
-    ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` to the
-    environment (inherited by subprocesses), so both the module state (MLflow 3.17's private globals)
-    and the environment are put back as they were, unset included.
-    """
-    if not tracking_uri:
-        yield
-        return
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    saved_globals = (tracking_utils._tracking_uri, registry_utils._registry_uri)
-    saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    try:
-        yield
-    finally:
-        tracking_utils._tracking_uri, registry_utils._registry_uri = saved_globals
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def load_checkpoint(network: torch.nn.Module, checkpoint: str | Path) -> torch.nn.Module:
@@ -90,18 +62,6 @@ def load_network(
     else:
         model = load_checkpoint(network, source)
     return model.to(device).eval()
-
-
-def find_run_id(tracking_uri: str, experiment_name: str, run_name: str) -> str:
-    """The id of the (unique) run called ``run_name`` in ``experiment_name``."""
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is None:
-        raise LookupError(f"MLflow experiment {experiment_name!r} not found at {tracking_uri}.")
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{run_name}'")
-    if not runs:
-        raise LookupError(f"MLflow run {run_name!r} not found in experiment {experiment_name!r}.")
-    return runs[0].info.run_id
 
 
 def manual_register_command(

@@ -13,10 +13,11 @@ answers with masks:
   the input image's own size), ``width``, ``height`` and ``foreground_fraction``. The server wraps
   them as ``{"predictions": [{"mask": …, "width": …, "height": …, "foreground_fraction": …}]}``.
 
-Each image goes through exactly what the bundle's inference config does: read with the project's
-readers (so TIFFs work), channel first, the config's ``resizing`` transforms (intensity 0..255 to
-0..1, resize to the model's training size), the network, sigmoid, ``Invertd`` back to the image's
-size (bilinear on probabilities), threshold 0.5. The training size is read from the registered
+Each image goes through the same code as the bundle's inference config: read with the project's
+readers (so TIFFs work), channel first, grey to RGB (:class:`~masksup_med.transforms.EnsureRGB`), the
+config's ``resizing`` transforms (intensity 0..255 to 0..1, resize to the model's training size),
+the network, then :func:`masksup_med.inference.native_mask_postprocessing` (sigmoid, ``Invertd``
+back to the image's size, threshold). The training size is read from the registered
 model's signature (``(-1, C, H, W)``), so a model trained at 128 x 128 is run at 128 x 128.
 
 :func:`build_serving_model` writes such a pyfunc model into a folder; ``masksup-med serve`` does that
@@ -88,6 +89,7 @@ def decode_image(encoded: str | bytes) -> np.ndarray:
     is dropped, so any of them fits an RGB network.
     """
     from masksup_med.data.readers import read_array
+    from masksup_med.transforms.channels import EnsureRGB
 
     if isinstance(encoded, str):
         encoded = encoded.encode("ascii", errors="strict")
@@ -101,11 +103,7 @@ def decode_image(encoded: str | bytes) -> np.ndarray:
         path.write_bytes(data)
         array = read_array(path)  # W, H[, C]
     array = array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
-    if array.shape[0] in (1, 2):  # grey (+ alpha)
-        array = np.repeat(array[:1], 3, axis=0)
-    elif array.shape[0] == 4:  # RGBA
-        array = array[:3]
-    return np.ascontiguousarray(array)
+    return np.ascontiguousarray(EnsureRGB()(array))
 
 
 def encode_mask(mask: np.ndarray) -> str:
@@ -149,6 +147,7 @@ class MaskSupSegmenter(mlflow.pyfunc.PythonModel):
         from monai.bundle import ConfigParser
         from monai.transforms import Compose
 
+        from masksup_med.inference import native_mask_postprocessing
         from masksup_med.runtime import select_device
 
         config = dict(context.model_config or {})
@@ -159,23 +158,22 @@ class MaskSupSegmenter(mlflow.pyfunc.PythonModel):
         if config.get("image_size"):
             parser["image_size"] = [int(s) for s in config["image_size"]]
         self.preprocessing = Compose(parser.get_parsed_content("resizing"))
+        self.postprocessing = Compose(native_mask_postprocessing(self.preprocessing, self.threshold))
         self.network = mlflow.pytorch.load_model(context.artifacts["network"], map_location=self.device)
         self.network = self.network.to(self.device).eval()
         self._torch = torch
 
     def _segment(self, encoded: str | bytes) -> dict[str, Any]:
         from monai.data import MetaTensor
-        from monai.transforms import Invertd
 
         torch = self._torch
         image = MetaTensor(torch.as_tensor(decode_image(encoded)))
         item = self.preprocessing({"image": image})
         with torch.no_grad():
             logits = self.network(item["image"].as_tensor()[None].to(self.device, torch.float32))
-        probs = MetaTensor(torch.sigmoid(logits[0]).cpu())
-        native = Invertd(keys="pred", transform=self.preprocessing, orig_keys="image",
-                         nearest_interp=False, to_tensor=True)({"pred": probs, "image": item["image"]})["pred"]
-        mask = torch.as_tensor(native)[0].numpy().T > self.threshold  # W, H -> H, W
+        item["pred"] = MetaTensor(logits[0].float().cpu())
+        native = self.postprocessing(item)["pred_native"]
+        mask = torch.as_tensor(native)[0].numpy().T > 0.5  # thresholded already; W, H -> H, W
         height, width = mask.shape
         return {"mask": encode_mask(mask), "width": int(width), "height": int(height),
                 "foreground_fraction": float(mask.mean())}
@@ -213,16 +211,15 @@ def build_serving_model(
     tracking server afterwards). Returns ``path``.
     """
     from masksup_med import __version__
-    from masksup_med.bundle_config import write_expanded_config
+    from masksup_med.tracking import using_store
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
     path = Path(path)
     staging = Path(tempfile.mkdtemp(prefix="masksup-serve-stage-"))
     try:
-        network_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(staging / "network")))
-        config = write_expanded_config(bundle_config, staging / "train.json")  # self-contained: no %macros
+        with using_store(tracking_uri):
+            network_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri,
+                                                                   dst_path=str(staging / "network")))
+        config = Path(shutil.copy(bundle_config, staging / "train.json"))  # a bundle config is self-contained
         image_size = model_input_size(str(network_dir))
         mlflow.pyfunc.save_model(
             path=str(path),

@@ -1,26 +1,36 @@
-"""MLflow tracking: where runs go, a start-up reachability check, and the parameters that describe a run.
+"""MLflow tracking: where runs go, a start-up reachability check, finding a run, and a run's parameters.
 
-MONAI's MLFlowHandler logs metrics; what it does not do (run parameters, figures, the registry) is here
-and in :mod:`masksup_med.registry`.
+MONAI's MLFlowHandler logs metrics; what it does not do is here (run parameters, store scoping, run
+lookup), in :mod:`masksup_med.figures`, :mod:`masksup_med.registry` and, wiring them all to a
+trainer, :mod:`masksup_med.run_tracking`. Nothing here knows a training method: components describe
+themselves through a ``hyperparameters()`` method.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import monai
 import requests
 import torch
 
 import masksup_med
-from masksup_med.losses import MaskSupLoss
-from masksup_med.transforms.base import RandMaskd
 
-__all__ = ["check_tracking_server", "git_commit", "resolve_tracking_uri", "run_params"]
+__all__ = [
+    "check_tracking_server",
+    "component_params",
+    "find_run_id",
+    "git_commit",
+    "resolve_tracking_uri",
+    "run_params",
+    "using_store",
+]
 
 
 def resolve_tracking_uri(output_dir: str | Path) -> str:
@@ -59,42 +69,84 @@ def git_commit(path: str | Path = ".") -> str:
     return out.stdout.strip() or "unknown"
 
 
-def _masking_params(masking: RandMaskd | None) -> dict[str, Any]:
-    if masking is None:
-        return {"masking": "none"}
-    masker = masking.masker
-    params: dict[str, Any] = {"masking": type(masking).__name__, "mask_prob": masking.prob,
-                              "mask_fill_value": masker.fill_value}
-    params["mask_ratio_range"] = list(getattr(masker, "ratio_range", ()))
-    if hasattr(masker, "patch_size"):
-        params["mask_patch_size"] = masker.patch_size
-    return params
+@contextlib.contextmanager
+def using_store(tracking_uri: str | None) -> Iterator[None]:
+    """Point MLflow's fluent API at ``tracking_uri`` (tracking and registry) for a block, then restore.
+
+    ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` to the
+    environment (inherited by subprocesses), so both the module state (MLflow 3.17's private globals)
+    and the environment are put back as they were, unset included. ``None``: leave everything as it is.
+    """
+    if not tracking_uri:
+        yield
+        return
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved_globals = (tracking_utils._tracking_uri, registry_utils._registry_uri)
+    saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved_globals
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def find_run_id(tracking_uri: str, experiment_name: str, run_name: str) -> str:
+    """The id of the (unique) run called ``run_name`` in ``experiment_name``."""
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        raise LookupError(f"MLflow experiment {experiment_name!r} not found at {tracking_uri}.")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{run_name}'")
+    if not runs:
+        raise LookupError(f"MLflow run {run_name!r} not found in experiment {experiment_name!r}.")
+    return runs[0].info.run_id
+
+
+def component_params(role: str, component: Any) -> dict[str, Any]:
+    """What a run records of one component: its own ``hyperparameters()``, else ``{role: class name}``.
+
+    ``None`` (a component a method does without) is recorded as ``{role: "none"}``.
+    """
+    if component is None:
+        return {role: "none"}
+    describe = getattr(component, "hyperparameters", None)
+    if callable(describe):
+        return dict(describe())
+    return {role: type(component).__name__}
 
 
 def run_params(
-    network: torch.nn.Module, loss: MaskSupLoss, masking: RandMaskd | None, split: Mapping[str, Any] | None = None,
+    network: torch.nn.Module, components: Mapping[str, Any] | None = None, split: Mapping[str, Any] | None = None,
     **recipe: Any,
 ) -> dict[str, Any]:
-    """Parameters that identify a training run: network, loss weights, masking, split, recipe, versions, commit.
+    """Parameters that identify a training run: network, components, split, recipe, versions, commit.
 
-    ``split`` (the dataset adapter's split options) is logged key by key as ``split_<key>``
-    (``split_seed``, ``split_val_fraction``, ...), so runs can be searched by them.
+    ``components`` maps a role (``loss``, ``masking``, ``lr_scheduler``, ...) to the object playing
+    it; each is recorded by :func:`component_params`, so a method's own settings (MaskSup's loss
+    weights, its masking ratio) come from its own classes. ``split`` (the dataset adapter's split
+    options) is logged key by key as ``split_<key>`` (``split_seed``, ``split_val_fraction``, ...),
+    so runs can be searched by them. Values are strings, as MLflow stores them.
     """
     params: dict[str, Any] = {
         "network": type(network).__name__,
         "network_parameters": sum(p.numel() for p in network.parameters()),
-        "seg_loss": type(loss.seg_loss).__name__,
-        "context_loss": type(loss.context_loss).__name__,
-        "a1": loss.a1,
-        "a2": loss.a2,
-        "a3": loss.a3,
-        "tasksim_activation": loss.activation,
-        **_masking_params(masking),
-        **{f"split_{key}": value for key, value in (split or {}).items()},
-        **recipe,
+    }
+    for role, component in (components or {}).items():
+        params.update(component_params(role, component))
+    params.update({f"split_{key}": value for key, value in (split or {}).items()})
+    params.update(recipe)
+    params.update({
         "masksup_med_version": masksup_med.__version__,
         "monai_version": monai.__version__,
         "torch_version": torch.__version__,
         "git_commit": git_commit(Path(masksup_med.__file__).parent),
-    }
+    })
     return {key: str(value) for key, value in params.items()}

@@ -1,11 +1,14 @@
 """Random masking as MONAI transforms: array versions, dictionary (``…d``) versions, batch masking."""
 
 from masksup_med.transforms.base import RandMask, RandMaskd
+from masksup_med.transforms.channels import EnsureRGB, EnsureRGBd
 from masksup_med.transforms.free_form import RandFreeFormMask, RandFreeFormMaskd
 from masksup_med.transforms.label import ForegroundMask, ForegroundMaskd
 from masksup_med.transforms.patch import RandPatchMask, RandPatchMaskd
 
 __all__ = [
+    "EnsureRGB",
+    "EnsureRGBd",
     "ForegroundMask",
     "ForegroundMaskd",
     "RandFreeFormMask",

@@ -177,6 +177,15 @@ class RandMaskd(RandomizableTransform, MapTransform):
         self.masker = masker
         self.masker.prob = 1.0
 
+    def hyperparameters(self) -> dict[str, Any]:
+        """The settings that identify this masking in a run's record (logged as MLflow parameters)."""
+        params: dict[str, Any] = {"masking": type(self).__name__, "mask_prob": self.prob,
+                                  "mask_fill_value": self.masker.fill_value}
+        params["mask_ratio_range"] = list(getattr(self.masker, "ratio_range", ()))
+        if hasattr(self.masker, "patch_size"):
+            params["mask_patch_size"] = self.masker.patch_size
+        return params
+
     def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> RandMaskd:
         """Seed this transform and its array masker (MONAI's pattern for composite random transforms)."""
         super().set_random_state(seed, state)

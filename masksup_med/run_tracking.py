@@ -1,0 +1,89 @@
+"""A training run's MLflow record, wired to the trainer by one handler.
+
+A bundle config declares :class:`RunTracking` once in the trainer's handlers, with the store, the
+experiment and the run name; it attaches MONAI's ``MLFlowHandler`` (parameters, every loss term,
+validation metrics, the split file), the validation figures, the learning curves and the model
+registration, all pointed at the same run. It is method-agnostic: the loss terms are whatever the
+trainer writes (:mod:`masksup_med.handlers`), the figures show a masked view only when given a masker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from ignite.engine import Engine
+from monai.handlers import MLFlowHandler
+
+from masksup_med.figures import LearningCurveHandler, ValidationFigureHandler
+from masksup_med.handlers import loss_terms
+from masksup_med.registry import ModelRegistrationHandler
+
+__all__ = ["RunTracking"]
+
+
+class RunTracking:
+    """Attach everything a training run records in MLflow to the trainer (and its validator).
+
+    Args:
+        tracking_uri, experiment_name, run_name: where the run is recorded (given once, here).
+        params: run parameters (see :func:`masksup_med.tracking.run_params`); also the registered
+            model version's tags.
+        artifacts: files logged with the run (e.g. the split, ``datalist.json``).
+        evaluator: the validation evaluator: its metrics are logged each round, the figures drawn
+            after each round, and its best score tagged on the registered model.
+        figures: keyword arguments of :class:`~masksup_med.figures.ValidationFigureHandler`
+            (``dataset``, ``network``, optional ``masker``, ``num_images``); None: no figures.
+        registration: keyword arguments of :class:`~masksup_med.registry.ModelRegistrationHandler`
+            (``checkpoint``, ``config_file``, ``network``, ``name``, ``input_shape``, ``alias``);
+            None: nothing is registered.
+        output_transform: what the trainer's output logs per iteration (default: every loss term).
+        enabled: False (e.g. on processes other than rank 0 under DDP) attaches nothing.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_name: str,
+        run_name: str,
+        params: Mapping[str, Any] | None = None,
+        artifacts: Sequence[str] = (),
+        evaluator: Engine | None = None,
+        figures: Mapping[str, Any] | None = None,
+        registration: Mapping[str, Any] | None = None,
+        output_transform: Callable = loss_terms,
+        enabled: bool = True,
+    ) -> None:
+        self.where = {"tracking_uri": tracking_uri, "experiment_name": experiment_name, "run_name": run_name}
+        self.params = dict(params or {})
+        self.artifacts = list(artifacts)
+        self.evaluator = evaluator
+        self.figures = dict(figures) if figures is not None else None
+        self.registration = dict(registration) if registration is not None else None
+        self.output_transform = output_transform
+        self.enabled = enabled
+        self.handlers: list[Any] = []
+
+    def attach(self, trainer: Engine) -> None:
+        """Attach the trainer's and the evaluator's MLflow handlers, in the order they must run."""
+        if not self.enabled:
+            return
+        on_trainer = [
+            MLFlowHandler(**self.where, iteration_log=True, epoch_log=True, tag_name="train_loss",
+                          output_transform=self.output_transform, experiment_param=self.params,
+                          artifacts=self.artifacts, close_on_complete=True),
+            LearningCurveHandler(**self.where),
+        ]
+        if self.registration is not None:
+            on_trainer.append(ModelRegistrationHandler(**self.registration, **self.where, evaluator=self.evaluator,
+                                                       tags=self.params))
+        on_evaluator = []
+        if self.evaluator is not None:
+            on_evaluator.append(MLFlowHandler(**self.where, iteration_log=False, epoch_log=True))
+            if self.figures is not None:
+                on_evaluator.append(ValidationFigureHandler(**self.figures, **self.where))
+        for handler in on_trainer:
+            handler.attach(trainer)
+        for handler in on_evaluator:
+            handler.attach(self.evaluator)
+        self.handlers = on_trainer + on_evaluator
