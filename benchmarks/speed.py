@@ -56,7 +56,6 @@ from ablation import ARMS, TRAIN_CONFIG
 from bundle_runs import shown_command
 from report import BENCHMARKS_DIR, RESULTS_DIR, RESULTS_MD, machine, replace_block, write_json
 
-from masksup_med.bundle_config import load_bundle_config
 from masksup_med.engines import MaskSupTrainer
 from masksup_med.runtime import select_device
 
@@ -83,7 +82,8 @@ class Measure:
 
 def bundle_parser(**overrides: Any) -> ConfigParser:
     """The GLaS training config with top-level ``overrides``, as ``monai.bundle run --key value`` would set them."""
-    parser = load_bundle_config(ROOT / TRAIN_CONFIG)
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / TRAIN_CONFIG))
     parser.update(overrides)
     return parser
 

@@ -77,19 +77,18 @@ def bundle_command(config_file: str | os.PathLike, run_id: str, folder: Path, ov
     return cmd + list(overrides)
 
 
-def _run_bundle(folder: Path, run_id: str, configs: Sequence[str], overrides: Sequence[str]) -> int:
-    """Run ``configs`` of the bundle in ``folder`` (merged, macros expanded, so any working directory works)."""
-    from masksup_med.bundle_config import write_expanded_config  # MONAI: imported only when a job runs
+def _run_bundle(folder: Path, run_id: str, configs: Sequence[str], overrides: Sequence[str],
+                env: dict[str, str] | None = None) -> int:
+    """Run ``configs`` of the bundle in ``folder``, merged in order (a bundle runs from any working directory)."""
+    files = [str(folder / "configs" / name) for name in configs]
+    config = files[0] if len(files) == 1 else str(files)
+    return _run(bundle_command(config, run_id, folder, overrides), env)
 
-    with tempfile.TemporaryDirectory(prefix="masksup-bundle-") as tmp:
-        config = write_expanded_config([folder / "configs" / name for name in configs], Path(tmp) / f"{run_id}.json")
-        return _run(bundle_command(config, run_id, folder, overrides))
 
-
-def _run(cmd: list[str]) -> int:
-    """Run ``cmd`` in the foreground; forward SIGTERM to it; return its exit code."""
+def _run(cmd: list[str], env: dict[str, str] | None = None) -> int:
+    """Run ``cmd`` in the foreground (``env``: extra environment); forward SIGTERM to it; return its exit code."""
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, env={**os.environ, **env} if env else None)
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
     try:
         return proc.wait()
@@ -129,47 +128,51 @@ def _evaluate(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     source = _override_value(overrides, "model_source")
     if source and not _has_override(overrides, "image_size"):
-        size = _model_image_size(source, folder, overrides)  # a registered model runs at the size it was trained at
+        size = _model_image_size(source, _store(folder, overrides))  # a registered model runs at its training size
         if size:
             overrides += ["--image_size", str(size)]
     return _run_bundle(folder, "evaluating", ["train.json", "evaluate.json"], overrides)
 
 
-def _tracking_setup(tracking_uri: str | None) -> None:
-    if tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+def _tracking_env(tracking_uri: str | None) -> dict[str, str] | None:
+    """The environment a bundle subprocess needs to use ``tracking_uri`` (None: inherit this one's)."""
+    return {"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else None
 
 
-def _model_image_size(source: str, folder: Path, overrides: Sequence[str]) -> list[int] | None:
-    """The training size of a registered/logged model, from its signature (None for checkpoint files).
-
-    The model is looked up where the bundle will look: ``$MLFLOW_TRACKING_URI``, else the SQLite store in
-    the bundle's ``output_dir``. Any failure leaves the size to the bundle (which then reports the problem).
-    """
-    if not source.startswith(("models:/", "runs:/")):
-        return None
+def _store(folder: Path, overrides: Sequence[str], tracking_uri: str | None = None) -> str:
+    """The MLflow store a bundle run uses: ``tracking_uri``, ``$MLFLOW_TRACKING_URI``, else the SQLite
+    store in the bundle's ``output_dir`` (from the overrides, else the bundle's ``train.json``)."""
     import json
 
-    import mlflow
-
-    from masksup_med.serving import model_input_size
     from masksup_med.tracking import resolve_tracking_uri
 
+    if tracking_uri:
+        return tracking_uri
     output_dir = _override_value(overrides, "output_dir")
     if output_dir is None:
         output_dir = json.loads((folder / "configs" / "train.json").read_text())["output_dir"]
-    uri = resolve_tracking_uri(output_dir)
+    return resolve_tracking_uri(output_dir)
+
+
+def _model_image_size(source: str, store: str) -> list[int] | None:
+    """The training size of a registered/logged model in ``store``, from its signature (None for files).
+
+    Any failure leaves the size to the bundle (which then reports the problem).
+    """
+    if not source.startswith(("models:/", "runs:/")):
+        return None
+    from masksup_med.serving import model_input_size
+    from masksup_med.tracking import using_store
+
     try:
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-        return model_input_size(source)
+        with using_store(store):
+            return model_input_size(source)
     except Exception as e:  # noqa: BLE001 - the bundle run reports it properly
-        print(f"warning: could not read the input size of {source} from {uri}: {e}", file=sys.stderr)
+        print(f"warning: could not read the input size of {source} from {store}: {e}", file=sys.stderr)
         return None
 
 
 def _predict(args: argparse.Namespace) -> int:
-    _tracking_setup(args.tracking_uri)
     folder = bundle_dir(args.bundle, args.bundles_dir)
     overrides = _overrides(args)
     input_dir = Path(args.input)
@@ -180,16 +183,16 @@ def _predict(args: argparse.Namespace) -> int:
     if args.overlays:
         cmd_overrides += ["--save_overlays", "true"]
     if not _has_override(overrides, "image_size"):
-        size = _model_image_size(args.model, folder, overrides)
+        size = _model_image_size(args.model, _store(folder, overrides, args.tracking_uri))
         if size:
             cmd_overrides += ["--image_size", str(size)]
-    return _run_bundle(folder, "inferring", ["train.json", "inference.json"], cmd_overrides + overrides)
+    return _run_bundle(folder, "inferring", ["train.json", "inference.json"], cmd_overrides + overrides,
+                       env=_tracking_env(args.tracking_uri))
 
 
 def _serve(args: argparse.Namespace) -> int:
     from masksup_med.serving import build_serving_model, serve_command
 
-    _tracking_setup(args.tracking_uri)
     folder = bundle_dir(args.bundle, args.bundles_dir)
     workdir = Path(tempfile.mkdtemp(prefix="masksup-serve-"))
     proc: subprocess.Popen | None = None
@@ -200,7 +203,8 @@ def _serve(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         model_dir = build_serving_model(args.model, folder / "configs" / "train.json", workdir / "model",
-                                        device=args.device, threshold=args.threshold)
+                                        device=args.device, threshold=args.threshold,
+                                        tracking_uri=_store(folder, [], args.tracking_uri))
         print(f"serving {args.model} on http://{args.host}:{args.port} (POST /invocations, GET /ping)",
               file=sys.stderr, flush=True)
         env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
@@ -264,7 +268,8 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("--format", choices=sorted(FORMATS), default="png",
                          help="png (0/255, default) or nifti (.nii.gz, 0/1)")
     predict.add_argument("--overlays", action="store_true", help="also write <stem>_overlay.png for a person to look at")
-    predict.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ sources (default: $MLFLOW_TRACKING_URI)")
+    predict.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ sources (default: $MLFLOW_TRACKING_URI, else the "
+                              "SQLite store in the bundle's output_dir, where training wrote it)")
     predict.add_argument("overrides", nargs="*", metavar="-- OVERRIDES", help="bundle overrides, e.g. -- --device cpu")
     predict.set_defaults(handler=_predict)
 
@@ -284,5 +289,6 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--timeout", type=int, default=None, help="seconds allowed per request (MLflow default: 60)")
     serve.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, …")
     serve.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default: 0.5)")
-    serve.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    serve.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the SQLite "
+                                             "store in the bundle's output_dir, as predict)")
     serve.set_defaults(handler=_serve)

@@ -61,9 +61,10 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _register(args: argparse.Namespace) -> int:
-    from masksup_med.bundle_config import load_bundle_config
+    from monai.bundle import ConfigParser
 
-    parser = load_bundle_config(args.config)
+    parser = ConfigParser()
+    parser.read_config(args.config)
     network = parser.get_parsed_content("network_def")
     input_shape = (int(network.in_channels), *(int(s) for s in parser.get_parsed_content("image_size")))
     version = register_checkpoint(

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from masksup_med.bundle_config import load_bundle_config
+from monai.bundle import ConfigParser
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "bundles" / "schema" / "meta_schema.json"
@@ -31,7 +31,9 @@ class Bundle:
         self.input_shape = [image["num_channels"], *image["spatial_shape"]]
 
     def network(self) -> torch.nn.Module:
-        return load_bundle_config(self.train).get_parsed_content("network_def")
+        parser = ConfigParser()
+        parser.read_config(str(self.train))
+        return parser.get_parsed_content("network_def")
 
 
 @pytest.fixture(scope="module", params=BUNDLES)

@@ -25,7 +25,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from masksup_med.bundle_config import load_bundle_config
+from monai.bundle import ConfigParser
 from masksup_med.data import make_cvc_clinicdb_demo, make_glas_demo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,7 +203,8 @@ def test_rotation_by_90_degrees_is_refused_for_unequal_sides_and_off_in_the_glas
     with pytest.raises(ValueError, match=r"RandRotate90d\(prob=0.5, spatial_axes=\(0, 1\)\) swaps sides 384 and 256"):
         check_augmentation_keeps_size([rotate], [384, 256])
 
-    parser = load_bundle_config(CASES["glas"].config())
+    parser = ConfigParser()
+    parser.read_config([str(c) for c in CASES["glas"].config()])
     parser["image_size"] = [384, 256]
     rotations = [t for t in parser.get_parsed_content("augmentation") if isinstance(t, RandRotate90d)]
     assert [t.prob for t in rotations] == [0.0]  # the bundle turns its 90-degree rotation off for a non-square size

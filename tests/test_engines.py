@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from ignite.engine import Events
 from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedTrainer
 from monai.networks.nets import UNet
@@ -277,3 +278,50 @@ def test_single_pass_matches_two_passes_and_calls_the_network_once():
     assert calls == {False: 4, True: 2}  # 2 iterations
     for (name, a), (_, b) in zip(nets[False].named_parameters(), nets[True].named_parameters()):
         assert torch.allclose(a, b, atol=1e-5), name
+
+
+class _LossWithAreaTerm(MaskSupLoss):
+    """MaskSup plus one more named term: the gap between predicted and true foreground fractions."""
+
+    def forward(self, pred, pred_masked, target):
+        terms = super().forward(pred, pred_masked, target)._asdict()
+        area = (torch.sigmoid(pred).mean() - target.mean()).abs()
+        terms["area"] = area
+        terms["total"] = terms["total"] + 0.5 * area
+        return terms
+
+
+def test_extra_named_loss_term_reaches_the_output_and_the_epoch_averages():
+    from masksup_med.handlers import LossTermAverages
+
+    trainer = _trainer(_net(), _loader(_data()), loss=_LossWithAreaTerm(), max_epochs=2)
+    averages = LossTermAverages()
+    per_epoch: list[dict] = []
+    averages.attach(trainer)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: per_epoch.append(dict(e.state.metrics)))
+    seen: list[float] = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(loss_terms(e.state.output)["loss_area"]))
+    trainer.run()
+    assert set(loss_terms(trainer.state.output)) == {*TERMS, "loss_area"}
+    assert len(per_epoch) == 2 and set(per_epoch[1]) == {f"train_{k}" for k in (*TERMS, "loss_area")}
+    assert per_epoch[1]["train_loss_area"] == pytest.approx(sum(seen[2:]) / 2)  # this epoch's two iterations only
+
+
+def test_loss_term_averages_work_for_monai_plain_supervised_trainer():
+    from masksup_med.handlers import LossTermAverages
+
+    net = _net()
+    trainer = SupervisedTrainer(device="cpu", max_epochs=1, train_data_loader=_loader(_data(), masking=False),
+                                network=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                                loss_function=torch.nn.BCEWithLogitsLoss())
+    LossTermAverages().attach(trainer)
+    trainer.run()
+    assert set(trainer.state.metrics) == {"train_loss"} and math.isfinite(trainer.state.metrics["train_loss"])
+
+
+def test_named_terms_requires_a_total():
+    from masksup_med.handlers import named_terms
+
+    assert set(named_terms(torch.tensor(1.0))) == {"total"}
+    with pytest.raises(KeyError, match="'total'"):
+        named_terms({"seg": torch.tensor(1.0)})

@@ -157,8 +157,17 @@ def test_run_params_log_split_options_key_by_key():
     from masksup_med.transforms import RandFreeFormMaskd
 
     network = UNet(2, 3, 1, channels=(4, 8), strides=(2,))
-    params = run_params(network, MaskSupLoss(a2=0.0), RandFreeFormMaskd(keys="image"),
+    params = run_params(network, {"loss": MaskSupLoss(a2=0.0), "masking": RandFreeFormMaskd(keys="image")},
                         split={"seed": 3, "val_fraction": 0.1, "by": "sequence"}, dataset="cvc-clinicdb")
     assert (params["split_seed"], params["split_val_fraction"], params["split_by"]) == ("3", "0.1", "sequence")
     assert params["a2"] == "0.0" and params["dataset"] == "cvc-clinicdb" and params["masking"] == "RandFreeFormMaskd"
     assert all(isinstance(v, str) for v in params.values())  # MLflow params are strings
+
+
+def test_run_params_describe_any_component_and_know_no_method():
+    from monai.losses import DiceLoss
+
+    network = UNet(2, 3, 1, channels=(4, 8), strides=(2,))
+    params = run_params(network, {"loss": DiceLoss(sigmoid=True), "masking": None}, seed=1)
+    assert (params["loss"], params["masking"], params["seed"]) == ("DiceLoss", "none", "1")
+    assert "a1" not in params  # MaskSup's weights come from MaskSupLoss itself, not from the tracking code

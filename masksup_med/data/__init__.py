@@ -1,7 +1,8 @@
 """Dataset adapters: find and pair files, split deterministically, write MONAI datalists.
 
 One module per dataset (``glas``, ``cvc_clinicdb``, ``kvasir_seg``, ``pranet``), named by string
-through :func:`get_dataset`. The MONAI-backed parts (``readers``, ``checks``) load on first use.
+through :func:`get_dataset`. The MONAI-backed parts (``readers``, ``checks``) and the synthetic
+demo-data generator (``synthetic``) load on first use.
 """
 
 from importlib import import_module
@@ -14,10 +15,11 @@ from .pairing import Problem, Scan
 from .pranet import find_pranet_pairs, split_pranet
 from .registry import DatasetSpec, available_datasets, get_dataset
 from .splits import carve_validation, read_datalist, split_groups, write_datalist
-from .synthetic import make_cvc_clinicdb_demo, make_glas_demo
 
+# loaded on first use: the MONAI-backed parts, and the demo-data generator (never on the training path)
 _LAZY = {"TiffReader": "readers", "loader_reader": "readers", "read_array": "readers",
-         "check_dataset": "checks", "CheckReport": "checks"}
+         "check_dataset": "checks", "CheckReport": "checks",
+         "make_glas_demo": "synthetic", "make_cvc_clinicdb_demo": "synthetic"}
 
 
 def __getattr__(name: str):
