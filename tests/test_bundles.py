@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,20 +79,22 @@ def demo(case, tmp_path_factory) -> Path:
     return case.make_demo(tmp_path_factory.mktemp("demo") / case.name)
 
 
-def run_bundle(run_id: str, configs: list[Path], *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run one workflow of the bundle from the repository root, with the documented command."""
+def run_bundle(run_id: str, configs: list[Path], *overrides: str, env: dict | None = None,
+               cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run one workflow of the bundle with the documented command (from the repository root by default)."""
     config_file = str(configs[0]) if len(configs) == 1 else str([str(c) for c in configs])
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_file,
            "--num_workers", "0", *overrides]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
-    return subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(cmd, check=False, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
 
 
-def run_training(dataset_dir: Path, output_dir: Path, *overrides: str, config: Path = TRAIN_CONFIG
-                 ) -> subprocess.CompletedProcess:
-    """Run a bundle's training (GLaS by default), as the README does."""
-    return run_bundle("training", [config], "--dataset_dir", str(dataset_dir), "--output_dir", str(output_dir),
-                      *overrides)
+def run_training(dataset_dir: Path, output_dir: Path, *overrides: str, config: Path | list[Path] = TRAIN_CONFIG,
+                 env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a bundle's training (GLaS by default; a list of configs is merged in order), as the README does."""
+    configs = config if isinstance(config, list) else [config]
+    return run_bundle("training", configs, "--dataset_dir", str(dataset_dir), "--output_dir", str(output_dir),
+                      *overrides, env=env)
 
 
 @pytest.mark.slow
@@ -149,6 +152,78 @@ def test_baseline_arm_runs_through_the_same_bundle(tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("masksup-glas").experiment_id])
     assert run.data.metrics["train_loss_context"] == 0.0 and run.data.metrics["train_loss_tasksim"] == 0.0
     assert run.data.metrics["train_loss"] == pytest.approx(run.data.metrics["train_loss_seg"])
+
+
+@pytest.mark.slow
+def test_a_copy_of_the_bundle_folder_trains_evaluates_and_infers_from_another_directory(case, demo, tmp_path):
+    """A bundle is self-contained: its folder alone (links dereferenced), run from an unrelated directory."""
+    bundle = tmp_path / "copied" / case.name
+    shutil.copytree(REPO / "bundles" / case.name, bundle, symlinks=False)
+    workdir = tmp_path / "somewhere else"
+    workdir.mkdir()
+    images = tmp_path / "images"
+    images.mkdir()
+    for frame in sorted(p for p in demo.rglob("*") if p.suffix in (".bmp", ".tif") and "anno" not in p.name
+                        and "Ground Truth" not in str(p))[:2]:
+        shutil.copy(frame, images / frame.name)  # CVC-ClinicDB TIFF frames too: inference reads them with tifffile
+    configs = bundle / "configs"
+    common = ["--bundle_root", str(bundle), "--dataset_dir", str(demo), "--output_dir", "out", "--image_size", "[64,64]"]
+    steps = (
+        ("training", [configs / "train.json"], ["--max_epochs", "1", "--val_interval", "1"]),
+        ("evaluating", [configs / "train.json", configs / "evaluate.json"], []),
+        ("inferring", [configs / "train.json", configs / "inference.json"], ["--input_dir", str(images)]),
+    )
+    for run_id, files, extra in steps:
+        result = run_bundle(run_id, files, *common, *extra, cwd=workdir)
+        assert result.returncode == 0, run_id + result.stdout[-3000:] + result.stderr[-3000:]
+    out = workdir / "out"
+    assert (out / "models" / "model.pt").is_file() and (out / "eval" / "test" / "summary.json").is_file()
+    assert len(list((out / "predictions").glob("*_mask.png"))) == 2
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    assert client.get_model_version_by_alias(case.model_name, "candidate").tags["dataset"] == case.dataset
+
+
+@pytest.mark.slow
+def test_supervised_baseline_is_a_short_config_over_the_same_pipeline(tmp_path):
+    """configs/supervised.json swaps MaskSup for MONAI's plain SupervisedTrainer; run from another directory."""
+    bundle = REPO / "bundles" / "glas"
+    out = tmp_path / "out"
+    result = run_bundle("training", [bundle / "configs" / "train.json", bundle / "configs" / "supervised.json"],
+                        "--bundle_root", str(bundle), "--dataset_dir", str(CASES["glas"].make_demo(tmp_path / "demo")),
+                        "--output_dir", str(out), "--max_epochs", "1", "--val_interval", "1", "--image_size", "[64,64]",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("masksup-glas").experiment_id])
+    assert run.data.params["loss"] == "DiceCELoss" and "masking" not in run.data.params
+    assert "train_loss" in run.data.metrics and not any(m.startswith("train_loss_") for m in run.data.metrics)
+    figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert "figures/validation_epoch_0001.png" in figures  # figures without a masked view
+    assert client.get_model_version_by_alias("masksup-glas", "candidate").run_id == run.info.run_id
+
+
+@pytest.mark.slow
+def test_a_third_method_trains_from_a_short_merge_file(tmp_path):
+    """A new loss with one more named term, and patch masking, from a merge file of a few lines: its term
+    is logged per iteration and epoch, its settings recorded, and the model registered, with no pipeline change."""
+    toy = Path(__file__).parent / "toy_method"
+    merge_file = toy / "area_masksup.json"
+    assert len(merge_file.read_text().splitlines()) <= 40
+    out = tmp_path / "out"
+    result = run_training(CASES["glas"].make_demo(tmp_path / "demo"), out, "--max_epochs", "2", "--val_interval", "1",
+                          "--image_size", "[64,64]", config=[TRAIN_CONFIG, merge_file],
+                          env={"PYTHONPATH": os.pathsep.join([str(toy), os.environ.get("PYTHONPATH", "")])})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "train_loss_area" in result.stdout  # the console's epoch summary
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("masksup-glas").experiment_id])
+    assert (run.data.params["loss"], run.data.params["area_weight"]) == ("AreaMaskSupLoss", "0.5")
+    assert run.data.params["masking"] == "RandPatchMaskd" and run.data.params["mask_patch_size"] == "8"
+    epochs = client.get_metric_history(run.info.run_id, "train_loss_area")
+    assert [m.step for m in epochs] == [1, 2] and all(m.value >= 0 for m in epochs)
+    assert len(client.get_metric_history(run.info.run_id, "loss_area")) >= 2  # per iteration
+    version = client.get_model_version_by_alias("masksup-glas", "candidate")
+    assert version.run_id == run.info.run_id and version.tags["loss"] == "AreaMaskSupLoss"
 
 
 @pytest.mark.parametrize("make_folder", [False, True], ids=["missing", "empty"])
