@@ -8,10 +8,12 @@ inferers: nothing of the masking remains after training.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
+import ignite.distributed as idist
 import torch
+from monai.data import MetaTensor
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys
@@ -45,8 +47,11 @@ class MaskSupTrainer(SupervisedTrainer):
         masked_key: batch key holding the masked copy of the image (written by a masking
             dictionary transform such as ``RandFreeFormMaskd`` in the training pipeline).
         batch_masker: alternatively, a masking array transform applied to the whole batch on the
-            training device (``RandMask.mask_batch``), so GPU runs do not mask on CPU workers.
-            When given, ``masked_key`` is not read.
+            training device (``RandMask.mask_batch``; :class:`~masksup_med.transforms.RandMaskBank`
+            masks a batch with a few tensor operations), so GPU runs do not mask on CPU workers.
+            When given, ``masked_key`` is not read. It is seeded here from torch's global random
+            state (and the process rank under DDP), as MONAI's DataLoader seeds a dataset's random
+            transforms, so ``set_determinism`` makes a run's masks reproducible.
 
         single_pass: run the network once on the image and masked batches concatenated, instead of
             twice. Needed under DistributedDataParallel (one forward per backward); BatchNorm then
@@ -76,6 +81,9 @@ class MaskSupTrainer(SupervisedTrainer):
         if not isinstance(self.loss_function, MaskSupLoss):
             raise TypeError(f"loss_function must be a MaskSupLoss, got {type(self.loss_function).__name__}.")
         self.masked_key = masked_key
+        if batch_masker is not None:
+            seed = int(torch.randint(0, 2**31 - 1 - idist.get_world_size(), (1,)).item()) + idist.get_rank()
+            batch_masker.set_random_state(seed)
         self.batch_masker = batch_masker
         if single_pass is None:
             single_pass = isinstance(self.network, torch.nn.parallel.DistributedDataParallel)
@@ -83,7 +91,8 @@ class MaskSupTrainer(SupervisedTrainer):
 
     def _masked_inputs(self, batchdata: Mapping[str, Any], inputs: torch.Tensor) -> torch.Tensor:
         if self.batch_masker is not None:
-            return self.batch_masker.mask_batch(inputs)[0]
+            plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs  # a batch's metadata is per sample
+            return self.batch_masker.mask_batch(plain)[0]
         if self.masked_key not in batchdata:
             raise KeyError(
                 f"MaskSupTrainer: the batch has no {self.masked_key!r} (keys: {sorted(batchdata)}). Add a masking "

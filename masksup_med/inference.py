@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from PIL import Image
-
 from monai.data import PILReader
 from monai.transforms import Activationsd, AsDiscreted, CopyItemsd, Invertd, Transform
+from PIL import Image
 
 from masksup_med.data.errors import DatasetNotFoundError
 from masksup_med.data.readers import PIL_SUFFIXES, TIFF_SUFFIXES, TiffReader

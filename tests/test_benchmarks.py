@@ -23,6 +23,9 @@ from report import replace_block
 
 SPEED_MEASURES = (
     "masksup_over_plain_step",
+    "throughput_plain",
+    "throughput_masksup",
+    "bank_seconds",
     "masking_share",
     "mask_batch_share",
     "inference_masksup_over_plain",
@@ -96,7 +99,7 @@ def test_speed_benchmark_smoke(tmp_path, capsys):
     for key in SPEED_MEASURES:
         assert data["measures"][key]["label"] in block
     assert f"`{data['command']}`" in block
-    assert "MaskSup training step / plain step" in capsys.readouterr().out
+    assert "MaskSup training step (masking included) / plain step" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # about a minute: two short bundle trainings and evaluations at toy size

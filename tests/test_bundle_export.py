@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from monai.bundle import ConfigParser
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,6 +8,7 @@ resuming a killed run).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -24,9 +25,9 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from monai.bundle import ConfigParser
 from PIL import Image
 
-from monai.bundle import ConfigParser
 from masksup_med.data import make_cvc_clinicdb_demo, make_glas_demo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,7 +127,8 @@ def test_one_epoch_on_demo_data_saves_checkpoint_split_and_mlflow_run(case, demo
     experiment = client.get_experiment_by_name(case.model_name)
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.run_name.startswith(f"{case.dataset}-")
-    assert run.data.params["a2"] == "1.0" and run.data.params["masking"] == "RandFreeFormMaskd"
+    assert run.data.params["a2"] == "1.0" and run.data.params["masking"] == "RandMaskBank"
+    assert run.data.params["mask_source"] == "RandFreeFormMask"  # free-form strokes, drawn once into a bank
     assert run.data.params["dataset_dir"] == str(demo)
     for metric in ("train_loss", "train_loss_seg", "train_loss_context", "train_loss_tasksim", "val_mean_iou", "val_mean_dice"):
         assert metric in run.data.metrics, metric
@@ -138,7 +140,7 @@ def test_one_epoch_on_demo_data_saves_checkpoint_split_and_mlflow_run(case, demo
     # the best checkpoint is registered with the run's settings and validation score, alias "candidate"
     version = client.get_model_version_by_alias(case.model_name, "candidate")
     assert version.run_id == run.info.run_id
-    assert version.tags["masking"] == "RandFreeFormMaskd" and version.tags["dataset"] == case.dataset
+    assert version.tags["masking"] == "RandMaskBank" and version.tags["dataset"] == case.dataset
     assert float(version.tags["best_val_mean_iou"]) == pytest.approx(run.data.metrics["val_mean_iou"], abs=1e-4)
 
 
@@ -181,6 +183,18 @@ def test_a_copy_of_the_bundle_folder_trains_evaluates_and_infers_from_another_di
     assert len(list((out / "predictions").glob("*_mask.png"))) == 2
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     assert client.get_model_version_by_alias(case.model_name, "candidate").tags["dataset"] == case.dataset
+
+
+@pytest.mark.slow
+def test_mixed_precision_bf16_trains_one_epoch_on_cpu(tmp_path):
+    out = tmp_path / "out"
+    result = run_training(CASES["glas"].make_demo(tmp_path / "demo"), out, "--max_epochs", "1", "--val_interval", "1",
+                          "--image_size", "[64,64]", "--amp", "True", "--amp_dtype", "bfloat16", "--device", "cpu")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("masksup-glas").experiment_id])
+    assert all(math.isfinite(run.data.metrics[k]) for k in ("train_loss", "train_loss_tasksim", "val_mean_iou"))
+    assert (out / "models" / "model.pt").is_file()
 
 
 @pytest.mark.slow

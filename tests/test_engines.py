@@ -18,7 +18,7 @@ from torch import nn
 
 from masksup_med.engines import MaskSupKeys, MaskSupTrainer, loss_terms
 from masksup_med.losses import MaskSupLoss
-from masksup_med.transforms import RandFreeFormMask, RandFreeFormMaskd, RandPatchMask
+from masksup_med.transforms import RandFreeFormMask, RandFreeFormMaskd, RandMaskBank, RandPatchMask
 
 TERMS = ("loss", "loss_seg", "loss_context", "loss_tasksim")
 
@@ -325,3 +325,29 @@ def test_named_terms_requires_a_total():
     assert set(named_terms(torch.tensor(1.0))) == {"total"}
     with pytest.raises(KeyError, match="'total'"):
         named_terms({"seg": torch.tensor(1.0)})
+
+
+def test_bank_batch_masker_is_seeded_from_torch_so_seeded_runs_repeat():
+    def run(seed):
+        net = _net()  # seeds torch itself: the run's seed comes after
+        set_determinism(seed=seed)
+        recorder = _CallRecorder(net)
+        _trainer(net, _loader(_data(), masking=False), batch_masker=RandMaskBank(bank_size=8)).run()
+        recorder.handle.remove()
+        return recorder.inputs[1::2]  # the masked passes
+
+    first, second, other = run(0), run(0), run(1)
+    set_determinism(seed=None)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert not all(torch.equal(a, c) for a, c in zip(first, other))
+
+
+def test_bf16_autocast_step_on_cpu_matches_fp32_within_tolerance():
+    """The AMP path (bf16 on CPU) computes the same MaskSup step as fp32, up to bf16 rounding."""
+    losses = {}
+    for amp in (False, True):
+        net = _net()
+        trainer = _trainer(net, _loader(_data(), seed=1), amp=amp, amp_kwargs={"dtype": torch.bfloat16}, decollate=False)
+        trainer.run()
+        losses[amp] = float(trainer.state.output["loss"])
+    assert math.isfinite(losses[True]) and losses[True] == pytest.approx(losses[False], rel=0.05)

@@ -184,7 +184,7 @@ def test_run_params_metrics_and_artifacts_through_rest_api(trained: dict):
     missing = [key for key in EXPECTED_PARAMS if key not in params]
     assert not missing, f"params missing: {missing}; have {sorted(params)}"
     assert (params["a1"], params["a2"], params["a3"]) == ("1.0", "1.0", "1.0")
-    assert params["masking"] == "RandFreeFormMaskd"
+    assert params["masking"] == "RandMaskBank"
     assert params["dataset"] == "glas"
     assert params["dataset_dir"] == str(trained["dataset_dir"])
     assert params["split_seed"] == "0"
@@ -226,7 +226,7 @@ def test_best_checkpoint_registered_with_alias_candidate(trained: dict):
     tags = {t["key"]: t["value"] for t in version.get("tags", [])}
     assert tags.get("run_id") == trained["run_id"]
     assert Path(tags["checkpoint"]) == (trained["out"] / "models" / "model.pt").resolve()
-    assert tags.get("dataset") == "glas" and tags.get("masking") == "RandFreeFormMaskd"
+    assert tags.get("dataset") == "glas" and tags.get("masking") == "RandMaskBank"
 
     model = _get(server, "registered-models/get", name=MODEL_NAME)["registered_model"]
     assert {"alias": ALIAS, "version": version["version"]} in model.get("aliases", [])

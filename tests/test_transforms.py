@@ -11,6 +11,8 @@ from monai.transforms import Compose
 from masksup_med.transforms import (
     RandFreeFormMask,
     RandFreeFormMaskd,
+    RandMaskBank,
+    RandMaskBankd,
     RandPatchMask,
     RandPatchMaskd,
 )
@@ -18,10 +20,12 @@ from masksup_med.transforms import (
 ARRAY_TRANSFORMS = {
     "free_form": lambda **kw: RandFreeFormMask(**kw),
     "patch": lambda **kw: RandPatchMask(patch_size=16, **kw),
+    "bank": lambda **kw: RandMaskBank(bank_size=16, **kw),
 }
 DICT_TRANSFORMS = {
     "free_form": lambda **kw: RandFreeFormMaskd(**kw),
     "patch": lambda **kw: RandPatchMaskd(patch_size=16, **kw),
+    "bank": lambda **kw: RandMaskBankd(bank_size=16, **kw),
 }
 
 
@@ -564,3 +568,68 @@ def test_randomize_false_with_other_shape_raises():
 def test_ratio_range_of_wrong_length_names_the_parameter(bad):
     with pytest.raises(ValueError, match="ratio_range"):
         RandFreeFormMask(ratio_range=bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# bank of pre-drawn masks (the fast path)
+# ---------------------------------------------------------------------------------------------
+
+
+def _coverage(holes: torch.Tensor) -> np.ndarray:
+    return holes.float().flatten(1).mean(1).numpy()
+
+
+def test_bank_coverage_follows_the_strokes_distribution():
+    """Bank masks handed out with flips and offsets cover what fresh strokes cover (same histogram)."""
+    from scipy.stats import ks_2samp
+
+    shape = (64, 96)
+    strokes = RandFreeFormMask(ratio_range=(0.2, 0.6))
+    strokes.set_random_state(11)
+    fresh = []
+    for _ in range(200):
+        strokes.randomize(shape)
+        fresh.append(strokes.holes())
+    bank = RandMaskBank(RandFreeFormMask(ratio_range=(0.2, 0.6)), bank_size=200, bank_seed=5)
+    bank.set_random_state(3)
+    handed_out = torch.cat([bank.mask_batch(torch.zeros(40, 1, *shape))[1] for _ in range(5)])
+    fresh_cov, bank_cov = _coverage(torch.stack(fresh)), _coverage(handed_out)
+    assert ks_2samp(fresh_cov, bank_cov).pvalue > 0.01
+    assert bank_cov.min() >= 0.2 and abs(bank_cov.mean() - fresh_cov.mean()) < 0.03
+    assert np.histogram(bank_cov, bins=4, range=(0.2, 0.6))[0].min() > 0  # the whole range, not one value
+
+
+def test_bank_flips_and_offsets_keep_each_mask_coverage_and_move_its_holes():
+    bank = RandMaskBank(bank_size=8, bank_seed=1)
+    bank.set_random_state(0)
+    shape = (48, 64)
+    masks = bank.bank(shape)
+    draw = bank.draw(32, shape)
+    moved = bank.lookup(draw, shape, "cpu")
+    np.testing.assert_allclose(_coverage(moved), _coverage(masks[torch.as_tensor(draw.index)]))
+    assert not all(torch.equal(m, masks[i]) for m, i in zip(moved, draw.index))
+    plain = bank.lookup(type(draw)(draw.index, np.zeros_like(draw.flips), np.zeros_like(draw.shifts)), shape, "cpu")
+    assert torch.equal(plain, masks[torch.as_tensor(draw.index)])  # no flip, no offset: the bank mask itself
+
+
+def test_bank_batch_masking_is_reproducible_and_leaves_unmasked_pixels_alone():
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def run(seed):
+        bank = RandMaskBank(bank_size=16, bank_seed=2, fill_value=0.25)
+        bank.set_random_state(seed)
+        return bank.mask_batch(images)
+
+    (a, holes_a), (b, holes_b), (_, holes_c) = run(4), run(4), run(5)
+    assert torch.equal(a, b) and torch.equal(holes_a, holes_b) and not torch.equal(holes_a, holes_c)
+    per_pixel = holes_a.unsqueeze(1).expand_as(images)
+    assert torch.all(a[per_pixel] == 0.25) and torch.equal(a[~per_pixel], images[~per_pixel])
+    assert torch.equal(images, torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)))  # not in place
+
+
+def test_bank_is_the_same_whatever_the_random_state():
+    first, second = RandMaskBank(bank_size=4, bank_seed=9), RandMaskBank(bank_size=4, bank_seed=9)
+    first.set_random_state(1)
+    second.set_random_state(2)
+    assert torch.equal(first.bank((32, 32)), second.bank((32, 32)))  # every process draws the same bank
+    assert RandMaskBank(bank_size=4).hyperparameters()["mask_source"] == "RandFreeFormMask"

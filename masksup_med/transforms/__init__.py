@@ -1,5 +1,6 @@
 """Random masking as MONAI transforms: array versions, dictionary (``…d``) versions, batch masking."""
 
+from masksup_med.transforms.bank import RandMaskBank, RandMaskBankd
 from masksup_med.transforms.base import RandMask, RandMaskd
 from masksup_med.transforms.channels import EnsureRGB, EnsureRGBd
 from masksup_med.transforms.free_form import RandFreeFormMask, RandFreeFormMaskd
@@ -14,6 +15,8 @@ __all__ = [
     "RandFreeFormMask",
     "RandFreeFormMaskd",
     "RandMask",
+    "RandMaskBank",
+    "RandMaskBankd",
     "RandMaskd",
     "RandPatchMask",
     "RandPatchMaskd",

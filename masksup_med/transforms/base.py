@@ -55,6 +55,15 @@ class RandMask(RandomizableTransform):
         self._geometry: Any = None
         self._spatial_shape: tuple[int, ...] | None = None
 
+    def hyperparameters(self) -> dict[str, Any]:
+        """The settings that identify this masking in a run's record (logged as MLflow parameters)."""
+        params: dict[str, Any] = {"masking": type(self).__name__, "mask_prob": self.prob,
+                                  "mask_fill_value": self.fill_value,
+                                  "mask_ratio_range": list(getattr(self, "ratio_range", ()))}
+        if hasattr(self, "patch_size"):
+            params["mask_patch_size"] = self.patch_size
+        return params
+
     @abstractmethod
     def sample_geometry(self, spatial_shape: tuple[int, ...]) -> Any:
         """Draw the random description of the holes for an image of ``spatial_shape``."""
@@ -100,7 +109,7 @@ class RandMask(RandomizableTransform):
         """
         img_t = convert_to_tensor(img, track_meta=False)  # plain tensor: MetaTensor dispatch costs more than the fill
         holes = holes.to(img_t.device)
-        out = img_t.masked_fill(holes, self.fill_value)
+        out = torch.where(holes, torch.tensor(self.fill_value, dtype=img_t.dtype, device=img_t.device), img_t)
         if isinstance(img, MetaTensor):
             out = MetaTensor(out, meta=img.meta, applied_operations=list(img.applied_operations))
         out, *_ = convert_to_dst_type(out, dst=img, dtype=img.dtype)
@@ -179,12 +188,7 @@ class RandMaskd(RandomizableTransform, MapTransform):
 
     def hyperparameters(self) -> dict[str, Any]:
         """The settings that identify this masking in a run's record (logged as MLflow parameters)."""
-        params: dict[str, Any] = {"masking": type(self).__name__, "mask_prob": self.prob,
-                                  "mask_fill_value": self.masker.fill_value}
-        params["mask_ratio_range"] = list(getattr(self.masker, "ratio_range", ()))
-        if hasattr(self.masker, "patch_size"):
-            params["mask_patch_size"] = self.masker.patch_size
-        return params
+        return {**self.masker.hyperparameters(), "masking": type(self).__name__, "mask_prob": self.prob}
 
     def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> RandMaskd:
         """Seed this transform and its array masker (MONAI's pattern for composite random transforms)."""
