@@ -60,7 +60,7 @@ from bundle_runs import shown_command
 from report import BENCHMARKS_DIR, RESULTS_DIR, RESULTS_MD, machine, replace_block, write_json
 
 from masksup_med.engines import MaskSupTrainer
-from masksup_med.runtime import select_device
+from masksup_med.runtime import keep_freed_memory, select_device
 from masksup_med.transforms import RandFreeFormMaskd
 
 ROOT = BENCHMARKS_DIR.parent
@@ -207,6 +207,7 @@ def peak_rss_mib() -> float:
 def memory_child(device_name: str, image_size: Sequence[int], batch_size: int, steps: int) -> dict[str, float]:
     """Build the MaskSup recipe and run ``steps`` training steps; return memory before and at peak (MiB)."""
     device = torch.device(device_name)
+    keep_freed_memory()
     parser = bundle_parser(device=device_name)
     trainer = build_trainer(parser, device)
     batch = list_data_collate(make_samples(batch_size, image_size))
@@ -381,6 +382,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Measure, print the table, write the JSON and the Markdown block; return what was written."""
     start = time.perf_counter()
+    keep_freed_memory()  # as the bundles' initialize does
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     device = select_device(args.device)

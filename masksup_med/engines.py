@@ -107,26 +107,37 @@ class MaskSupTrainer(SupervisedTrainer):
             return contextlib.nullcontext()
         return torch.autocast(torch.device(self.state.device).type, **self.amp_kwargs)
 
+    def compute_terms(self, batchdata: dict[str, Any], inputs: torch.Tensor, targets: torch.Tensor) -> dict:
+        """The forward pass(es) and the loss terms of one step (``{"total": ..., name: ...}``), under autocast.
+
+        Writes ``pred`` to the output and fires ``FORWARD_COMPLETED``. A method built on MaskSup
+        overrides this to add its own terms (and adds them into ``total``).
+        """
+        loss_fn: MaskSupLoss = self.loss_function
+        masked = self._masked_inputs(batchdata, inputs) if loss_fn.uses_masked_pass else None
+        if masked is not None and self.single_pass:
+            pred, pred_masked = self.inferer(torch.cat([inputs, masked]), self.network).chunk(2)
+        else:
+            pred = self.inferer(inputs, self.network)
+            pred_masked = self.inferer(masked, self.network) if masked is not None else None
+        self.state.output[CommonKeys.PRED] = pred
+        self.fire_event(IterationEvents.FORWARD_COMPLETED)
+        return named_terms(loss_fn(pred, pred_masked, targets))
+
+    def after_step(self) -> None:
+        """Called after each optimiser step (nothing for MaskSup; a teacher's EMA update for semi-supervised)."""
+
     def _iteration(self, engine: MaskSupTrainer, batchdata: dict[str, Any]) -> dict:  # type: ignore[override]
-        """One MaskSup step: two forward passes of one network, one backward, one optimiser step."""
+        """One step: forward pass(es) and loss terms (:meth:`compute_terms`), one backward, one optimiser step."""
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)[:2]
-        loss_fn: MaskSupLoss = engine.loss_function
-        masked = engine._masked_inputs(batchdata, inputs) if loss_fn.uses_masked_pass else None
         engine.state.output = {CommonKeys.IMAGE: inputs, CommonKeys.LABEL: targets}
 
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         with engine._autocast():
-            if masked is not None and engine.single_pass:
-                pred, pred_masked = engine.inferer(torch.cat([inputs, masked]), engine.network).chunk(2)
-            else:
-                pred = engine.inferer(inputs, engine.network)
-                pred_masked = engine.inferer(masked, engine.network) if masked is not None else None
-            engine.state.output[CommonKeys.PRED] = pred
-            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            terms = named_terms(loss_fn(pred, pred_masked, targets))
+            terms = engine.compute_terms(batchdata, inputs, targets)
         total = terms.pop("total")
         engine.state.output[CommonKeys.LOSS] = total
         for name, value in terms.items():
@@ -142,7 +153,6 @@ class MaskSupTrainer(SupervisedTrainer):
             total.backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.optimizer.step()
+        engine.after_step()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
-
-

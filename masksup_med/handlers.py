@@ -34,16 +34,17 @@ def named_terms(terms: Any) -> dict[str, torch.Tensor]:
     return as_dict
 
 
-def loss_terms(output: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> dict[str, float]:
+def loss_terms(output: Mapping[str, Any] | Sequence[Mapping[str, Any]], extra_keys: Sequence[str] = ()) -> dict[str, float]:
     """``output_transform`` for StatsHandler / MLFlowHandler: every loss term of the trainer's output as a float.
 
     Accepts the output before or after decollation (a list of per-sample dicts, scalars repeated).
+    ``extra_keys``: other scalars of the output to include (e.g. ``confident_fraction``).
     """
     first = output[0] if isinstance(output, Sequence) else output
     return {
         key: float(value.detach() if isinstance(value, torch.Tensor) else value)
         for key, value in first.items()
-        if is_loss_term(key) and (not isinstance(value, torch.Tensor) or value.numel() == 1)
+        if (is_loss_term(key) or key in extra_keys) and (not isinstance(value, torch.Tensor) or value.numel() == 1)
     }
 
 
@@ -51,12 +52,13 @@ class LossTermAverages:
     """Epoch means of every loss term the trainer writes, as ``engine.state.metrics["train_<key>"]``.
 
     The terms are found in the output (see :func:`loss_terms`), so any method's terms are averaged
-    without naming them. Under DistributedDataParallel the sums are reduced over processes. List it
+    without naming them; ``extra_keys`` adds other scalars a method reports (not losses). Under DistributedDataParallel the sums are reduced over processes. List it
     before StatsHandler and MLFlowHandler, which read the metrics at the same event.
     """
 
-    def __init__(self, prefix: str = "train_") -> None:
+    def __init__(self, prefix: str = "train_", extra_keys: Sequence[str] = ()) -> None:
         self.prefix = prefix
+        self.extra_keys = tuple(extra_keys)
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
 
@@ -73,7 +75,7 @@ class LossTermAverages:
 
     def update(self, engine: Engine) -> None:
         """Add this iteration's terms."""
-        for key, value in loss_terms(engine.state.output).items():
+        for key, value in loss_terms(engine.state.output, self.extra_keys).items():
             self._sums[key] = self._sums.get(key, 0.0) + value
             self._counts[key] = self._counts.get(key, 0) + 1
 

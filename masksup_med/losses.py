@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-__all__ = ["MaskSupLoss", "MaskSupTerms"]
+__all__ = ["ConfidentPseudoLabelLoss", "MaskSupLoss", "MaskSupTerms"]
 
 
 class MaskSupTerms(NamedTuple):
@@ -94,3 +94,41 @@ class MaskSupLoss(nn.Module):
         tasksim = torch.mean((self.probabilities(pred) - self.probabilities(pred_masked)) ** 2)
         total = self.a1 * seg + self.a2 * context + self.a3 * tasksim
         return MaskSupTerms(total, seg, context, tasksim)
+
+
+class ConfidentPseudoLabelLoss(nn.Module):
+    """Student logits against a teacher's hard pseudo-labels, on the teacher's confident pixels only.
+
+    FixMatch / UniMatch's unsupervised term: the pseudo-label is the teacher's class (probability
+    > 0.5 for one sigmoid channel, the arg-max for softmax), a pixel counts when the teacher's
+    probability of that class is >= ``threshold``, and the per-pixel loss (BCE with logits or cross
+    entropy) is summed over counted pixels and divided by all pixels, so a teacher confident
+    nowhere contributes nothing.
+
+    Returns ``(loss, confident_fraction)``.
+    """
+
+    def __init__(self, threshold: float = 0.95, activation: str = "sigmoid") -> None:
+        super().__init__()
+        if not 0.5 <= threshold <= 1.0:
+            raise ValueError(f"confidence threshold must lie in [0.5, 1], got {threshold!r}.")
+        if activation not in ("sigmoid", "softmax"):
+            raise ValueError(f"activation must be 'sigmoid' or 'softmax', got {activation!r}.")
+        self.threshold = float(threshold)
+        self.activation = activation
+
+    def hyperparameters(self) -> dict[str, object]:
+        """Logged with the run."""
+        return {"unsup_loss": type(self).__name__, "confidence_threshold": self.threshold}
+
+    def forward(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and the fraction of confident pixels."""
+        if self.activation == "sigmoid":
+            confidence = torch.maximum(teacher_probs, 1.0 - teacher_probs)
+            pseudo = (teacher_probs > 0.5).to(student_logits.dtype)
+            per_pixel = nn.functional.binary_cross_entropy_with_logits(student_logits, pseudo, reduction="none")
+        else:
+            confidence, pseudo = teacher_probs.max(dim=1, keepdim=True)
+            per_pixel = nn.functional.cross_entropy(student_logits, pseudo[:, 0], reduction="none")[:, None]
+        confident = (confidence >= self.threshold).to(per_pixel.dtype)
+        return (per_pixel * confident).sum() / per_pixel.numel(), confident.mean()

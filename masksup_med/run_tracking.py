@@ -37,6 +37,8 @@ class RunTracking:
         registration: keyword arguments of :class:`~masksup_med.registry.ModelRegistrationHandler`
             (``checkpoint``, ``config_file``, ``network``, ``name``, ``input_shape``, ``alias``);
             None: nothing is registered.
+        other_evaluators: further evaluators whose metrics are logged each round (e.g. the student's
+            scores when the validator scores a teacher).
         output_transform: what the trainer's output logs per iteration (default: every loss term).
         enabled: False (e.g. on processes other than rank 0 under DDP) attaches nothing.
     """
@@ -51,6 +53,7 @@ class RunTracking:
         evaluator: Engine | None = None,
         figures: Mapping[str, Any] | None = None,
         registration: Mapping[str, Any] | None = None,
+        other_evaluators: Sequence[Engine] = (),
         output_transform: Callable = loss_terms,
         enabled: bool = True,
     ) -> None:
@@ -60,6 +63,7 @@ class RunTracking:
         self.evaluator = evaluator
         self.figures = dict(figures) if figures is not None else None
         self.registration = dict(registration) if registration is not None else None
+        self.other_evaluators = list(other_evaluators)
         self.output_transform = output_transform
         self.enabled = enabled
         self.handlers: list[Any] = []
@@ -86,4 +90,7 @@ class RunTracking:
             handler.attach(trainer)
         for handler in on_evaluator:
             handler.attach(self.evaluator)
+        for evaluator in self.other_evaluators:
+            on_evaluator.append(MLFlowHandler(**self.where, iteration_log=False, epoch_log=True))
+            on_evaluator[-1].attach(evaluator)
         self.handlers = on_trainer + on_evaluator

@@ -2,16 +2,48 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import datetime
 import math
 import secrets
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from monai.transforms import RandRotate90, RandRotate90d
 
-__all__ = ["check_augmentation_keeps_size", "check_image_size", "distributed_backend", "select_device", "unique_run_name"]
+__all__ = [
+    "check_augmentation_keeps_size",
+    "check_image_size",
+    "distributed_backend",
+    "keep_freed_memory",
+    "select_device",
+    "unique_run_name",
+]
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's allocator keep freed memory for reuse instead of returning it to the system.
+
+    A training step frees and re-allocates the same large activation tensors every step; by
+    default glibc serves each from a fresh ``mmap`` and unmaps it when freed, so every step faults
+    its memory in again. On 2 CPU cores that doubled the MaskSup step at GLaS's native size
+    (``benchmarks/RESULTS.md``). The process keeps its peak memory instead. Returns True when
+    applied (Linux with glibc), False elsewhere (nothing to do).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    largest = 2**31 - 1
+    return bool(mallopt(_M_MMAP_THRESHOLD, largest)) and bool(mallopt(_M_TRIM_THRESHOLD, largest))
 
 
 def select_device(device: str | torch.device = "auto", local_rank: int | None = None) -> torch.device:

@@ -19,7 +19,8 @@ from .splits import carve_validation, read_datalist, split_groups, write_datalis
 # loaded on first use: the MONAI-backed parts, and the demo-data generator (never on the training path)
 _LAZY = {"TiffReader": "readers", "loader_reader": "readers", "read_array": "readers",
          "check_dataset": "checks", "CheckReport": "checks",
-         "make_glas_demo": "synthetic", "make_cvc_clinicdb_demo": "synthetic"}
+         "make_glas_demo": "synthetic", "make_cvc_clinicdb_demo": "synthetic",
+         "with_unlabelled": "unlabelled", "list_unlabelled_images": "unlabelled"}
 
 
 def __getattr__(name: str):
@@ -45,6 +46,7 @@ __all__ = [
     "find_kvasir_seg_pairs",
     "find_pranet_pairs",
     "get_dataset",
+    "list_unlabelled_images",
     "loader_reader",
     "make_cvc_clinicdb_demo",
     "make_glas_demo",
@@ -55,5 +57,6 @@ __all__ = [
     "split_groups",
     "split_kvasir_seg",
     "split_pranet",
+    "with_unlabelled",
     "write_datalist",
 ]

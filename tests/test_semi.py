@@ -1,0 +1,184 @@
+"""Semi-supervised pieces on hand-made values: EMA update, confidence, ramp-up, multi-scale average,
+the confident pseudo-label loss, the labelled fraction, and one MaskMatch step."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.nets import UNet
+from PIL import Image
+from torch import nn
+
+from masksup_med.data import DatasetError, DatasetNotFoundError, UnreadableFileError, with_unlabelled
+from masksup_med.losses import ConfidentPseudoLabelLoss, MaskSupLoss
+from masksup_med.semi import MaskMatchTrainer
+from masksup_med.teacher import (
+    confidence_mask,
+    ema_update,
+    make_teacher,
+    multiscale_probabilities,
+    sigmoid_rampup,
+)
+
+
+def test_ema_update_follows_the_formula_and_copies_integer_buffers():
+    student, teacher = nn.BatchNorm2d(2), nn.BatchNorm2d(2)
+    with torch.no_grad():
+        student.weight.fill_(1.0)
+        teacher.weight.fill_(0.0)
+        student.running_mean.fill_(2.0)
+        teacher.running_mean.fill_(4.0)
+    student.num_batches_tracked.fill_(7)
+    ema_update(teacher, student, momentum=0.9)
+    torch.testing.assert_close(teacher.weight, torch.full((2,), 0.1))  # 0.9 * 0 + 0.1 * 1
+    torch.testing.assert_close(teacher.running_mean, torch.full((2,), 3.8))  # 0.9 * 4 + 0.1 * 2
+    assert int(teacher.num_batches_tracked) == 7
+    ema_update(teacher, student, momentum=0.0)
+    torch.testing.assert_close(teacher.weight, student.weight)
+    with pytest.raises(ValueError, match="momentum"):
+        ema_update(teacher, student, momentum=1.5)
+
+
+def test_make_teacher_is_a_frozen_copy():
+    student = nn.Linear(3, 1)
+    teacher = make_teacher(student)
+    assert teacher is not student and not any(p.requires_grad for p in teacher.parameters())
+    torch.testing.assert_close(teacher.weight, student.weight)
+
+
+def test_confidence_mask_binary_and_multiclass():
+    probs = torch.tensor([0.97, 0.5, 0.02, 0.9]).reshape(1, 1, 2, 2)
+    assert confidence_mask(probs, 0.95).flatten().tolist() == [True, False, True, False]
+    softmax = torch.tensor([[0.96, 0.3], [0.02, 0.4], [0.02, 0.3]]).reshape(1, 3, 1, 2)
+    assert confidence_mask(softmax, 0.95).flatten().tolist() == [True, False]
+
+
+def test_sigmoid_rampup_values():
+    assert sigmoid_rampup(0, 5) == pytest.approx(math.exp(-5))
+    assert sigmoid_rampup(2.5, 5) == pytest.approx(math.exp(-5 * 0.25))
+    assert sigmoid_rampup(5, 5) == 1.0 and sigmoid_rampup(9, 5) == 1.0 and sigmoid_rampup(0, 0) == 1.0
+
+
+class _Halves(nn.Module):
+    """Logit +4 on the left half of the input, -4 on the right, at any size: a scale-dependent toy."""
+
+    def forward(self, x):
+        out = torch.full((x.shape[0], 1, *x.shape[2:]), -4.0)
+        out[..., : x.shape[-1] // 2] = 4.0
+        return out + x[:, :1] * 0
+
+
+def test_multiscale_probabilities_average_back_at_the_input_size():
+    images = torch.zeros(2, 3, 32, 32)
+    single = multiscale_probabilities(_Halves(), images, (1.0,))
+    averaged = multiscale_probabilities(_Halves(), images, (0.5, 1.0, 1.5))
+    assert averaged.shape == (2, 1, 32, 32)
+    torch.testing.assert_close(single[..., 0], torch.full((2, 1, 32), torch.sigmoid(torch.tensor(4.0)).item()))
+    torch.testing.assert_close(averaged[..., :8], single[..., :8])  # far from the border all scales agree
+
+    class Scale(nn.Module):  # probability = the input's mean brightness, whatever the size
+        def forward(self, x):
+            return torch.logit(x[:, :1].clamp(0.01, 0.99))
+
+    flat = torch.full((1, 3, 32, 32), 0.7)
+    torch.testing.assert_close(multiscale_probabilities(Scale(), flat, (0.5, 2.0)), torch.full((1, 1, 32, 32), 0.7))
+
+
+def test_confident_pseudo_label_loss_counts_confident_pixels_only():
+    loss = ConfidentPseudoLabelLoss(threshold=0.9)
+    teacher = torch.tensor([0.95, 0.6, 0.05, 0.5]).reshape(1, 1, 2, 2)
+    student = torch.tensor([2.0, -3.0, -1.0, 5.0]).reshape(1, 1, 2, 2)
+    value, confident = loss(student, teacher)
+    bce = nn.functional.binary_cross_entropy_with_logits
+    expected = (bce(torch.tensor(2.0), torch.tensor(1.0)) + bce(torch.tensor(-1.0), torch.tensor(0.0))) / 4
+    assert value.item() == pytest.approx(expected.item()) and confident.item() == 0.5
+    nowhere, none = loss(student, torch.full_like(teacher, 0.5))
+    assert nowhere.item() == 0.0 and none.item() == 0.0
+    better, _ = loss(torch.tensor([9.0, 0.0, -9.0, 0.0]).reshape(1, 1, 2, 2), teacher)
+    assert better < value  # agreeing with the teacher's confident pixels lowers it
+    with pytest.raises(ValueError, match="threshold"):
+        ConfidentPseudoLabelLoss(threshold=0.3)
+
+
+def _datalist(n=8):
+    items = [{"image": f"/d/train_{i}.png", "label": f"/d/train_{i}_anno.png", "id": f"train_{i}"} for i in range(n)]
+    return {"train": items, "validation": [{"image": "/d/v.png", "label": "/d/v_anno.png", "id": "v"}],
+            "test": [{"image": "/d/t.png", "label": "/d/t_anno.png", "id": "t"}]}
+
+
+def test_with_unlabelled_keeps_a_seeded_fraction_and_leaves_held_out_splits():
+    out = with_unlabelled(_datalist(), 0.25, seed=0)
+    assert len(out["train"]) == 2 and len(out["unlabelled"]) == 6
+    assert all("label" not in item for item in out["unlabelled"])
+    assert {i["id"] for i in out["train"]}.isdisjoint(i["id"] for i in out["unlabelled"])
+    assert out["validation"] == _datalist()["validation"] and out["test"] == _datalist()["test"]
+    shuffled = _datalist()
+    shuffled["train"].reverse()
+    assert with_unlabelled(shuffled, 0.25, seed=0)["train"] == out["train"]  # independent of file order
+    assert with_unlabelled(_datalist(), 0.25, seed=1)["train"] != out["train"]
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.5, -0.1])
+def test_label_fraction_outside_the_range_names_the_value(fraction):
+    with pytest.raises(DatasetError, match=f"label_fraction must lie in \\(0, 1\\], got {fraction}"):
+        with_unlabelled(_datalist(), fraction, seed=0)
+
+
+def test_label_fraction_labelling_no_image_and_no_unlabelled_images_fail():
+    with pytest.raises(DatasetError, match="labels none"):
+        with_unlabelled(_datalist(4), 0.1, seed=0)
+    with pytest.raises(DatasetError, match="no unlabelled images"):
+        with_unlabelled(_datalist(4), 1.0, seed=0)
+
+
+def test_unlabelled_dir_is_read_checked_and_missing_or_empty_is_named(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    with pytest.raises(DatasetNotFoundError, match=f"unlabelled_dir {folder} holds no images"):
+        with_unlabelled(_datalist(), 1.0, seed=0, unlabelled_dir=folder)
+    with pytest.raises(DatasetNotFoundError, match="does not exist"):
+        with_unlabelled(_datalist(), 1.0, seed=0, unlabelled_dir=tmp_path / "missing")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "a.png")
+    (folder / ".DS_Store").write_bytes(b"\0")
+    out = with_unlabelled(_datalist(), 1.0, seed=0, unlabelled_dir=folder)
+    assert len(out["train"]) == 8 and [i["image"] for i in out["unlabelled"]] == [str(folder / "a.png")]
+    (folder / "b.png").write_bytes(b"")
+    with pytest.raises(UnreadableFileError, match="b.png"):
+        with_unlabelled(_datalist(), 1.0, seed=0, unlabelled_dir=folder)
+
+
+def _batches(n, seed, labelled=True):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        image = torch.rand(2, 3, 32, 32, generator=g)
+        batch = {"image": image, "image_strong": (image * 1.2).clamp(0, 1)}
+        if labelled:
+            batch["label"] = (image[:, :1] > 0.5).float()
+        out.append(batch)
+    return out
+
+
+def test_maskmatch_step_trains_the_student_and_moves_the_teacher_by_ema():
+    torch.manual_seed(0)
+    net = UNet(2, 3, 1, channels=(4, 8), strides=(2,), num_res_units=0)
+    teacher = make_teacher(net)
+    before_teacher = [p.clone() for p in teacher.parameters()]
+    trainer = MaskMatchTrainer(
+        device="cpu", max_epochs=1, train_data_loader=_batches(3, 0), network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=MaskSupLoss(a2=0.0, a3=0.0),
+        unlabelled_loader=_batches(2, 1, labelled=False), teacher=teacher, ema_momentum=0.5,
+        unsup_loss=ConfidentPseudoLabelLoss(threshold=0.5), rampup_epochs=0, teacher_scales=(1.0,), decollate=False,
+    )
+    trainer.run()
+    output = trainer.state.output
+    assert trainer.state.iteration == 3  # the 2-batch unlabelled loader was cycled
+    assert output["confident_fraction"] == 1.0  # threshold 0.5: every pixel counts
+    assert output["loss"].item() == pytest.approx(output["loss_seg"].item() + output["loss_unsup"].item(), rel=1e-5)
+    moved = [not torch.equal(a, b) for a, b in zip(before_teacher, teacher.parameters())]
+    assert sum(moved) >= len(moved) // 2  # (a conv bias before a norm layer gets no gradient, so stays)
+    for changed, t, s in zip(moved, teacher.parameters(), net.parameters()):
+        assert not changed or not torch.equal(t, s)  # following the student, not a copy of it
