@@ -77,6 +77,11 @@ class MaskMatchTrainer(MaskSupTrainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if isinstance(self.network, nn.parallel.DistributedDataParallel):
+            raise ValueError(
+                "MaskMatchTrainer does not run under DistributedDataParallel yet (the student's pass on unlabelled "
+                "images is a second forward per backward); train semi_train.json in one process."
+            )
         if not 0.0 <= ema_momentum <= 1.0:
             raise ValueError(f"ema_momentum must lie in [0, 1], got {ema_momentum!r}.")
         self.unlabelled_loader = unlabelled_loader

@@ -81,7 +81,7 @@ def multiscale_probabilities(
     spatial = images.shape[2:]
     total = None
     for scale in scales:
-        size = [max(16, int(round(s * scale / 16)) * 16) for s in spatial]
+        size = [max(16, round(s * scale / 16) * 16) for s in spatial]
         scaled = images
         if list(size) != list(spatial):
             scaled = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
