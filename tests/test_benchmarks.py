@@ -149,3 +149,21 @@ def test_ablation_tables_report_spread_and_gains_paired_by_seed():
     assert "| full-heavy | 2 | +0.0500 (seed 0), -0.0100 (seed 1) | +0.0200 | 1 of 2 |" in text
     assert "| context | 0 |" not in text and "| full-light" not in text
     assert text.count("| abc1234 |") == 5
+
+
+@pytest.mark.slow  # about a minute: one semi-supervised and one reference run at toy size
+def test_semi_study_runs_records_and_reports(tmp_path):
+    import semi
+
+    demo = make_glas_demo(tmp_path / "glas", n_train=10, n_test_a=2, n_test_b=2, size=(64, 48))
+    results, md = tmp_path / "semi.jsonl", tmp_path / "RESULTS.md"
+    common = ["--epochs", "1", "--val-interval", "1", "--image-size", "32", "32", "--dataset-dir", str(demo),
+              "--work-dir", str(tmp_path / "runs"), "--results", str(results), "--seeds", "0", "--fractions", "0.5"]
+    semi.main(["run", "--arms", "semi", "full-supervised", *common])
+    semi.main(["run", "--arms", "semi", *common])  # recorded: skipped
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [(r["arm"], r["label_fraction"]) for r in records] == [("semi", 0.5), ("full-supervised", 1.0)]
+    assert "semi_train.json" in records[0]["commands"][0] and "--label_fraction 0.5" in records[0]["commands"][0]
+    semi.main(["report", *common, "--markdown", str(md)])
+    block = _block(md.read_text(), "semi-glas")
+    assert "| semi | 0.5 | 1 |" in block and "| full-supervised | 1.0 | 1 |" in block

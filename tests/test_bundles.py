@@ -29,6 +29,7 @@ from monai.bundle import ConfigParser
 from PIL import Image
 
 from masksup_med.data import make_cvc_clinicdb_demo, make_glas_demo
+from masksup_med.tracking import using_store as _store
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "glas" / "configs"
@@ -186,6 +187,52 @@ def test_a_copy_of_the_bundle_folder_trains_evaluates_and_infers_from_another_di
 
 
 @pytest.mark.slow
+def test_semi_supervised_config_trains_with_a_label_fraction_and_an_unlabelled_folder(tmp_path):
+    demo = CASES["glas"].make_demo(tmp_path / "demo")
+    frames = tmp_path / "hospital frames"
+    frames.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("frame 1.png", "frame_2.jpg"):  # a hospital's own frames, not from the dataset
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(frames / name)
+    out = tmp_path / "out"
+    result = run_training(demo, out, "--max_epochs", "1", "--val_interval", "1", "--image_size", "[64,64]",
+                          "--batch_size", "2", "--label_fraction", "0.25", "--unlabelled_dir", str(frames),
+                          config=[TRAIN_CONFIG, CONFIGS / "semi_train.json"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    splits = json.loads((out / "datalist.json").read_text())
+    assert len(splits["train"]) == 2 and len(splits["unlabelled"]) == 6 + 2  # 8 training images, 2 frames
+    assert all("label" not in item for item in splits["unlabelled"])
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("masksup-glas").experiment_id])
+    for metric in ("train_loss_unsup", "train_confident_fraction", "val_mean_iou", "val_student_mean_iou"):
+        assert metric in run.data.metrics, metric
+    assert (run.data.params["selected_network"], run.data.params["label_fraction"]) == ("teacher", "0.25")
+    version = client.get_model_version_by_alias("masksup-glas", "candidate")
+    assert version.run_id == run.info.run_id
+    with _store(f"sqlite:///{out / 'mlflow.db'}"):
+        model = mlflow.pytorch.load_model("models:/masksup-glas@candidate")
+    assert tuple(model(torch.zeros(1, 3, 64, 64)).shape) == (1, 1, 64, 64)
+    checkpoint = torch.load(out / "models" / "checkpoint_epoch=1.pt", map_location="cpu", weights_only=False)
+    assert "teacher" in checkpoint  # resuming restores the teacher too
+
+
+@pytest.mark.parametrize(("override", "value", "message"), [
+    ("--label_fraction", "0", "label_fraction must lie in (0, 1], got 0"),
+    ("--label_fraction", "0.01", "label_fraction 0.01 of the 8 training images labels none"),
+    ("--unlabelled_dir", "EMPTY", "holds no images"),
+])
+def test_semi_supervised_bad_input_fails_at_start_naming_the_value(tmp_path, override, value, message):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    result = run_training(CASES["glas"].make_demo(tmp_path / "demo"), out, override, str(empty) if value == "EMPTY" else value,
+                          "--max_epochs", "1", config=[TRAIN_CONFIG, CONFIGS / "semi_train.json"])
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+    assert not (out / "models").exists()
+
+
+@pytest.mark.slow
 def test_mixed_precision_bf16_trains_one_epoch_on_cpu(tmp_path):
     out = tmp_path / "out"
     result = run_training(CASES["glas"].make_demo(tmp_path / "demo"), out, "--max_epochs", "1", "--val_interval", "1",
@@ -232,7 +279,7 @@ def test_a_third_method_trains_from_a_short_merge_file(tmp_path):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("masksup-glas").experiment_id])
     assert (run.data.params["loss"], run.data.params["area_weight"]) == ("AreaMaskSupLoss", "0.5")
-    assert run.data.params["masking"] == "RandPatchMaskd" and run.data.params["mask_patch_size"] == "8"
+    assert run.data.params["masking"] == "RandPatchMask" and run.data.params["mask_patch_size"] == "8"
     epochs = client.get_metric_history(run.info.run_id, "train_loss_area")
     assert [m.step for m in epochs] == [1, 2] and all(m.value >= 0 for m in epochs)
     assert len(client.get_metric_history(run.info.run_id, "loss_area")) >= 2  # per iteration
