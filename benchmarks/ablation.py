@@ -28,7 +28,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bundle_runs import METRICS, add_study_options, append_record, load_records, publish, train_and_evaluate
+from bundle_runs import (
+    METRICS,
+    add_schedule_options,
+    add_study_options,
+    append_record,
+    load_records,
+    publish,
+    run_or_report,
+    train_and_evaluate,
+)
 from report import RESULTS_MD
 
 TRAIN_CONFIG = "bundles/glas/configs/train.json"
@@ -160,20 +169,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=("run", "report"))
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=30, help="training epochs per run (about 8 min for full MaskSup on 2 idle cores)")
-    parser.add_argument("--val-interval", type=int, default=3)
-    parser.add_argument("--image-size", nargs=2, type=int, default=[256, 256])
+    add_schedule_options(parser, "training epochs per run (about 8 min for full MaskSup on 2 idle cores)")
     add_study_options(parser, "ablation.jsonl", "ablation", [RESULTS_MD, BUNDLE_DOCS])
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.action == "run":
-        run_study(args)
-    else:
-        write_report(args)
+    run_or_report(parse_args(argv), run_study, write_report)
 
 
 if __name__ == "__main__":

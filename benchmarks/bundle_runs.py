@@ -15,7 +15,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,22 @@ def add_study_options(parser: argparse.ArgumentParser, results_name: str, block:
     parser.add_argument("--results", type=Path, default=RESULTS_DIR / results_name)
     parser.add_argument("--markdown", type=Path, nargs="*", default=list(markdown),
                         help=f"Markdown files whose '{block}' block the report replaces")
+
+
+def add_schedule_options(parser: argparse.ArgumentParser, epochs_help: str = "training epochs per run") -> None:
+    """Options of a multi-seed study: seeds, epochs, validation interval, image size."""
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=30, help=epochs_help)
+    parser.add_argument("--val-interval", type=int, default=3)
+    parser.add_argument("--image-size", nargs=2, type=int, default=[256, 256])
+
+
+def run_or_report(args: argparse.Namespace, run: Callable, report: Callable) -> None:
+    """``run(args)`` for the ``run`` action, ``report(args)`` otherwise."""
+    if args.action == "run":
+        run(args)
+    else:
+        report(args)
 
 
 def publish(body: str, block: str, markdown: Sequence[Path]) -> str:

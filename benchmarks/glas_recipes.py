@@ -28,7 +28,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bundle_runs import METRICS, add_study_options, append_record, load_records, publish, train_and_evaluate
+from bundle_runs import (
+    METRICS,
+    add_study_options,
+    append_record,
+    load_records,
+    publish,
+    run_or_report,
+    train_and_evaluate,
+)
 from report import RESULTS_MD
 
 TRAIN_CONFIG = "bundles/glas/configs/train.json"
@@ -119,11 +127,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.action == "run":
-        run_tries(args)
-    else:
-        write_report(args)
+    run_or_report(parse_args(argv), run_tries, write_report)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bundle_runs import add_study_options, append_record, load_records, publish, train_and_evaluate
+from bundle_runs import (
+    add_schedule_options,
+    add_study_options,
+    append_record,
+    load_records,
+    publish,
+    run_or_report,
+    train_and_evaluate,
+)
 from report import RESULTS_MD
 
 LABELLED_ONLY = "benchmarks/recipes/semi/labelled_only.json"
@@ -114,20 +122,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bundle", default="glas", choices=("glas", "cvc_clinicdb"))
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.25, 0.125])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--val-interval", type=int, default=3)
-    parser.add_argument("--image-size", nargs=2, type=int, default=[256, 256])
+    add_schedule_options(parser)
     add_study_options(parser, "semi.jsonl", "semi-<bundle>", [RESULTS_MD])
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.action == "run":
-        run_study(args)
-    else:
-        report(args)
+    run_or_report(parse_args(argv), run_study, report)
 
 
 if __name__ == "__main__":

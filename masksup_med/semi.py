@@ -78,7 +78,7 @@ class MaskMatchTrainer(MaskSupTrainer):
     ) -> None:
         super().__init__(*args, **kwargs)
         if isinstance(self.network, nn.parallel.DistributedDataParallel):
-            raise ValueError(
+            raise TypeError(
                 "MaskMatchTrainer does not run under DistributedDataParallel yet (the student's pass on unlabelled "
                 "images is a second forward per backward); train semi_train.json in one process."
             )
