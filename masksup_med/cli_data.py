@@ -99,6 +99,25 @@ def _split_options(args: argparse.Namespace) -> dict | None:
     return given
 
 
+def _with_unlabelled(args: argparse.Namespace, splits: dict) -> dict:
+    """``splits`` with ``--label-fraction`` / ``--unlabelled-dir`` applied (as ``semi_train.json`` does)."""
+    if args.label_fraction is None and args.unlabelled_dir is None:
+        return splits
+    from masksup_med.data import with_unlabelled
+
+    fraction = 1.0 if args.label_fraction is None else args.label_fraction
+    return with_unlabelled(splits, fraction, args.seed or 0, args.unlabelled_dir)
+
+
+def _labelled_counts(splits: dict) -> str:
+    """``labelled 17 of 68 training images; unlabelled 51 (51 from train, 0 from the unlabelled folder)``."""
+    unlabelled = splits.get("unlabelled", [])
+    from_train = sum(item.get("source") == "train" for item in unlabelled)
+    total = len(splits["train"]) + from_train
+    return (f"labelled {len(splits['train'])} of {total} training images; unlabelled {len(unlabelled)} "
+            f"({from_train} from train, {len(unlabelled) - from_train} from the unlabelled folder)")
+
+
 def _print_findings(report) -> None:
     for line in report.warnings:
         print(f"warning: {line}", file=sys.stderr)
@@ -114,6 +133,9 @@ def _check(args: argparse.Namespace) -> int:
     print("\n".join(report.summary(get_dataset(args.dataset).label_threshold)))
     _print_findings(report)
     if report.ok:
+        if args.label_fraction is not None or args.unlabelled_dir is not None:
+            spec = get_dataset(args.dataset)
+            print(_labelled_counts(_with_unlabelled(args, spec.split(args.dataset_dir, **options))))
         print(f"OK: {report.pairs} pairs usable")
         return 0
     print(f"FAILED: {len(report.problems)} problem(s), listed above")
@@ -134,13 +156,15 @@ def _prepare(args: argparse.Namespace) -> int:
             return 1
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        splits = spec.split(args.dataset_dir, **options)
+        splits = _with_unlabelled(args, spec.split(args.dataset_dir, **options))
     if not args.check:  # otherwise the check already printed them
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
     path = write_datalist(splits, args.out)
     sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
     print(f"wrote {spec.name} datalist ({sizes}) to {path}")
+    if "unlabelled" in splits:
+        print(_labelled_counts(splits))
     return 0
 
 
@@ -155,6 +179,10 @@ def _add_split_arguments(parser: argparse.ArgumentParser) -> None:
                         help="test fraction for datasets without an official test set (default: 0.2)")
     parser.add_argument("--by", choices=("sequence", "frame"),
                         help="cvc-clinicdb: split by video sequence (default) or by frame (leaks)")
+    parser.add_argument("--label-fraction", type=float, metavar="F",
+                        help="semi-supervised: keep this fraction of the training images labelled (seeded by --seed)")
+    parser.add_argument("--unlabelled-dir", metavar="DIR",
+                        help="semi-supervised: a folder of further images without masks (each is read to check it)")
 
 
 def add_data_commands(commands: argparse._SubParsersAction) -> None:

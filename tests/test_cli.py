@@ -77,3 +77,25 @@ def test_python_dash_m(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["train_1.bmp", "train_1_anno.bmp"]
+
+
+def test_data_check_and_prepare_report_labelled_and_unlabelled_counts(tmp_path, capsys):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    demo = tmp_path / "glas"
+    main(["data", "demo", "glas", str(demo), "--n-train", "10", "--n-test-a", "1", "--n-test-b", "1", "--size", "64", "48"])
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(frames / "f.png")
+    capsys.readouterr()
+    assert main(["data", "check", "glas", str(demo), "--label-fraction", "0.25", "--unlabelled-dir", str(frames)]) == 0
+    assert "labelled 2 of 8 training images; unlabelled 7 (6 from train, 1 from the unlabelled folder)" in capsys.readouterr().out
+    out = tmp_path / "datalist.json"
+    assert main(["data", "prepare", "glas", str(demo), "--label-fraction", "0.5", "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert (len(written["train"]), len(written["unlabelled"])) == (4, 4)
+    assert main(["data", "prepare", "glas", str(demo), "--label-fraction", "0", "--out", str(tmp_path / "x.json")]) == 2
+    assert "label_fraction must lie in (0, 1], got 0.0" in capsys.readouterr().err
