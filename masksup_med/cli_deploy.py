@@ -278,7 +278,8 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
         description="Serve a registered model with MLflow's scoring server: GET /ping is the health check, "
                     "POST /invocations takes base64-encoded image files in column 'image' and answers with "
                     "base64 PNG masks (0/255) at each image's size. See docker/README.md for the request format.",
-        epilog="example: masksup-med serve --model models:/masksup-glas@champion --host 0.0.0.0 --port 8080",
+        epilog="example: masksup-med serve --model models:/masksup-glas@champion --port 8080   (binds 127.0.0.1: "
+               "the server has no authentication; put it behind an authenticating proxy to expose it)",
     )
     _bundle_options(serve)
     serve.add_argument("--model", required=True, metavar="SOURCE", help="models:/NAME@ALIAS or models:/NAME/VERSION")

@@ -16,7 +16,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.utils import CommonKeys
 
-__all__ = ["LossTermAverages", "is_loss_term", "loss_terms", "named_terms"]
+__all__ = ["FinalValidation", "LossTermAverages", "is_loss_term", "loss_terms", "named_terms"]
 
 
 def is_loss_term(key: Any) -> bool:
@@ -89,3 +89,26 @@ class LossTermAverages:
             totals = idist.all_reduce(totals.to(idist.device())).cpu()
         for name, (total, count) in zip(names, totals.tolist()):
             engine.state.metrics[f"{self.prefix}{name}"] = total / max(count, 1.0)
+
+
+class FinalValidation:
+    """Validate once more when training ends on an epoch that the validation interval skipped.
+
+    With ``max_epochs`` 3 and ``val_interval`` 5, MONAI's ``ValidationHandler`` never runs: no best
+    checkpoint is written and nothing can be registered. List it after the ``ValidationHandler``
+    (and before the tracking and registration handlers, which run at the same event).
+    """
+
+    def __init__(self, validator: Engine, interval: int) -> None:
+        if interval < 1:
+            raise ValueError(f"validation interval must be >= 1, got {interval!r}.")
+        self.validator = validator
+        self.interval = int(interval)
+
+    def attach(self, engine: Engine) -> None:
+        """Check at ``Events.COMPLETED`` of the trainer."""
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if engine.state.epoch % self.interval != 0:
+            self.validator.run(engine.state.epoch)

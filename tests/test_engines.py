@@ -351,3 +351,21 @@ def test_bf16_autocast_step_on_cpu_matches_fp32_within_tolerance():
         trainer.run()
         losses[amp] = float(trainer.state.output["loss"])
     assert math.isfinite(losses[True]) and losses[True] == pytest.approx(losses[False], rel=0.05)
+
+
+@pytest.mark.parametrize(("max_epochs", "interval", "rounds"), [(3, 5, [3]), (4, 2, [2, 4]), (5, 2, [2, 4, 5])])
+def test_final_validation_runs_when_the_schedule_skipped_the_last_epoch(max_epochs, interval, rounds):
+    from monai.handlers import ValidationHandler
+
+    from masksup_med.handlers import FinalValidation
+
+    validated: list[int] = []
+    from monai.engines import SupervisedEvaluator
+
+    validator = SupervisedEvaluator(device="cpu", val_data_loader=[None], network=nn.Identity())
+    validator.run = lambda epoch: validated.append(epoch)  # records when it is asked to validate
+    trainer = _trainer(_net(), _loader(_data(n=2)), max_epochs=max_epochs)
+    ValidationHandler(interval=interval, validator=validator, epoch_level=True).attach(trainer)
+    FinalValidation(validator, interval).attach(trainer)
+    trainer.run()
+    assert validated == rounds
