@@ -23,7 +23,7 @@ from masksup_med.losses import MaskSupLoss
 from masksup_med.transforms.base import RandMask
 
 # the generic loss-term handlers live in masksup_med.handlers; re-exported for MaskSup users
-__all__ = ["LossTermAverages", "MaskSupKeys", "MaskSupTrainer", "loss_terms"]
+__all__ = ["LossTermAverages", "MaskSupKeys", "MaskSupTrainer", "backward_and_step", "loss_terms"]
 
 
 class MaskSupKeys:
@@ -143,16 +143,20 @@ class MaskSupTrainer(SupervisedTrainer):
         for name, value in terms.items():
             engine.state.output[f"{CommonKeys.LOSS}_{name}"] = value.detach()
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
-
-        if engine.amp and engine.scaler is not None:
-            engine.scaler.scale(total).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            total.backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.optimizer.step()
+        backward_and_step(engine, total)
         engine.after_step()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+
+def backward_and_step(engine: SupervisedTrainer, total: torch.Tensor) -> None:
+    """Back-propagate ``total`` (through the AMP gradient scaler when there is one) and step the optimiser."""
+    if engine.amp and engine.scaler is not None:
+        engine.scaler.scale(total).backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine.scaler.step(engine.optimizer)
+        engine.scaler.update()
+    else:
+        total.backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine.optimizer.step()

@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
 COMMON = BUNDLES / "common" / "configs"
 NAMES = ("glas", "cvc_clinicdb")
-LINKED = ("evaluate.json", "inference.json", "multi_gpu_train.json", "supervised.json", "semi_train.json", "logging.conf")
+LINKED = ("evaluate.json", "inference.json", "multi_gpu_train.json", "supervised.json", "semi_train.json",
+          "pretrain.json", "logging.conf")
 
 
 def _expressions(value):

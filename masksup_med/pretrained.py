@@ -1,0 +1,58 @@
+"""Starting a network from pretrained weights (for example a masked-reconstruction pretraining run).
+
+Every weight whose name and shape match is loaded; weights whose shape differs (an output head
+with another number of channels: image channels when pretraining, classes when segmenting) keep
+their fresh initialisation. A file that matches no weight of the network is refused, naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["load_pretrained_weights"]
+
+logger = logging.getLogger(__name__)
+
+
+def _state_dict(path: Path) -> Mapping[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained_weights {path} does not exist; pass the pretraining run's models/pretrained.pt.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"pretrained_weights {path} cannot be read as weights ({type(e).__name__}: {e}).") from e
+    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+        state = state["model"]  # a CheckpointSaver file
+    if not isinstance(state, Mapping):
+        raise TypeError(f"pretrained_weights {path} holds a {type(state).__name__}, not a state dict of weights.")
+    return state
+
+
+def load_pretrained_weights(network: nn.Module, path: str | os.PathLike | None) -> dict[str, list[str]]:
+    """Load the matching weights of ``path`` into ``network`` in place; ``None`` or ``""``: do nothing.
+
+    Returns ``{"loaded": [...], "reinitialised": [...], "unused": [...]}`` (weight names) and logs it.
+    """
+    if path in (None, ""):
+        return {"loaded": [], "reinitialised": [], "unused": []}
+    path = Path(path)
+    state = _state_dict(path)
+    own = network.state_dict()
+    loaded = [k for k, v in state.items() if k in own and tuple(own[k].shape) == tuple(v.shape)]
+    reinitialised = [k for k in own if k in state and k not in loaded]
+    unused = [k for k in state if k not in own]
+    if not loaded:
+        raise ValueError(
+            f"pretrained_weights {path} matches no weight of {type(network).__name__} (its first names: "
+            f"{', '.join(list(state)[:3]) or 'none'}); it was written for another network."
+        )
+    network.load_state_dict({k: state[k] for k in loaded}, strict=False)
+    logger.info(f"pretrained weights from {path}: {len(loaded)} of {len(own)} tensors loaded"
+                + (f", re-initialised (shape differs): {', '.join(reinitialised)}" if reinitialised else ""))
+    return {"loaded": loaded, "reinitialised": reinitialised, "unused": unused}

@@ -1,0 +1,112 @@
+"""Masked-reconstruction pretraining: tile selection, the selective masker, the loss, pretrained weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.networks.nets import UNet
+from torch import nn
+
+from masksup_med.pretrained import load_pretrained_weights
+from masksup_med.pretraining import (
+    MaskedReconstructionLoss,
+    SelectiveTileMasker,
+    select_tiles,
+    tile_losses,
+    tiles_to_pixels,
+)
+
+
+def test_select_tiles_picks_exactly_the_highest_loss_tiles():
+    losses = torch.tensor([[[0.1, 0.9, 0.3], [0.8, 0.2, 0.7]], [[5.0, 4.0, 3.0], [2.0, 1.0, 0.0]]])
+    chosen = select_tiles(losses, 0.5)
+    assert chosen[0].tolist() == [[False, True, False], [True, False, True]]
+    assert chosen[1].tolist() == [[True, True, True], [False, False, False]]
+    assert select_tiles(losses, 1 / 6).sum(dim=(1, 2)).tolist() == [1, 1]
+
+
+def test_tile_losses_and_pixels_round_trip_with_edge_tiles():
+    error = torch.zeros(1, 20, 36)
+    error[:, 16:, 32:] = 2.0  # the cut corner tile
+    losses = tile_losses(error, 16)
+    assert losses.shape == (1, 2, 3) and losses[0, 1, 2].item() == pytest.approx(2.0) and losses.sum().item() == pytest.approx(2.0)
+    pixels = tiles_to_pixels(losses > 1, (20, 36), 16)
+    assert pixels.shape == (1, 20, 36) and torch.equal(pixels, error > 1)
+
+
+class _Zeros(nn.Module):
+    """Reconstructs every pixel as 0: its error is the image itself, so bright tiles are the worst."""
+
+    def forward(self, x):
+        return torch.zeros_like(x) + 0 * x
+
+
+def test_selective_masker_masks_the_worst_reconstructed_tiles_and_the_fraction():
+    images = torch.full((2, 3, 64, 64), 0.1)
+    bright = [(0, 0), (1, 3), (2, 2), (3, 1), (0, 3), (2, 0), (1, 1), (3, 3)]  # 8 of 16 tiles
+    for row, col in bright:
+        images[0, :, row * 16:(row + 1) * 16, col * 16:(col + 1) * 16] = 0.9
+    masker = SelectiveTileMasker(tile_size=16, ratio=0.5, partitions=4).set_random_state(0)
+    masked, holes = masker.mask_batch(images, _Zeros())
+    expected = torch.zeros(4, 4, dtype=torch.bool)
+    for row, col in bright:
+        expected[row, col] = True
+    assert torch.equal(holes[0, ::16, ::16], expected)
+    assert holes.float().mean(dim=(1, 2)).tolist() == [0.5, 0.5]
+    assert torch.all(masked[holes[:, None].expand_as(masked)] == 0.5)
+
+
+def test_selective_masker_is_reproducible_with_a_seed():
+    torch.manual_seed(0)
+    net = UNet(2, 3, 3, channels=(4, 8), strides=(2,), num_res_units=0)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    runs = [SelectiveTileMasker(partitions=3, refresh_every=2).set_random_state(s) for s in (5, 5, 6)]
+    holes = [[m.mask_batch(images, net)[1] for _ in range(2)] for m in runs]  # a ranked batch, then a random one
+    assert all(torch.equal(a, b) for a, b in zip(holes[0], holes[1]))
+    assert not torch.equal(holes[0][1], holes[2][1])
+
+
+def test_reconstruction_loss_is_zero_when_the_masked_part_is_right_and_grows_with_the_error():
+    loss = MaskedReconstructionLoss()
+    image = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    holes = torch.zeros(2, 1, 64, 64, dtype=torch.bool)
+    holes[..., 16:48, 16:48] = True
+    wrong_outside = torch.where(holes, image, torch.zeros_like(image))
+    assert loss(wrong_outside, image, holes)["total"].item() == pytest.approx(0.0, abs=1e-6)
+    small, large = (loss(torch.where(holes, image + e, image), image, holes)["total"].item() for e in (0.05, 0.3))
+    assert 0 < small < large
+    big = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(1))  # large enough for MS-SSIM
+    big_holes = torch.zeros(1, 1, 256, 256, dtype=torch.bool)
+    big_holes[..., :128, :] = True
+    terms = loss(torch.where(big_holes, big * 0.5, big), big, big_holes)
+    assert terms["ssim"].item() > 0 and terms["l1"].item() == pytest.approx((big[..., :128, :] * 0.5).mean().item(), rel=1e-4)
+
+
+def _unet(out_channels):
+    torch.manual_seed(out_channels)
+    return UNet(2, 3, out_channels, channels=(4, 8), strides=(2,), num_res_units=0)
+
+
+def test_pretrained_weights_load_what_matches_and_reinitialise_the_head(tmp_path):
+    pretrained = _unet(3)
+    path = tmp_path / "pretrained.pt"
+    torch.save({"model": pretrained.state_dict()}, path)
+    network = _unet(1)
+    head_before = {k: v.clone() for k, v in network.state_dict().items()}
+    report = load_pretrained_weights(network, path)
+    assert report["loaded"] and report["reinitialised"]
+    for name, value in network.state_dict().items():
+        if name in report["loaded"]:
+            assert torch.equal(value, pretrained.state_dict()[name]), name
+        else:
+            assert torch.equal(value, head_before[name]), name
+    assert load_pretrained_weights(network, None) == {"loaded": [], "reinitialised": [], "unused": []}
+
+
+def test_pretrained_weights_that_match_nothing_or_are_missing_are_refused_naming_the_file(tmp_path):
+    other = tmp_path / "other.pt"
+    torch.save({"encoder.weight": torch.zeros(2, 2)}, other)
+    with pytest.raises(ValueError, match=f"pretrained_weights {other} matches no weight of UNet"):
+        load_pretrained_weights(_unet(1), other)
+    with pytest.raises(FileNotFoundError, match="missing.pt does not exist"):
+        load_pretrained_weights(_unet(1), tmp_path / "missing.pt")
