@@ -52,7 +52,10 @@ class MaskMatchTrainer(MaskSupTrainer):
             ``image_strong`` (strong view, same geometry); cycled as often as the labelled loader needs.
         teacher: the EMA teacher (default: a frozen copy of ``network`` made here). Pass the same
             module to the validator and the checkpoint to score and keep it.
-        ema_momentum: how slowly the teacher follows (``teacher <- m * teacher + (1 - m) * student``).
+        ema_momentum: how slowly the teacher follows (``teacher <- m * teacher + (1 - m) * student``);
+            early on Mean Teacher's ``min(ema_momentum, 1 - 1 / (step + 1))`` lets it catch up, so a
+            short run (few steps per epoch with few labels) does not validate a teacher stuck near
+            its random start.
         unsup_loss: the loss on the teacher's confident pixels (default threshold 0.95).
         unsup_weight: weight of the unsupervised term once ramped up.
         rampup_epochs: epochs over which the weight ramps up (Mean Teacher's sigmoid ramp-up).
@@ -139,6 +142,10 @@ class MaskMatchTrainer(MaskSupTrainer):
         self.state.output[SemiKeys.UNSUP_WEIGHT] = weight
         return terms
 
+    def current_ema_momentum(self) -> float:
+        """``min(ema_momentum, 1 - 1 / (step + 1))`` at the current iteration (Mean Teacher's warm-up)."""
+        return min(self.ema_momentum, 1.0 - 1.0 / (self.state.iteration + 1))
+
     def after_step(self) -> None:
         """The teacher follows the student."""
-        ema_update(self.teacher, self.network, self.ema_momentum)
+        ema_update(self.teacher, self.network, self.current_ema_momentum())

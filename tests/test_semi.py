@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Events
 from monai.networks.nets import UNet
 from PIL import Image
 from torch import nn
@@ -173,8 +174,11 @@ def test_maskmatch_step_trains_the_student_and_moves_the_teacher_by_ema():
         unlabelled_loader=_batches(2, 1, labelled=False), teacher=teacher, ema_momentum=0.5,
         unsup_loss=ConfidentPseudoLabelLoss(threshold=0.5), rampup_epochs=0, teacher_scales=(1.0,), decollate=False,
     )
+    momenta = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: momenta.append(e.current_ema_momentum()))
     trainer.run()
     output = trainer.state.output
+    assert momenta == [0.5, 0.5, 0.5]  # min(0.5, 1 - 1/(step + 1)) = 0.5 from the first step
     assert trainer.state.iteration == 3  # the 2-batch unlabelled loader was cycled
     assert output["confident_fraction"] == 1.0  # threshold 0.5: every pixel counts
     assert output["loss"].item() == pytest.approx(output["loss_seg"].item() + output["loss_unsup"].item(), rel=1e-5)
@@ -182,3 +186,15 @@ def test_maskmatch_step_trains_the_student_and_moves_the_teacher_by_ema():
     assert sum(moved) >= len(moved) // 2  # (a conv bias before a norm layer gets no gradient, so stays)
     for changed, t, s in zip(moved, teacher.parameters(), net.parameters()):
         assert not changed or not torch.equal(t, s)  # following the student, not a copy of it
+
+
+def test_ema_momentum_warms_up_as_in_mean_teacher():
+    net = UNet(2, 3, 1, channels=(4, 8), strides=(2,), num_res_units=0)
+    trainer = MaskMatchTrainer(device="cpu", max_epochs=1, train_data_loader=_batches(1, 0), network=net,
+                               optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=MaskSupLoss(),
+                               unlabelled_loader=_batches(1, 1, labelled=False), ema_momentum=0.99)
+    seen = {}
+    for step in (1, 9, 99, 500):
+        trainer.state.iteration = step
+        seen[step] = trainer.current_ema_momentum()
+    assert seen == {1: 0.5, 9: 0.9, 99: 0.99, 500: 0.99}
