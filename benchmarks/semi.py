@@ -27,15 +27,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bundle_runs import (
-    add_schedule_options,
-    add_study_options,
-    append_record,
-    load_records,
-    publish,
-    run_or_report,
-    train_and_evaluate,
-)
+import bundle_runs as study
 from report import RESULTS_MD
 
 LABELLED_ONLY = "benchmarks/recipes/semi/labelled_only.json"
@@ -72,7 +64,7 @@ def runs(args: argparse.Namespace) -> list[tuple[str, float, int]]:
 def run_study(args: argparse.Namespace) -> None:
     """Train and evaluate every planned run not recorded yet."""
     settings = study_settings(args)
-    records = [r for r in load_records(args.results) if all(r.get(k) == v for k, v in settings.items())]
+    records = [r for r in study.load_records(args.results) if all(r.get(k) == v for k, v in settings.items())]
     done = {(r["arm"], r["label_fraction"], r["seed"]) for r in records}
     for arm, fraction, seed in runs(args):
         if (arm, fraction, seed) in done:
@@ -84,8 +76,8 @@ def run_study(args: argparse.Namespace) -> None:
             values["label_fraction"] = fraction
         out = args.work_dir / f"semi-{args.bundle}-{arm}-f{fraction}-seed{seed}"
         print(f"[semi] {arm} {fraction} seed {seed}: training", flush=True)
-        outcome = train_and_evaluate(configs(args.bundle, arm), f"bundles/{args.bundle}/configs/evaluate.json", values, out)
-        append_record(args.results, {"arm": arm, "label_fraction": fraction, "seed": seed, **settings, **outcome})
+        outcome = study.train_and_evaluate(configs(args.bundle, arm), f"bundles/{args.bundle}/configs/evaluate.json", values, out)
+        study.append_record(args.results, {"arm": arm, "label_fraction": fraction, "seed": seed, **settings, **outcome})
         print(f"[semi] {arm} {fraction} seed {seed}: test mIoU {outcome['test']['test']['iou']:.4f}", flush=True)
 
 
@@ -96,7 +88,7 @@ def _mean_std(values: Sequence[float]) -> str:
 def report(args: argparse.Namespace) -> str:
     """The study's table (mean ± std over seeds per arm and fraction) into RESULTS.md."""
     settings = study_settings(args)
-    records = [r for r in load_records(args.results) if all(r.get(k) == v for k, v in settings.items())]
+    records = [r for r in study.load_records(args.results) if all(r.get(k) == v for k, v in settings.items())]
     if not records:
         raise SystemExit(f"no finished runs with {settings} in {args.results}")
     intro = (f"Bundle `{args.bundle}` on `{args.dataset_dir}`, {args.epochs} epochs, validation every "
@@ -112,7 +104,7 @@ def report(args: argparse.Namespace) -> str:
             minutes = statistics.mean(r["train_seconds"] for r in rows) / 60
             lines.append(f"| {arm} | {fraction} | {len(rows)} | " + " | ".join(cells) + f" | {minutes:.1f} |")
     lines += ["", "Each run is these two commands (here the first recorded run):", "", "```", *records[0]["commands"], "```"]
-    return publish("\n".join(lines), f"semi-{args.bundle}", args.markdown)
+    return study.publish("\n".join(lines), f"semi-{args.bundle}", args.markdown)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -122,13 +114,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bundle", default="glas", choices=("glas", "cvc_clinicdb"))
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.25, 0.125])
-    add_schedule_options(parser)
-    add_study_options(parser, "semi.jsonl", "semi-<bundle>", [RESULTS_MD])
+    study.add_schedule_options(parser)
+    study.add_study_options(parser, "semi.jsonl", "semi-<bundle>", [RESULTS_MD])
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    run_or_report(parse_args(argv), run_study, report)
+    study.run_or_report(parse_args(argv), run_study, report)
 
 
 if __name__ == "__main__":
