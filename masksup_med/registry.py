@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import shlex
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +139,8 @@ class ModelRegistrationHandler:
         tags: extra version tags.
         alias: alias for the new version.
         enabled: set False (e.g. on ranks other than 0) to do nothing.
+        selection_tags: when the best checkpoint was chosen among several networks (a teacher and a
+            student), a callable giving the tags that say which and its score, instead of the evaluator's.
     """
 
     def __init__(
@@ -155,6 +157,7 @@ class ModelRegistrationHandler:
         tags: Mapping[str, Any] | None = None,
         alias: str | None = "candidate",
         enabled: bool = True,
+        selection_tags: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         self.checkpoint = Path(checkpoint)
         self.config_file = config_file
@@ -166,6 +169,7 @@ class ModelRegistrationHandler:
         self.input_shape = tuple(input_shape)
         self.evaluator = evaluator
         self.tags = dict(tags or {})
+        self.selection_tags = selection_tags
         self.alias = alias
         self.enabled = enabled
         self.version: ModelVersion | None = None
@@ -179,7 +183,9 @@ class ModelRegistrationHandler:
         """``tags`` plus the evaluator's best key metric and its epoch (the checkpoint's own scores)."""
         tags = dict(self.tags)
         state = getattr(self.evaluator, "state", None)
-        if state is not None and getattr(state, "best_metric_epoch", -1) != -1:
+        if self.selection_tags is not None:  # the best model was chosen among several networks
+            tags.update(self.selection_tags())
+        elif state is not None and getattr(state, "best_metric_epoch", -1) != -1:
             tags[f"best_{state.key_metric_name}"] = f"{float(state.best_metric):.4f}"
             tags["best_epoch"] = state.best_metric_epoch
         return tags

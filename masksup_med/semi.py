@@ -29,7 +29,7 @@ from masksup_med.teacher import ema_update, make_teacher, multiscale_probabiliti
 from masksup_med.transforms.base import RandMask
 from masksup_med.transforms.patch import RandPatchMask
 
-__all__ = ["MaskMatchTrainer", "SemiKeys"]
+__all__ = ["BestNetworkSelector", "MaskMatchTrainer", "SemiKeys"]
 
 
 class SemiKeys:
@@ -149,3 +149,67 @@ class MaskMatchTrainer(MaskSupTrainer):
     def after_step(self) -> None:
         """The teacher follows the student."""
         ema_update(self.teacher, self.network, self.current_ema_momentum())
+
+
+class BestNetworkSelector:
+    """Keep as the best model whichever network validates best so far: the EMA teacher or the student.
+
+    Attach to the trainer (it attaches itself to every evaluator it watches). After each validation
+    round of ``evaluators[name]``, ``metrics[name]`` is compared with the best score of any network;
+    a better one writes ``networks[name]``'s weights to ``save_path`` (a plain state dict, written to
+    a temporary file first). :meth:`tags` says which network and score were kept (the registered
+    model's tags); :meth:`state_dict` goes in the resume checkpoint.
+    """
+
+    def __init__(
+        self,
+        save_path: str,
+        evaluators: dict[str, Any],
+        networks: dict[str, nn.Module],
+        metrics: dict[str, str],
+        enabled: bool = True,
+    ) -> None:
+        if set(evaluators) != set(networks) or set(evaluators) != set(metrics):
+            raise ValueError("evaluators, networks and metrics must name the same networks")
+        self.save_path = str(save_path)
+        self.evaluators, self.networks, self.metrics = evaluators, networks, metrics
+        self.enabled = enabled
+        self.best, self.best_name, self.best_epoch = -float("inf"), "", -1
+
+    def attach(self, engine: Any) -> None:
+        """Watch every evaluator's rounds (``engine``, the trainer, only carries the handler)."""
+        if not self.enabled:
+            return
+        from ignite.engine import Events
+
+        for name, evaluator in self.evaluators.items():
+            evaluator.add_event_handler(Events.EPOCH_COMPLETED, lambda e, name=name: self.consider(name, e))
+
+    def consider(self, name: str, evaluator: Any) -> bool:
+        """Keep ``name``'s weights if its score beats every network's so far; True when it did."""
+        import os
+
+        score = float(evaluator.state.metrics[self.metrics[name]])
+        if score <= self.best:
+            return False
+        self.best, self.best_name, self.best_epoch = score, name, int(evaluator.state.epoch)
+        module = self.networks[name]
+        module = module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+        os.makedirs(os.path.dirname(self.save_path) or ".", exist_ok=True)
+        partial = self.save_path + ".partial"
+        torch.save(module.state_dict(), partial)
+        os.replace(partial, self.save_path)
+        return True
+
+    def tags(self) -> dict[str, str]:
+        """Which network was kept, its score and epoch."""
+        return {"selected_network": self.best_name, "best_val_mean_iou": f"{self.best:.4f}",
+                "best_epoch": str(self.best_epoch)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The best score so far, for resuming."""
+        return {"best": self.best, "best_name": self.best_name, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.best, self.best_name, self.best_epoch = state["best"], state["best_name"], state["best_epoch"]

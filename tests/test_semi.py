@@ -198,3 +198,31 @@ def test_ema_momentum_warms_up_as_in_mean_teacher():
         trainer.state.iteration = step
         seen[step] = trainer.current_ema_momentum()
     assert seen == {1: 0.5, 9: 0.9, 99: 0.99, 500: 0.99}
+
+
+def test_best_network_selector_keeps_whichever_network_scores_best(tmp_path):
+    from types import SimpleNamespace
+
+    from masksup_med.semi import BestNetworkSelector
+
+    teacher, student = nn.Linear(2, 1), nn.Linear(2, 1)
+    with torch.no_grad():
+        teacher.weight.fill_(1.0)
+        student.weight.fill_(2.0)
+    evaluators = {name: SimpleNamespace(state=SimpleNamespace(metrics={}, epoch=0)) for name in ("teacher", "student")}
+    path = tmp_path / "models" / "model.pt"
+    selector = BestNetworkSelector(str(path), evaluators, {"teacher": teacher, "student": student},
+                                   {"teacher": "val_mean_iou", "student": "val_student_mean_iou"})
+
+    def round_(name, metric, score, epoch):
+        evaluators[name].state.metrics[metric], evaluators[name].state.epoch = score, epoch
+        return selector.consider(name, evaluators[name])
+
+    assert round_("teacher", "val_mean_iou", 0.4, 1) and round_("student", "val_student_mean_iou", 0.5, 1)
+    assert not round_("teacher", "val_mean_iou", 0.45, 2)  # better than its own best, not than the student's
+    assert torch.load(path, weights_only=True)["weight"].flatten().tolist() == [2.0, 2.0]
+    assert selector.tags() == {"selected_network": "student", "best_val_mean_iou": "0.5000", "best_epoch": "1"}
+    restored = BestNetworkSelector(str(path), evaluators, {"teacher": teacher, "student": student},
+                                   {"teacher": "val_mean_iou", "student": "val_student_mean_iou"})
+    restored.load_state_dict(selector.state_dict())
+    assert restored.tags() == selector.tags()
