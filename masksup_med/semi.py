@@ -207,9 +207,9 @@ class BestNetworkSelector:
                 "best_epoch": str(self.best_epoch)}
 
     def state_dict(self) -> dict[str, Any]:
-        """The best score so far, for resuming."""
-        return {"best": self.best, "best_name": self.best_name, "best_epoch": self.best_epoch}
+        """The best score so far, for resuming (the keys of :class:`~masksup_med.resume.BestMetricState`, plus which)."""
+        return {"best_metric": self.best, "best_metric_epoch": self.best_epoch, "selected_network": self.best_name}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
-        self.best, self.best_name, self.best_epoch = state["best"], state["best_name"], state["best_epoch"]
+        self.best, self.best_epoch, self.best_name = state["best_metric"], state["best_metric_epoch"], state["selected_network"]
