@@ -15,6 +15,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from masksup_med.teacher import confidence_mask
+
 __all__ = ["ConfidentPseudoLabelLoss", "MaskSupLoss", "MaskSupTerms"]
 
 
@@ -124,11 +126,10 @@ class ConfidentPseudoLabelLoss(nn.Module):
     def forward(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and the fraction of confident pixels."""
         if self.activation == "sigmoid":
-            confidence = torch.maximum(teacher_probs, 1.0 - teacher_probs)
             pseudo = (teacher_probs > 0.5).to(student_logits.dtype)
             per_pixel = nn.functional.binary_cross_entropy_with_logits(student_logits, pseudo, reduction="none")
         else:
-            confidence, pseudo = teacher_probs.max(dim=1, keepdim=True)
-            per_pixel = nn.functional.cross_entropy(student_logits, pseudo[:, 0], reduction="none")[:, None]
-        confident = (confidence >= self.threshold).to(per_pixel.dtype)
+            pseudo = teacher_probs.argmax(dim=1)
+            per_pixel = nn.functional.cross_entropy(student_logits, pseudo, reduction="none")[:, None]
+        confident = confidence_mask(teacher_probs, self.threshold).to(per_pixel.dtype)
         return (per_pixel * confident).sum() / per_pixel.numel(), confident.mean()
