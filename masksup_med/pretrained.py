@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from masksup_med.errors import ConfigError, MissingInputError
+
 __all__ = ["load_pretrained_weights"]
 
 logger = logging.getLogger(__name__)
@@ -22,15 +24,15 @@ logger = logging.getLogger(__name__)
 
 def _state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     if not path.is_file():
-        raise FileNotFoundError(f"pretrained_weights {path} does not exist; pass the pretraining run's models/pretrained.pt.")
+        raise MissingInputError(f"pretrained_weights {path} does not exist; pass the pretraining run's models/pretrained.pt.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"pretrained_weights {path} cannot be read as weights ({type(e).__name__}: {e}).") from e
+        raise ConfigError(f"pretrained_weights {path} cannot be read as weights ({type(e).__name__}: {e}).") from e
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
         state = state["model"]  # a CheckpointSaver file
     if not isinstance(state, Mapping):
-        raise TypeError(f"pretrained_weights {path} holds a {type(state).__name__}, not a state dict of weights.")
+        raise ConfigError(f"pretrained_weights {path} holds a {type(state).__name__}, not a state dict of weights.")
     return state
 
 
@@ -48,7 +50,7 @@ def load_pretrained_weights(network: nn.Module, path: str | os.PathLike | None) 
     reinitialised = [k for k in own if k in state and k not in loaded]
     unused = [k for k in state if k not in own]
     if not loaded:
-        raise ValueError(
+        raise ConfigError(
             f"pretrained_weights {path} matches no weight of {type(network).__name__} (its first names: "
             f"{', '.join(list(state)[:3]) or 'none'}); it was written for another network."
         )

@@ -3,7 +3,8 @@
 The trainer's CheckpointSaver keeps the last two epoch checkpoints (``checkpoint_epoch=N.pt``) with
 the network, optimizer, trainer state and the validator's best metric; a run started with
 ``--resume true`` loads the newest one that reads back completely, so a kill during a save costs
-one epoch, never the run.
+one epoch, never the run. Checkpoints are read as plain weights (``weights_only=True``): a planted
+file holding pickled code is refused, its code never run.
 """
 
 from __future__ import annotations
@@ -16,31 +17,69 @@ import torch
 from ignite.engine import Engine
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
-__all__ = ["BestMetricState", "attach_handlers", "check_checkpoint_holds", "latest_checkpoint"]
+from masksup_med.errors import ConfigError
+
+__all__ = ["BestMetricState", "attach_handlers", "check_checkpoint_holds", "latest_checkpoint", "resume_mode"]
 
 logger = logging.getLogger(__name__)
 
 _EPOCH = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
 
 
-def latest_checkpoint(ckpt_dir: str | Path, resume: bool = True) -> str | None:
-    """Path of the newest complete ``checkpoint_epoch=N.pt`` in ``ckpt_dir``; None when there is none
-    (or ``resume`` is False). Files that do not load (cut short by a kill) are skipped with a warning."""
-    if not resume:
-        return None
+def resume_mode(resume: bool | str) -> str:
+    """``"never"``, ``"always"`` or ``"auto"`` from a ``resume`` value (``false``, ``true``, ``auto``; bool or text)."""
+    text = str(resume).strip().lower()
+    if text in ("false", "0", "no", "none", ""):
+        return "never"
+    if text in ("true", "1", "yes"):
+        return "always"
+    if text == "auto":
+        return "auto"
+    raise ConfigError(f"resume must be true, false or auto, got {resume!r}.")
+
+
+def _readable_checkpoints(ckpt_dir: Path) -> tuple[list[tuple[int, Path]], list[str]]:
+    """(epoch, path) of every epoch checkpoint that loads as weights, newest first, and why the others did not."""
     candidates = []
-    for path in Path(ckpt_dir).glob("*checkpoint_epoch=*.pt"):
+    for path in ckpt_dir.glob("*checkpoint_epoch=*.pt"):
         match = _EPOCH.search(path.name)
         if match:
             candidates.append((int(match.group(1)), path))
+    readable, refused = [], []
     for epoch, path in sorted(candidates, reverse=True):
         try:
-            torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - truncated or corrupt: fall back to the previous epoch
-            logger.warning(f"skipping unreadable checkpoint {path} ({type(e).__name__}: {e})")
+            torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+        except Exception as e:  # noqa: BLE001 - truncated, corrupt or not plain weights: fall back to an older one
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            logger.warning(f"skipping unreadable checkpoint {path} ({type(e).__name__}: {reason})")
+            refused.append(f"{path.name} ({type(e).__name__})")
             continue
+        readable.append((epoch, path))
+    return readable, refused
+
+
+def latest_checkpoint(ckpt_dir: str | Path, resume: bool | str = True) -> str | None:
+    """Path of the newest complete ``checkpoint_epoch=N.pt`` in ``ckpt_dir`` to resume from, or None.
+
+    ``resume`` false: None. True: the checkpoint, or a :class:`ConfigError` when there is none that
+    reads back (starting over must be asked for). ``auto``: None when there is none (benchmarks that
+    start and resume with one command). Files that do not load as plain weights (cut short by a
+    kill, or holding pickled code) are skipped with a warning.
+    """
+    mode = resume_mode(resume)
+    if mode == "never":
+        return None
+    readable, refused = _readable_checkpoints(Path(ckpt_dir))
+    if readable:
+        epoch, path = readable[0]
         logger.info(f"resuming from {path} (epoch {epoch})")
         return str(path)
+    if mode == "always":
+        found = f"unreadable: {', '.join(refused)}" if refused else "none found"
+        raise ConfigError(
+            f"--resume true, but {ckpt_dir} holds no usable epoch checkpoint ({found}). To start over instead, "
+            "run without --resume true (with --overwrite true if the folder holds a model to replace)."
+        )
     logger.info(f"no checkpoint to resume from in {ckpt_dir}; training starts at epoch 1")
     return None
 
@@ -95,12 +134,12 @@ def check_checkpoint_holds(path: str | Path, load_dict: dict) -> None:
     A checkpoint written by an older config (before an id such as ``lr_scheduler`` was added)
     cannot resume the current one; without this check ignite fails with a bare key error.
     """
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
     if len(load_dict) == 1 and not set(load_dict) & set(saved):
         return  # one object: ignite reads the file as that object's own state dict
     missing = sorted(set(load_dict) - set(saved))
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"checkpoint {path} cannot resume this run: it has no {', '.join(missing)} "
             f"(it holds {', '.join(sorted(saved))}); it was written by a different config. "
             "Train again without --resume true, or resume with the config that wrote it."

@@ -9,6 +9,7 @@ trainer writes (:mod:`masksup_med.handlers`), the figures show a masked view onl
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -20,6 +21,8 @@ from masksup_med.handlers import loss_terms
 from masksup_med.registry import ModelRegistrationHandler
 
 __all__ = ["RunTracking"]
+
+logger = logging.getLogger(__name__)
 
 
 class RunTracking:
@@ -94,3 +97,26 @@ class RunTracking:
             on_evaluator.append(MLFlowHandler(**self.where, iteration_log=False, epoch_log=True))
             on_evaluator[-1].attach(evaluator)
         self.handlers = on_trainer + on_evaluator
+
+    def run(self, trainer: Engine) -> None:
+        """Run ``trainer``; when it fails, mark the MLflow run FAILED (KILLED on Ctrl-C) and re-raise.
+
+        MLflow leaves a run that never completes as RUNNING; ignite gives no failure event that runs
+        before MONAI's StatsHandler re-raises, so the run is marked here, around ``trainer.run()``.
+        """
+        try:
+            trainer.run()
+        except BaseException as e:
+            self.mark_ended("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
+
+    def mark_ended(self, status: str) -> None:
+        """Set the status of this run's MLflow record (if it was started) to ``status``."""
+        for handler in self.handlers:
+            run = getattr(handler, "cur_run", None)
+            if isinstance(handler, MLFlowHandler) and run is not None:
+                try:
+                    handler.client.set_terminated(run.info.run_id, status)
+                except Exception as e:  # noqa: BLE001 - the store may be what failed; the original error matters more
+                    logger.warning(f"could not mark MLflow run {run.info.run_id} {status}: {e}")
+                return

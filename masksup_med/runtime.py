@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from monai.transforms import RandRotate90, RandRotate90d
 
+from masksup_med.errors import ConfigError
+
 __all__ = [
     "check_augmentation_keeps_size",
     "check_image_size",
@@ -58,7 +60,7 @@ def select_device(device: str | torch.device = "auto", local_rank: int | None = 
         device = f"cuda:{local_rank}"
     chosen = torch.device(device)
     if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {str(device)!r} was requested but CUDA is not available; use 'auto' or 'cpu'.")
+        raise ConfigError(f"device {str(device)!r} was requested but CUDA is not available; use 'auto' or 'cpu'.")
     return chosen
 
 
@@ -88,7 +90,7 @@ def check_image_size(image_size: Sequence[int], network: torch.nn.Module) -> Non
     if any(side % factor for side, factor in zip(sizes, factors)):
         fitting = [math.ceil(side / factor) * factor for side, factor in zip(sizes, factors)]
         multiple = factors[0] if len(set(factors)) == 1 else factors
-        raise ValueError(
+        raise ConfigError(
             f"image_size {sizes} does not suit {type(network).__name__}: every side must be a multiple of {multiple} "
             f"(the product of its strides {list(strides)}); use e.g. --image_size \"{fitting}\""
         )
@@ -104,7 +106,7 @@ def check_augmentation_keeps_size(augmentation: Sequence[Any], image_size: Seque
     for transform in augmentation:
         axes = getattr(transform, "spatial_axes", None)
         if isinstance(transform, (RandRotate90, RandRotate90d)) and transform.prob > 0 and sizes[axes[0]] != sizes[axes[1]]:
-            raise ValueError(
+            raise ConfigError(
                 f"augmentation {type(transform).__name__}(prob={transform.prob}, spatial_axes={tuple(axes)}) swaps sides "
                 f"{sizes[axes[0]]} and {sizes[axes[1]]} of image_size {sizes}, so samples in a batch would differ in shape: "
                 "use a square image_size, set its prob to 0, or remove it"

@@ -21,6 +21,7 @@ import requests
 import torch
 
 import masksup_med
+from masksup_med.errors import ServerUnreachableError
 
 __all__ = [
     "check_tracking_server",
@@ -50,7 +51,7 @@ def check_tracking_server(tracking_uri: str, timeout: float = 10.0) -> str:
         response = requests.get(url, timeout=timeout)
         response.raise_for_status()
     except requests.RequestException as e:
-        raise ConnectionError(
+        raise ServerUnreachableError(
             f"MLflow tracking server {tracking_uri} is not reachable ({type(e).__name__}: {e}). Start it, fix "
             "MLFLOW_TRACKING_URI / tracking_uri, or unset it to use the local SQLite store."
         ) from e

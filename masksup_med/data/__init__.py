@@ -18,7 +18,7 @@ from .splits import carve_validation, read_datalist, split_groups, write_datalis
 
 # loaded on first use: the MONAI-backed parts, and the demo-data generator (never on the training path)
 _LAZY = {"TiffReader": "readers", "loader_reader": "readers", "read_array": "readers",
-         "check_dataset": "checks", "CheckReport": "checks",
+         "check_dataset": "checks", "CheckReport": "checks", "check_training_data": "preflight",
          "make_glas_demo": "synthetic", "make_cvc_clinicdb_demo": "synthetic",
          "with_unlabelled": "unlabelled", "list_unlabelled_images": "unlabelled"}
 
@@ -41,6 +41,7 @@ __all__ = [
     "available_datasets",
     "carve_validation",
     "check_dataset",
+    "check_training_data",
     "find_cvc_clinicdb_pairs",
     "find_glas_pairs",
     "find_kvasir_seg_pairs",

@@ -134,15 +134,21 @@ def _read(path: Path, report: CheckReport) -> np.ndarray | None:
         return None
 
 
-def check_pair(item: dict, spec: DatasetSpec, report: CheckReport) -> None:
-    """Read one image/label pair and add what is found (sizes, values, problems) to ``report``."""
-    image_path, label_path = Path(item["image"]), Path(item["label"])
-    image, label = _read(image_path, report), _read(label_path, report)
+def check_image(path: str | os.PathLike, report: CheckReport) -> np.ndarray | None:
+    """Read one image, add its size and kind (and any problem) to ``report``; the array, None if unreadable."""
+    image = _read(Path(path), report)
     if image is not None:
         report.images[describe(image)] += 1
         problem = _check_image(image)
         if problem:
-            report.problems.append(Problem(image_path, problem, "image"))
+            report.problems.append(Problem(Path(path), problem, "image"))
+    return image
+
+
+def check_pair(item: dict, spec: DatasetSpec, report: CheckReport) -> None:
+    """Read one image/label pair and add what is found (sizes, values, problems) to ``report``."""
+    image_path, label_path = Path(item["image"]), Path(item["label"])
+    image, label = check_image(image_path, report), _read(label_path, report)
     if label is None:
         return
     report.labels[describe(label)] += 1

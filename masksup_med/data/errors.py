@@ -1,7 +1,9 @@
 """Exceptions raised by the dataset adapters."""
 
+from masksup_med.errors import UserError
 
-class DatasetError(ValueError):
+
+class DatasetError(UserError, ValueError):
     """A dataset is present but malformed (unpaired files, unreadable datalist, ...)."""
 
 
