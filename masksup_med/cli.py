@@ -14,7 +14,7 @@ from masksup_med import __version__
 from masksup_med.cli_data import add_data_commands
 from masksup_med.cli_deploy import add_deploy_commands
 from masksup_med.cli_registry import add_registry_commands
-from masksup_med.data import DatasetError
+from masksup_med.errors import UserError
 
 
 def _add_data(commands: argparse._SubParsersAction) -> None:
@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except DatasetError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -136,7 +136,8 @@ def _check(args: argparse.Namespace) -> int:
         if args.label_fraction is not None or args.unlabelled_dir is not None:
             spec = get_dataset(args.dataset)
             print(_labelled_counts(_with_unlabelled(args, spec.split(args.dataset_dir, **options))))
-        print(f"OK: {report.pairs} pairs usable")
+        left_out = sum(": left out: " in w for w in report.warnings)
+        print(f"OK: {report.pairs} pairs usable" + (f"; {left_out} file(s) left out, listed above" if left_out else ""))
         return 0
     print(f"FAILED: {len(report.problems)} problem(s), listed above")
     return 1

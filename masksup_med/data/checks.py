@@ -19,13 +19,14 @@ import numpy as np
 from masksup_med.transforms.label import foreground_mask
 
 from .errors import DatasetError, UnreadableFileError
-from .pairing import Problem
+from .pairing import LEFT_OUT, Problem
 from .readers import read_array
 from .registry import DatasetSpec, get_dataset
 from .splits import natural_key
 
 MID_GREY = (64, 191)  # values this far from both 0 and 255 are neither background nor foreground
 MAX_MID_GREY_FRACTION = 0.05
+MOST_COMMON = 5  # distinct image sizes listed by name in the summary
 _CONVERT = "refused, not converted: save it as 8-bit RGB (e.g. Pillow: Image.open(f).convert('RGB'))"
 
 
@@ -71,8 +72,18 @@ class CheckReport:
         return lines
 
 
+def _pixels(size_and_kind: str) -> int:
+    height, width = size_and_kind.split()[0].split("x")
+    return int(height) * int(width)
+
+
 def _counts(counter: Counter) -> str:
-    return "; ".join(f"{key} ({n})" for key, n in counter.most_common()) or "none read"
+    """``SIZE KIND (n)`` of each distinct value; beyond ``MOST_COMMON`` values, the range and the most common."""
+    common = "; ".join(f"{key} ({n})" for key, n in counter.most_common(MOST_COMMON))
+    if len(counter) <= MOST_COMMON:
+        return common or "none read"
+    by_area = sorted(counter, key=_pixels)
+    return f"{len(counter)} distinct, from {by_area[0]} to {by_area[-1]}; most common: {common}"
 
 
 def _values(values: set) -> str:
@@ -177,7 +188,8 @@ def check_dataset(name: str, dataset_dir: str | os.PathLike, **split_options) ->
         report.problems.append(Problem(Path(dataset_dir), str(e), "folder"))
         return report
     report.layout, report.pairs = scan.layout, len(scan.items)
-    report.problems += scan.problems
+    report.problems += [p for p in scan.problems if p.kind != LEFT_OUT]
+    report.warnings += [str(p) for p in scan.problems if p.kind == LEFT_OUT]
     report.official.update(it["split"] for it in scan.items if "split" in it)
     for item in scan.items:
         check_pair(item, spec, report)

@@ -18,6 +18,7 @@ STRAY_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini", "ehthumbs.db"}
 
 # Problems that make a datalist wrong (training must refuse); others only make ``check`` fail.
 PAIRING_KINDS = frozenset({"unpaired", "duplicate", "empty"})
+LEFT_OUT = "left out"  # a file that looks like data but is not used: reported as a warning
 
 
 @dataclass(frozen=True)
@@ -101,11 +102,13 @@ def pair_files(
 ) -> tuple[list, list]:
     """Pair ``files`` by key; return ([(key, image, label)] in natural key order, [Problem]).
 
-    Stray files and files the classifier rejects are skipped; a file with an unsupported
+    Stray files are skipped; an image file (one of ``suffixes``) that the classifier rejects is left
+    out, recorded as a ``left out`` problem (a warning, not an error); a file with an unsupported
     extension, two files for one key and role, or an unpaired file is a problem; ``hint`` (the
-    expected naming) is added to the messages about unpaired files.
+    expected naming) is added to the messages about unpaired and left-out files.
     """
-    expected = "|".join(sorted(s.lstrip(".") for s in suffixes))
+    allowed = frozenset(s.lower() for s in suffixes)
+    expected = "|".join(sorted(s.lstrip(".") for s in allowed))
     tables: dict[str, dict[str, Path]] = {"image": {}, "label": {}}
     problems: list[Problem] = []
     for path in sorted(files, key=lambda p: natural_key(p.name)):
@@ -113,6 +116,8 @@ def pair_files(
             continue
         found = classify(path)
         if found is None:
+            if path.suffix.lower() in allowed:
+                problems.append(Problem(path, f"left out: its name does not follow the dataset's naming{hint}", LEFT_OUT))
             continue
         role, key, supported = found
         if not supported:
