@@ -1,6 +1,6 @@
 """One benchmark run of a bundle on real data: train, pick the checkpoint on validation, score it on test.
 
-Training is ``python -m monai.bundle run training`` with ``--resume true`` (a run killed halfway
+Training is ``python -m monai.bundle run training`` with ``--resume auto`` (a run killed halfway
 carries on from its last epoch checkpoint); the bundle keeps the checkpoint with the best
 *validation* mIoU, and only that checkpoint is then scored with the bundle's ``evaluating`` config
 on its test split. Finished runs are kept as JSON lines, one record each, so a study can be
@@ -35,7 +35,7 @@ def as_cli_overrides(values: dict[str, Any]) -> list[str]:
 
 def training_command(configs: Sequence[str], overrides: list[str]) -> list[str]:
     """``monai.bundle run training`` of ``configs`` (merged in order), resuming a half-finished run."""
-    return [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", _config_arg(configs), *overrides, "--resume", "true"]
+    return [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", _config_arg(configs), *overrides, "--resume", "auto"]
 
 
 def evaluation_command(configs: Sequence[str], evaluate_config: str, overrides: list[str]) -> list[str]:
@@ -84,7 +84,7 @@ def train_and_evaluate(configs: Sequence[str], evaluate_config: str, values: dic
     local_dir = output_dir if output_dir.is_absolute() else ROOT / output_dir
     overrides = as_cli_overrides({**values, "output_dir": str(output_dir)})
     train_cmd, eval_cmd = training_command(configs, overrides), evaluation_command(configs, evaluate_config, overrides)
-    resumed = latest_checkpoint(local_dir / "models") is not None
+    resumed = latest_checkpoint(local_dir / "models", "auto") is not None
     commit = code_version()
     train_seconds = run_logged(train_cmd, local_dir / "train.log")
     best_val, best_epoch = best_validation(local_dir / "models")

@@ -331,7 +331,8 @@ def test_missing_or_empty_dataset_dir_fails_at_start_with_instructions(case, tmp
 def test_image_size_the_network_cannot_take_fails_at_start_with_a_size_that_works(tmp_path, config):
     configs = CASES["glas"].config(*([] if config == "train.json" else [config]))
     run_id = {"train.json": "training", "evaluate.json": "evaluating", "inference.json": "inferring"}[config]
-    result = run_bundle(run_id, configs, "--dataset_dir", str(tmp_path / "unused"), "--input_dir", str(tmp_path),
+    inputs = ["--input_dir", str(tmp_path)] if config == "inference.json" else []
+    result = run_bundle(run_id, configs, "--dataset_dir", str(tmp_path / "unused"), *inputs,
                         "--output_dir", str(tmp_path / "out"), "--image_size", "[120,160]")
     assert result.returncode != 0
     message = result.stdout + result.stderr
