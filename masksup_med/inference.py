@@ -7,6 +7,7 @@ inverted back to each image's own size, thresholded) are written once here; the 
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -17,10 +18,12 @@ from monai.data import PILReader
 from monai.transforms import Activationsd, AsDiscreted, CopyItemsd, Invertd, Transform
 from PIL import Image
 
-from masksup_med.data.errors import DatasetNotFoundError
-from masksup_med.data.readers import PIL_SUFFIXES, TIFF_SUFFIXES, TiffReader
+from masksup_med.data.errors import DatasetNotFoundError, UnreadableFileError
+from masksup_med.data.readers import PIL_SUFFIXES, TIFF_SUFFIXES, TiffReader, read_array
 
 __all__ = ["OverlayWriter", "image_readers", "list_images", "native_mask_postprocessing", "overlay"]
+
+logger = logging.getLogger(__name__)
 
 
 def image_readers() -> list:
@@ -45,8 +48,26 @@ def native_mask_postprocessing(preprocessing: Transform, threshold: float = 0.5)
 IGNORED = {".ds_store", "thumbs.db"}
 
 
+def _unusable(path: Path) -> str | None:
+    """Why the network cannot take the image in ``path`` (unreadable, not 8-bit, odd channels), or None."""
+    try:
+        array = read_array(path)
+    except UnreadableFileError as e:
+        return e.reason
+    if array.dtype != np.uint8:
+        return f"{array.dtype} pixels; the models take 8-bit images (save it as 8-bit)"
+    if array.ndim == 3 and array.shape[-1] > 4:
+        return f"{array.shape[-1]} channels; grey, RGB or RGBA expected"
+    return None
+
+
 def list_images(input_dir: str | os.PathLike) -> list[dict]:
-    """``[{"image": path}, …]`` for every supported image in ``input_dir`` (sorted); refuse an empty folder."""
+    """``[{"image": path}, …]`` for every usable image in ``input_dir`` (sorted).
+
+    Each file is read once first: files the network cannot take (unreadable, not 8-bit) are skipped
+    and listed in a warning; grey and RGBA images are kept (:class:`~masksup_med.transforms.EnsureRGB`
+    makes them RGB). A folder with no usable image is refused.
+    """
     folder = Path(input_dir)
     if not folder.is_dir():
         raise DatasetNotFoundError(f"input folder {folder} does not exist; pass --input_dir with your images.")
@@ -57,7 +78,14 @@ def list_images(input_dir: str | os.PathLike) -> list[dict]:
         raise DatasetNotFoundError(
             f"input folder {folder} holds no images with a supported extension ({', '.join(sorted(supported))})."
         )
-    return [{"image": str(p)} for p in files]
+    skipped = {p: why for p in files if (why := _unusable(p)) is not None}
+    if skipped:
+        logger.warning(f"skipping {len(skipped)} of {len(files)} files in {folder} that cannot be used:\n"
+                       + "\n".join(f"  {p.name}: {why}" for p, why in skipped.items()))
+    usable = [p for p in files if p not in skipped]
+    if not usable:
+        raise DatasetNotFoundError(f"input folder {folder} holds no usable image: every file was skipped (listed above).")
+    return [{"image": str(p)} for p in usable]
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (0, 255, 80), alpha: float = 0.45) -> np.ndarray:

@@ -225,3 +225,20 @@ def test_files_whose_names_do_not_follow_the_naming_are_named_as_left_out(demo):
     assert left_out == sorted(str(demo / n) for n in ("train 1.bmp", "train 1_anno.bmp", "train_é2.bmp",
                                                      "train_é2_anno.bmp"))
     assert np.all([demo.joinpath(Path(p).name).exists() for p in left_out])
+
+
+# ------------------------------------------------------------------------------------- inference
+
+
+def test_inference_skips_and_lists_files_it_cannot_use_and_keeps_grey_ones(tmp_path, caplog):
+    from masksup_med.inference import list_images
+
+    Image.new("RGB", (16, 8)).save(tmp_path / "a_rgb.png")
+    Image.new("L", (16, 8)).save(tmp_path / "b_grey.png")
+    Image.fromarray(np.zeros((8, 16), np.uint16)).save(tmp_path / "c_16bit.png")
+    (tmp_path / "d_empty.jpg").write_bytes(b"")
+    with caplog.at_level(logging.WARNING):
+        items = list_images(tmp_path)
+    assert [Path(i["image"]).name for i in items] == ["a_rgb.png", "b_grey.png"]
+    assert "skipping 2 of 4 files" in caplog.text
+    assert "c_16bit.png: uint16 pixels" in caplog.text and "d_empty.jpg: empty file" in caplog.text
