@@ -22,7 +22,7 @@ README = REPO / "README.md"
 
 def shell_blocks(text: str) -> list[str]:
     """The contents of the README's ```bash blocks, continuation lines joined."""
-    return [block.replace("\\\n", " ") for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)]
+    return [block.replace("\\\n", " ") for block in re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL)]
 
 
 def readme_commands() -> dict[str, list[str]]:
