@@ -1,7 +1,7 @@
 """One training run per output folder: writable, locked while in use, and no earlier model replaced unasked.
 
 Two trainings on one ``output_dir`` overwrite each other's checkpoints and tracking store, and a fresh
-run silently replaces the best model an earlier run left there. :func:`claim_output_dir` refuses
+run silently replaces the best model an earlier run left there. :func:`claim` refuses
 both at start, before anything is written, with a message that says what to do.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from masksup_med.errors import OutputDirError
 
-__all__ = ["LOCK_NAME", "acquire_lock", "claim_output_dir", "lock_holder", "release_lock"]
+__all__ = ["LOCK_NAME", "acquire_lock", "claim", "lock_holder", "release_lock"]
 
 LOCK_NAME = ".masksup-med.lock"
 
@@ -100,20 +100,20 @@ def _check_writable(folder: Path) -> None:
         ) from e
 
 
-def claim_output_dir(
-    output_dir: str | os.PathLike, resuming: bool, best_model_file: str | os.PathLike | None = None,
+def claim(
+    output_dir: str | os.PathLike, resume_from: str | os.PathLike | None, best_model_file: str | os.PathLike | None = None,
     overwrite: bool | str = False,
 ) -> Path:
     """Make ``output_dir`` this run's: writable, locked, and holding no earlier model unless resuming.
 
-    A fresh run (``resuming`` False) into a folder that already holds ``best_model_file`` is refused
+    A fresh run (``resume_from`` None: no checkpoint to resume) into a folder that already holds ``best_model_file`` is refused
     unless ``overwrite`` is true, so an earlier run's best model is never replaced without asking.
     Returns the lock file.
     """
     folder = Path(output_dir)
     _check_writable(folder)
     lock_file = acquire_lock(folder)
-    if not resuming and best_model_file and Path(best_model_file).exists() and not _truthy(overwrite):
+    if resume_from is None and best_model_file and Path(best_model_file).exists() and not _truthy(overwrite):
         release_lock(lock_file)
         raise OutputDirError(
             f"output_dir {folder} already holds a trained model ({best_model_file}) from an earlier run, which this "

@@ -24,7 +24,7 @@ from PIL import Image
 from masksup_med.data import DatasetError, check_dataset, check_training_data, make_glas_demo, split_glas
 from masksup_med.data.checks import CheckReport
 from masksup_med.errors import ConfigError, OutputDirError
-from masksup_med.output_dir import LOCK_NAME, acquire_lock, claim_output_dir, release_lock
+from masksup_med.output_dir import LOCK_NAME, acquire_lock, claim, release_lock
 from masksup_med.overrides import check_overrides
 from masksup_med.resume import latest_checkpoint, resume_mode
 from masksup_med.run_tracking import RunTracking
@@ -86,10 +86,10 @@ def test_claim_keeps_an_earlier_model_unless_resuming_or_overwriting(tmp_path):
     model.parent.mkdir()
     model.write_bytes(b"earlier")
     with pytest.raises(OutputDirError, match="already holds a trained model"):
-        claim_output_dir(tmp_path, resuming=False, best_model_file=model)
+        claim(tmp_path, None, best_model_file=model)
     assert not (tmp_path / LOCK_NAME).exists()  # refused: the lock is not kept
-    for resuming, overwrite in ((True, False), (False, "true")):
-        release_lock(claim_output_dir(tmp_path, resuming=resuming, best_model_file=model, overwrite=overwrite))
+    for resume_from, overwrite in ((str(tmp_path / "checkpoint_epoch=1.pt"), False), (None, "true")):
+        release_lock(claim(tmp_path, resume_from, best_model_file=model, overwrite=overwrite))
 
 
 # ----------------------------------------------------------------------------------------- resume
