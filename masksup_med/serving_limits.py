@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import re
-import warnings
+import struct
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +29,11 @@ _MAGIC = (
     (b"II+\x00", ".tif"),  # BigTIFF
     (b"MM\x00+", ".tif"),
 )
+_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".bmp": "BMP", ".tif": "TIFF"}
+_EIGHT_BIT_MODES = ("L", "LA", "RGB", "RGBA")
+_MODE_NAMES = {"1": "1-bit black-and-white", "P": "palette-indexed", "PA": "palette-indexed", "I;16": "16-bit grey",
+               "I;16B": "16-bit grey", "I;16L": "16-bit grey", "I": "32-bit integer", "F": "32-bit float",
+               "CMYK": "CMYK", "YCbCr": "YCbCr", "LAB": "LAB", "HSV": "HSV"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,15 +86,21 @@ class RequestRejected(MlflowException):
 
 @dataclasses.dataclass(frozen=True)
 class ImageHeader:
-    """An encoded image's format (file suffix), size and decoded size, from its header."""
+    """An encoded image's format (file suffix), size, decoded size and samples, from its header.
+
+    ``samples`` describes the pixel format (``8-bit RGB``, ``16-bit grey``, …); ``eight_bit`` says
+    whether it is one the bundles' preprocessing reads right (grey, grey + alpha, RGB, RGBA, 0..255).
+    """
 
     suffix: str
     width: int
     height: int
     decoded_bytes: int
+    samples: str = "8-bit"
+    eight_bit: bool = True
 
     def check(self, limits: ServingLimits) -> ImageHeader:
-        """Raise :class:`RequestRejected` (413) when the image is over ``limits``; return self."""
+        """Raise :class:`RequestRejected` when the image is over ``limits`` (413) or not 8-bit (400); return self."""
         pixels = self.width * self.height
         if pixels > limits.max_pixels:
             raise RequestRejected(
@@ -100,6 +110,10 @@ class ImageHeader:
             raise RequestRejected(
                 f"the image is {self.decoded_bytes:,} bytes decoded ({self.width} x {self.height}); the limit is "
                 f"{limits.max_image_bytes:,} bytes (serve --max-image-bytes)", 413)
+        if not self.eight_bit:
+            raise RequestRejected(
+                f"{_FORMATS[self.suffix]} image with {self.samples} samples: the model reads 8-bit grey or RGB(A) "
+                "images (values 0..255) and would see this one wrongly; convert it to 8-bit RGB")
         return self
 
 
@@ -114,23 +128,26 @@ def sniff_suffix(data: bytes) -> str:
 
 
 def _pil_header(data: bytes, suffix: str) -> ImageHeader:
-    import numpy as np
-    from PIL import Image, ImageMode, UnidentifiedImageError
+    """Size of a PNG, JPEG or BMP from Pillow's format plugin, which parses the header and decodes nothing.
 
+    The plugin class is used rather than ``Image.open`` so that an image far over Pillow's own
+    ``MAX_IMAGE_PIXELS`` still gets its size (and this module's message) instead of Pillow's error.
+    """
+    import numpy as np
+    from PIL import BmpImagePlugin, ImageMode, JpegImagePlugin, PngImagePlugin
+
+    plugin = {".png": PngImagePlugin.PngImageFile, ".jpg": JpegImagePlugin.JpegImageFile,
+              ".bmp": BmpImagePlugin.BmpImageFile}[suffix]
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:  # reads the header only
-                mode = ImageMode.getmode(image.mode)
-                width, height = image.size
-    except Image.DecompressionBombError as e:  # over twice PIL's MAX_IMAGE_PIXELS: it gives the count only
-        found = re.search(r"\((\d+) pixels\)", str(e))
-        pixels = f"{int(found.group(1)):,} pixels" if found else "more pixels than Pillow allows"
-        raise RequestRejected(f"the image declares {pixels}; far over the limit (serve --max-pixels)", 413) from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise RequestRejected(f"not a readable {suffix[1:].upper()} image ({type(e).__name__}: {e})") from None
+        with plugin(io.BytesIO(data)) as image:
+            mode = ImageMode.getmode(image.mode)
+            width, height = image.size
+    except (OSError, ValueError, SyntaxError, KeyError, struct.error) as e:
+        raise RequestRejected(f"not a readable {_FORMATS[suffix]} image ({type(e).__name__}: {e})") from None
     sample = np.dtype(mode.typestr).itemsize
-    return ImageHeader(suffix, width, height, width * height * len(mode.bands) * sample)
+    eight_bit = mode.mode in _EIGHT_BIT_MODES
+    samples = f"8-bit {mode.mode}" if eight_bit else _MODE_NAMES.get(mode.mode, f"Pillow mode {mode.mode}")
+    return ImageHeader(suffix, width, height, width * height * len(mode.bands) * sample, samples, eight_bit)
 
 
 def _tiff_header(data: bytes) -> ImageHeader:
@@ -142,12 +159,15 @@ def _tiff_header(data: bytes) -> ImageHeader:
                 raise ValueError("no image in the file")
             page = tif.pages.first
             width, height = int(page.imagewidth), int(page.imagelength)
-            per_pixel = int(page.samplesperpixel) * page.dtype.itemsize
+            channels, dtype = int(page.samplesperpixel), page.dtype
+            per_pixel = channels * dtype.itemsize
     except RequestRejected:
         raise
     except Exception as e:  # noqa: BLE001 - tifffile raises many types for a broken header
         raise RequestRejected(f"not a readable TIFF image ({type(e).__name__}: {e})") from None
-    return ImageHeader(".tif", width, height, width * height * per_pixel)
+    eight_bit = dtype.name == "uint8" and channels <= 4
+    samples = f"{channels}-channel {dtype.name}"
+    return ImageHeader(".tif", width, height, width * height * per_pixel, samples, eight_bit)
 
 
 def image_header(data: bytes) -> ImageHeader:
