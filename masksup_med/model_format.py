@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import json
 import pickle
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -117,11 +118,11 @@ def read_weights(path: str | Path, label: str | None = None) -> dict[str, torch.
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        detail = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), "")
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"it references {found.group(1)}" if found else "torch.load(weights_only=True) rejected it"
         raise UnsafeModelError(
             f"refused to load {label}: it holds Python objects besides tensors, which could run code when "
-            f"unpickled ({detail or 'rejected by torch.load(weights_only=True)'}). Register the model again from "
-            "its checkpoint with `masksup-med registry register`."
+            f"unpickled ({what}). Register the model again from its checkpoint with `masksup-med registry register`."
         ) from None
     except (OSError, RuntimeError, EOFError) as e:
         raise ValueError(f"{label} is not a readable weights file: {type(e).__name__}: {e}") from e

@@ -67,7 +67,7 @@ class ServingLimits:
         return cls(**{f.name: int(config[f.name]) for f in dataclasses.fields(cls) if config.get(f.name) is not None})
 
 
-class RequestRejected(MlflowException):
+class RequestRejected(MlflowException, ValueError):
     """A request the endpoint refuses: HTTP ``status`` and a message for the client, never a stack trace.
 
     An ``MlflowException`` so that MLflow's scoring server answers it as JSON; ``masksup_status`` and
