@@ -190,8 +190,10 @@ def _require_existing_store(uri: str) -> str:
 def _registry_store(args: argparse.Namespace, overrides: Sequence[str] = ()) -> str:
     """Where ``models:/`` sources are looked up: ``--tracking-uri``, ``$MLFLOW_TRACKING_URI``, else the SQLite
     store in the output_dir of ``--bundle`` (default glas), where training wrote it; it must exist."""
-    folder = bundle_dir(args.bundle or DEFAULT_BUNDLE, args.bundles_dir)
-    return _require_existing_store(_store(folder, overrides, args.tracking_uri))
+    given = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if given:
+        return _require_existing_store(given)
+    return _require_existing_store(_store(bundle_dir(args.bundle or DEFAULT_BUNDLE, args.bundles_dir), overrides))
 
 
 def _bundle_of(args: argparse.Namespace, store: str | None) -> str:
