@@ -290,6 +290,7 @@ def _bundle_options(parser: argparse.ArgumentParser) -> None:
 def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     """Add ``train``, ``evaluate``, ``predict`` and ``serve``."""
     from masksup_med.serving_limits import ServingLimits
+
     passthrough = ("bundle overrides, passed verbatim to `python -m monai.bundle run` "
                    "(e.g. --dataset_dir /data/glas --output_dir /outputs/glas --max_epochs 50)")
 
