@@ -3,7 +3,9 @@
 ``train``, ``evaluate`` and ``predict`` run a MONAI bundle as a subprocess of this Python
 (``python -m monai.bundle run …``) and return its exit code; bundle overrides (``--max_epochs 2``,
 ``--image_size "[128,128]"``, …) are passed through verbatim. ``serve`` wraps a registered model
-with the bundle's preprocessing (:mod:`masksup_med.serving`) and runs MLflow's scoring server on it.
+with the bundle's preprocessing (:mod:`masksup_med.serving`) and runs MLflow's scoring server app on it,
+behind request limits (:mod:`masksup_med.serving_app`). ``predict`` and ``serve`` find a registered
+model's store as training wrote it and its bundle from the version's ``bundle`` tag.
 
 Bundles are looked up under a bundles root: ``--bundles-dir``, else ``$MASKSUP_BUNDLES_DIR``, else
 the ``bundles/`` folder of the source checkout the package runs from, else ``./bundles``.
@@ -25,6 +27,7 @@ from pathlib import Path
 __all__ = ["add_deploy_commands", "bundle_command", "bundles_root"]
 
 BUNDLES_ENV = "MASKSUP_BUNDLES_DIR"
+DEFAULT_BUNDLE = "glas"
 FORMATS = {"png": ".png", "nifti": ".nii.gz"}
 
 
@@ -172,9 +175,50 @@ def _model_image_size(source: str, store: str) -> list[int] | None:
         return None
 
 
+def _require_existing_store(uri: str) -> str:
+    """``uri``, unless it is a SQLite file that does not exist (MLflow would create an empty store there)."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if not path.is_file():
+            raise SystemExit(
+                f"error: no MLflow store at {path} (nothing was trained or registered there). Pass --tracking-uri "
+                "(e.g. sqlite:///outputs/glas/mlflow.db, where training wrote it) or set MLFLOW_TRACKING_URI."
+            )
+    return uri
+
+
+def _registry_store(args: argparse.Namespace, overrides: Sequence[str] = ()) -> str:
+    """Where ``models:/`` sources are looked up: ``--tracking-uri``, ``$MLFLOW_TRACKING_URI``, else the SQLite
+    store in the output_dir of ``--bundle`` (default glas), where training wrote it; it must exist."""
+    given = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if given:
+        return _require_existing_store(given)
+    return _require_existing_store(_store(bundle_dir(args.bundle or DEFAULT_BUNDLE, args.bundles_dir), overrides))
+
+
+def _bundle_of(args: argparse.Namespace, store: str | None) -> str:
+    """``--bundle``, else the ``bundle`` tag of the registered version ``--model`` names, else glas."""
+    if args.bundle:
+        return args.bundle
+    if store and str(args.model).startswith("models:/"):
+        from masksup_med.registry import registered_bundle
+
+        try:
+            tagged = registered_bundle(args.model, store)
+        except Exception as e:  # noqa: BLE001 - loading the model reports it properly
+            print(f"warning: could not read the bundle tag of {args.model}: {e}", file=sys.stderr)
+            tagged = None
+        if tagged:
+            print(f"bundle {tagged} (the 'bundle' tag of {args.model})", file=sys.stderr)
+            return tagged
+    return DEFAULT_BUNDLE
+
+
 def _predict(args: argparse.Namespace) -> int:
-    folder = bundle_dir(args.bundle, args.bundles_dir)
     overrides = _overrides(args)
+    registered = str(args.model).startswith(("models:/", "runs:/"))
+    store = _registry_store(args, overrides) if registered else None
+    folder = bundle_dir(_bundle_of(args, store), args.bundles_dir)
     input_dir = Path(args.input)
     if not input_dir.is_dir():
         raise SystemExit(f"error: input folder {input_dir} does not exist")
@@ -182,18 +226,27 @@ def _predict(args: argparse.Namespace) -> int:
                      "--prediction_dir", str(Path(args.output).resolve()), "--output_ext", FORMATS[args.format]]
     if args.overlays:
         cmd_overrides += ["--save_overlays", "true"]
-    if not _has_override(overrides, "image_size"):
-        size = _model_image_size(args.model, _store(folder, overrides, args.tracking_uri))
+    if store and not _has_override(overrides, "image_size"):
+        size = _model_image_size(args.model, store)
         if size:
             cmd_overrides += ["--image_size", str(size)]
     return _run_bundle(folder, "inferring", ["train.json", "inference.json"], cmd_overrides + overrides,
-                       env=_tracking_env(args.tracking_uri))
+                       env=_tracking_env(store or args.tracking_uri))
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from masksup_med.serving import build_serving_model, serve_command
+    from mlflow.exceptions import MlflowException
 
-    folder = bundle_dir(args.bundle, args.bundles_dir)
+    from masksup_med.serving import build_serving_model
+    from masksup_med.serving_app import server_command
+    from masksup_med.serving_limits import ServingLimits
+
+    try:
+        limits = ServingLimits(args.max_body_bytes, args.max_pixels, args.max_image_bytes)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    store = _registry_store(args)
+    folder = bundle_dir(_bundle_of(args, store), args.bundles_dir)
     workdir = Path(tempfile.mkdtemp(prefix="masksup-serve-"))
     proc: subprocess.Popen | None = None
 
@@ -202,13 +255,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
-        model_dir = build_serving_model(args.model, folder / "configs" / "train.json", workdir / "model",
-                                        device=args.device, threshold=args.threshold,
-                                        tracking_uri=_store(folder, [], args.tracking_uri))
-        print(f"serving {args.model} on http://{args.host}:{args.port} (POST /invocations, GET /ping)",
-              file=sys.stderr, flush=True)
-        env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-        proc = subprocess.Popen(serve_command(model_dir, args.host, args.port, args.workers, args.timeout), env=env)
+        try:
+            model_dir = build_serving_model(args.model, folder / "configs" / "train.json", workdir / "model",
+                                            device=args.device, threshold=args.threshold, tracking_uri=store,
+                                            limits=limits)
+        except (MlflowException, ValueError, OSError) as e:
+            raise SystemExit(f"error: cannot serve {args.model} from {store}: {e}") from None
+        print(f"serving {args.model} with bundle {folder.name} on http://{args.host}:{args.port} "
+              f"(POST /invocations, GET /ping); limits: {limits}", file=sys.stderr, flush=True)
+        cmd, env = server_command(model_dir, args.host, args.port, args.workers, args.timeout)
+        proc = subprocess.Popen(cmd, env={**os.environ, **env})
         return proc.wait()
     except KeyboardInterrupt:
         return 130
@@ -233,6 +289,8 @@ def _bundle_options(parser: argparse.ArgumentParser) -> None:
 
 def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     """Add ``train``, ``evaluate``, ``predict`` and ``serve``."""
+    from masksup_med.serving_limits import ServingLimits
+
     passthrough = ("bundle overrides, passed verbatim to `python -m monai.bundle run` "
                    "(e.g. --dataset_dir /data/glas --output_dir /outputs/glas --max_epochs 50)")
 
@@ -264,12 +322,13 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
                          help="models:/NAME@ALIAS, models:/NAME/VERSION, or a checkpoint file (model.pt)")
     predict.add_argument("--input", required=True, metavar="DIR", help="folder of images")
     predict.add_argument("--output", required=True, metavar="DIR", help="folder for the masks (<stem>_mask.png)")
-    predict.add_argument("--bundle", default="glas", help="bundle whose inference config runs (default: glas)")
+    predict.add_argument("--bundle", help="bundle whose inference config runs (default: the registered version's "
+                                          "'bundle' tag, else glas)")
     predict.add_argument("--format", choices=sorted(FORMATS), default="png",
                          help="png (0/255, default) or nifti (.nii.gz, 0/1)")
     predict.add_argument("--overlays", action="store_true", help="also write <stem>_overlay.png for a person to look at")
     predict.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ sources (default: $MLFLOW_TRACKING_URI, else the "
-                              "SQLite store in the bundle's output_dir, where training wrote it)")
+                              "SQLite store in the output_dir of --bundle or glas, where training wrote it; it must exist)")
     predict.add_argument("overrides", nargs="*", metavar="-- OVERRIDES", help="bundle overrides, e.g. -- --device cpu")
     predict.set_defaults(handler=_predict)
 
@@ -283,13 +342,25 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     )
     _bundle_options(serve)
     serve.add_argument("--model", required=True, metavar="SOURCE", help="models:/NAME@ALIAS or models:/NAME/VERSION")
-    serve.add_argument("--bundle", default="glas", help="bundle whose preprocessing is used (default: glas)")
+    serve.add_argument("--bundle", help="bundle whose preprocessing is used (default: the registered version's "
+                                        "'bundle' tag, else glas)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
     serve.add_argument("--workers", type=int, default=1, help="server worker processes (default: 1)")
     serve.add_argument("--timeout", type=int, default=None, help="seconds allowed per request (MLflow default: 60)")
+    defaults = ServingLimits()
+    serve.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes, metavar="N",
+                       help=f"largest request body, base64 images included (default: {defaults.max_body_bytes:,}); "
+                            "larger: 413")
+    serve.add_argument("--max-pixels", type=int, default=defaults.max_pixels, metavar="N",
+                       help=f"largest image, width x height, read from its header before decoding "
+                            f"(default: {defaults.max_pixels:,}); larger: 413")
+    serve.add_argument("--max-image-bytes", type=int, default=defaults.max_image_bytes, metavar="N",
+                       help=f"largest image decoded, width x height x channels x bytes per sample "
+                            f"(default: {defaults.max_image_bytes:,}); larger: 413")
     serve.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, …")
-    serve.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default: 0.5)")
+    serve.add_argument("--threshold", type=float, default=None,
+                       help="probability threshold (default: the registered model's, else 0.5)")
     serve.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the SQLite "
-                                             "store in the bundle's output_dir, as predict)")
+                                             "store in the output_dir of --bundle or glas, as predict; it must exist)")
     serve.set_defaults(handler=_serve)

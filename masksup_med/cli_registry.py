@@ -60,16 +60,27 @@ def _promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bundle_name(config: Path) -> str | None:
+    """The bundle a ``<bundle>/configs/train.json`` belongs to (None for a config elsewhere)."""
+    parent = config.resolve().parent
+    return parent.parent.name if parent.name == "configs" else None
+
+
 def _register(args: argparse.Namespace) -> int:
     from monai.bundle import ConfigParser
 
+    from masksup_med.model_format import build_network, network_definition
+
     parser = ConfigParser()
     parser.read_config(args.config)
-    network = parser.get_parsed_content("network_def")
-    input_shape = (int(network.in_channels), *(int(s) for s in parser.get_parsed_content("image_size")))
+    definition = network_definition(args.config)
+    in_channels = int(build_network(definition, str(args.config)).in_channels)
+    input_shape = (in_channels, *(int(s) for s in parser.get_parsed_content("image_size")))
+    threshold = float(parser.get_parsed_content("threshold")) if "threshold" in parser else 0.5
     version = register_checkpoint(
-        args.checkpoint, network, args.name, _tracking_uri(args), input_shape,
+        args.checkpoint, definition, args.name, _tracking_uri(args), input_shape,
         run_id=args.run_id, tags={"registered_by": "masksup-med registry register"}, alias=args.alias,
+        bundle=args.bundle or _bundle_name(args.config), threshold=threshold, config_file=args.config,
     )
     print(f"registered {args.checkpoint} as {args.name} version {version.version}"
           + (f" (alias {args.alias})" if args.alias else ""))
@@ -96,8 +107,11 @@ def add_registry_commands(commands: argparse._SubParsersAction) -> None:
 
     register = actions.add_parser("register", help="register a checkpoint by hand (e.g. after a failed upload)")
     register.add_argument("checkpoint", type=Path)
-    register.add_argument("--config", required=True, type=Path, help="the bundle's train.json (network definition)")
+    register.add_argument("--config", required=True, type=Path,
+                          help="the bundle's train.json (its network_def, image_size and threshold)")
     register.add_argument("--name", required=True, help="registered model name, e.g. masksup-glas")
     register.add_argument("--run-id", help="attach the model to this training run")
     register.add_argument("--alias", default="candidate", help="alias for the new version (default: candidate)")
+    register.add_argument("--bundle", help="the bundle the model was trained with (version tag 'bundle'; default: "
+                                           "BUNDLE of a BUNDLE/configs/train.json --config)")
     register.set_defaults(handler=_register)

@@ -1,13 +1,13 @@
-"""MLflow model registry: register a trained checkpoint, find and promote registered models.
+"""MLflow model registry: register a trained checkpoint, load a registered model.
 
-Registration never touches the checkpoint on disk: it is read, wrapped as an MLflow PyTorch model
-(with a signature and an input example) and uploaded. When it fails, the error says how to
-register the same checkpoint again by hand with ``masksup-med registry register``.
+Registration never touches the checkpoint on disk: its weights are logged with the definition that
+rebuilds their network (:mod:`masksup_med.model_format`: no pickled code), a signature and tags
+(bundle, input shape, threshold, the run's scores), then registered. When it fails, the error says
+how to register the same checkpoint again by hand with ``masksup-med registry register``.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import shlex
 from collections.abc import Callable, Mapping
@@ -19,8 +19,10 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from mlflow.entities.model_registry import ModelVersion
-from mlflow.models import infer_signature
+from mlflow.models import Model, infer_signature
 
+from masksup_med import model_format
+from masksup_med.model_format import build_network, load_model, network_definition
 from masksup_med.tracking import find_run_id, using_store
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "load_network",
     "manual_register_command",
     "register_checkpoint",
+    "registered_bundle",
     "using_store",
 ]
 
@@ -54,14 +57,12 @@ def load_checkpoint(network: torch.nn.Module, checkpoint: str | Path) -> torch.n
 def load_network(
     source: str | Path, network: torch.nn.Module, device: torch.device | str, tracking_uri: str | None = None
 ) -> torch.nn.Module:
-    """The network to evaluate or run: ``models:/NAME@ALIAS`` (or ``/VERSION``) from the MLflow registry,
+    """The network to evaluate or run: ``models:/NAME@ALIAS`` (or ``/VERSION``) from the MLflow registry
+    (through :func:`masksup_med.model_format.load_model`: weights and definition, no pickled code),
     otherwise a checkpoint file loaded into the configured ``network``. Returned in eval mode on ``device``."""
-    if str(source).startswith("models:/"):
-        with using_store(tracking_uri):
-            model = mlflow.pytorch.load_model(str(source), map_location=torch.device(device))
-    else:
-        model = load_checkpoint(network, source)
-    return model.to(device).eval()
+    if str(source).startswith(("models:/", "runs:/")):
+        return load_model(str(source), torch.device(device), tracking_uri)
+    return load_checkpoint(network, source).to(device).eval()
 
 
 def manual_register_command(
@@ -77,42 +78,52 @@ def manual_register_command(
 
 def register_checkpoint(
     checkpoint: str | Path,
-    network: torch.nn.Module,
+    network_def: Mapping[str, Any],
     name: str,
     tracking_uri: str,
     input_shape: tuple[int, ...],
     run_id: str | None = None,
     tags: Mapping[str, Any] | None = None,
     alias: str | None = "candidate",
+    bundle: str | None = None,
+    threshold: float = 0.5,
+    config_file: str | Path | None = None,
 ) -> ModelVersion:
-    """Log the weights in ``checkpoint`` (loaded into a copy of ``network``) as an MLflow model and register it.
+    """Log the weights in ``checkpoint`` with the definition that rebuilds their network, and register them.
+
+    The version holds no pickled code (see :mod:`masksup_med.model_format`); its tags say the bundle,
+    the input shape and the threshold, besides ``tags``.
 
     Args:
         checkpoint: a state dict saved by MONAI's CheckpointSaver (``{"model": ...}`` or a bare state dict).
-        network: the bundle's network definition; its weights are not modified.
+        network_def: the network definition, plain JSON (see :func:`~masksup_med.model_format.network_definition`).
         name: registered model name, e.g. ``masksup-glas``.
         tracking_uri: MLflow tracking URI (SQLite file or server).
-        input_shape: one input sample ``C, *spatial`` used for the signature and the input example.
+        input_shape: one input sample ``C, *spatial`` used for the signature.
         run_id: the training run to attach the model to (a new run is created when None).
         tags: set on the model version (dataset, split, validation metrics, masking settings, ...).
         alias: alias given to the new version (``None``: none).
+        bundle: the bundle the model was trained with (tag ``bundle``).
+        threshold: the bundle's probability threshold (tag ``threshold``).
+        config_file: the bundle config, logged with the model for people to read.
     """
     checkpoint = Path(checkpoint)
-    model = load_checkpoint(copy.deepcopy(network).to("cpu"), checkpoint)
-    model.eval()
-
+    model = load_checkpoint(build_network(network_def), checkpoint).eval()
     example = np.zeros((1, *input_shape), dtype=np.float32)
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, output)
 
+    version_tags = {**(tags or {}), "input_shape": ",".join(str(int(s)) for s in input_shape),
+                    "threshold": threshold, "network": type(model).__name__, "model_format": "masksup-med weights"}
+    if bundle:
+        version_tags["bundle"] = bundle
     with using_store(tracking_uri):
         with mlflow.start_run(run_id=run_id) as run:
-            # "pickle" keeps a plain nn.Module (any batch size, .eval()); the pt2 default fixes the batch size
-            info = mlflow.pytorch.log_model(
-                model, name="model", signature=signature, input_example=example, serialization_format="pickle"
-            )
-        version = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()})
+            info = Model.log(None, model_format, name="model", state_dict=model.state_dict(), network=network_def,
+                             input_shape=input_shape, signature=signature, bundle=bundle, threshold=threshold,
+                             config_file=config_file)
+        version = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in version_tags.items()})
     client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     client.set_model_version_tag(name, version.version, "run_id", run.info.run_id)
     client.set_model_version_tag(name, version.version, "checkpoint", str(checkpoint.resolve()))
@@ -121,17 +132,29 @@ def register_checkpoint(
     return version
 
 
+def registered_bundle(model_uri: str, tracking_uri: str | None = None) -> str | None:
+    """The ``bundle`` tag of the version ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names (None: no tag)."""
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    name, version = get_model_name_and_version(client, model_uri)
+    return client.get_model_version(name, version).tags.get("bundle") or None
+
+
 class ModelRegistrationHandler:
     """At the end of training, register the best checkpoint in the MLflow model registry.
 
     Attach to the trainer. The training run is found by name in the tracking store; the version
     gets ``tags`` plus the validation results of the evaluator and the alias ``candidate``.
-    A failure is logged with the command to register by hand, and never affects the checkpoint.
+    The network is registered by its definition, ``network_def`` of ``config_file``, checked to
+    describe ``network`` (the one trained). A failure is logged with the command to register by
+    hand, and never affects the checkpoint.
 
     Args:
         checkpoint: path of the best checkpoint written by the evaluator's CheckpointSaver.
-        config_file: the bundle's training config (quoted in the by-hand command on failure).
-        network: the network definition.
+        config_file: the bundle's training config: its ``network_def`` is registered, the file logged
+            with the model and quoted in the by-hand command on failure.
+        network: the network trained (``None``: not checked against ``config_file``).
         name: registered model name.
         tracking_uri, experiment_name, run_name: where the training run is tracked.
         input_shape: one input sample ``C, *spatial``.
@@ -141,13 +164,15 @@ class ModelRegistrationHandler:
         enabled: set False (e.g. on ranks other than 0) to do nothing.
         selection_tags: when the best checkpoint was chosen among several networks (a teacher and a
             student), a callable giving the tags that say which and its score, instead of the evaluator's.
+        bundle: the bundle's name (version tag ``bundle``).
+        threshold: the bundle's probability threshold (version tag ``threshold``).
     """
 
     def __init__(
         self,
         checkpoint: str | Path,
         config_file: str | Path,
-        network: torch.nn.Module,
+        network: torch.nn.Module | None,
         name: str,
         tracking_uri: str,
         experiment_name: str,
@@ -158,6 +183,8 @@ class ModelRegistrationHandler:
         alias: str | None = "candidate",
         enabled: bool = True,
         selection_tags: Callable[[], Mapping[str, Any]] | None = None,
+        bundle: str | None = None,
+        threshold: float = 0.5,
     ) -> None:
         self.checkpoint = Path(checkpoint)
         self.config_file = config_file
@@ -172,6 +199,8 @@ class ModelRegistrationHandler:
         self.selection_tags = selection_tags
         self.alias = alias
         self.enabled = enabled
+        self.bundle = bundle
+        self.threshold = threshold
         self.version: ModelVersion | None = None
 
     def attach(self, engine: Engine) -> None:
@@ -190,6 +219,18 @@ class ModelRegistrationHandler:
             tags["best_epoch"] = state.best_metric_epoch
         return tags
 
+    def _network_def(self) -> dict[str, Any]:
+        """``network_def`` of the config file, refused when it does not build the network that was trained."""
+        definition = network_definition(self.config_file)
+        trained = getattr(self.network, "module", self.network)  # DistributedDataParallel wraps it
+        if trained is not None and repr(build_network(definition)) != repr(trained):
+            raise ValueError(
+                f"network_def in {self.config_file} does not build the network that was trained (was it changed "
+                "by a command-line override or a merged config?); register by hand with a config file whose "
+                "network_def is the trained one"
+            )
+        return definition
+
     def __call__(self, engine: Engine) -> None:
         run_id = None
         try:
@@ -199,8 +240,9 @@ class ModelRegistrationHandler:
                 )
             run_id = find_run_id(self.tracking_uri, self.experiment_name, self.run_name)
             self.version = register_checkpoint(
-                self.checkpoint, self.network, self.name, self.tracking_uri, self.input_shape,
-                run_id=run_id, tags=self._version_tags(), alias=self.alias,
+                self.checkpoint, self._network_def(), self.name, self.tracking_uri, self.input_shape,
+                run_id=run_id, tags=self._version_tags(), alias=self.alias, bundle=self.bundle,
+                threshold=self.threshold, config_file=self.config_file,
             )
             logger.info(f"registered {self.checkpoint} as MLflow model {self.name} version {self.version.version}"
                         + (f" (alias {self.alias})" if self.alias else ""))

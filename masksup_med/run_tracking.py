@@ -38,8 +38,8 @@ class RunTracking:
         figures: keyword arguments of :class:`~masksup_med.figures.ValidationFigureHandler`
             (``dataset``, ``network``, optional ``masker``, ``num_images``); None: no figures.
         registration: keyword arguments of :class:`~masksup_med.registry.ModelRegistrationHandler`
-            (``checkpoint``, ``config_file``, ``network``, ``name``, ``input_shape``, ``alias``);
-            None: nothing is registered.
+            (``checkpoint``, ``config_file``, ``network``, ``name``, ``input_shape``, ``bundle``,
+            ``threshold``, ``alias``); None: nothing is registered.
         other_evaluators: further evaluators whose metrics are logged each round (e.g. the student's
             scores when the validator scores a teacher).
         output_transform: what the trainer's output logs per iteration (default: every loss term).

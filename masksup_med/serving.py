@@ -1,8 +1,9 @@
 """Serve a registered segmentation model over REST: images in, masks out.
 
-The registered model (``mlflow.pytorch``, tensor in, logits out) knows nothing about image files.
-:class:`MaskSupSegmenter` is an MLflow ``PythonModel`` that wraps it with the bundle's own
-preprocessing, so that MLflow's scoring server (``/ping``, ``/invocations``) takes image files and
+The registered model (:mod:`masksup_med.model_format`: tensor in, logits out) knows nothing about
+image files. :func:`build_serving_model` writes an MLflow pyfunc model whose loader is this module
+(:func:`_load_pyfunc`, :class:`MaskSupSegmenter`): it wraps the registered network with the bundle's
+own preprocessing, so that MLflow's scoring server (``/ping``, ``/invocations``) takes image files and
 answers with masks:
 
 - input: a table with one column ``image``: each cell one image file (PNG, JPEG, BMP or TIFF),
@@ -13,15 +14,19 @@ answers with masks:
   the input image's own size), ``width``, ``height`` and ``foreground_fraction``. The server wraps
   them as ``{"predictions": [{"mask": …, "width": …, "height": …, "foreground_fraction": …}]}``.
 
-Each image goes through the same code as the bundle's inference config: read with the project's
-readers (so TIFFs work), channel first, grey to RGB (:class:`~masksup_med.transforms.EnsureRGB`), the
-config's ``resizing`` transforms (intensity 0..255 to 0..1, resize to the model's training size),
-the network, then :func:`masksup_med.inference.native_mask_postprocessing` (sigmoid, ``Invertd``
-back to the image's size, threshold). The training size is read from the registered
-model's signature (``(-1, C, H, W)``), so a model trained at 128 x 128 is run at 128 x 128.
+Each image's header is checked against the serving limits (:mod:`masksup_med.serving_limits`)
+before it is decoded, then it goes through the same code as the bundle's inference config: read
+with the project's readers (so TIFFs work), channel first, grey to RGB
+(:class:`~masksup_med.transforms.EnsureRGB`), the config's ``resizing`` transforms (intensity 0..255
+to 0..1, resize to the model's training size), the network, then
+:func:`masksup_med.inference.native_mask_postprocessing` (sigmoid, ``Invertd`` back to the image's
+size, threshold). The training size is the registered model's input shape, so a model trained at
+128 x 128 is run at 128 x 128.
 
-:func:`build_serving_model` writes such a pyfunc model into a folder; ``masksup-med serve`` does that
-in a temporary folder and starts ``mlflow models serve --env-manager local`` on it.
+The served folder holds no pickle: ``MLmodel`` names this module as the loader, ``data/`` holds the
+registered model's files (weights and network definition, read by
+:func:`masksup_med.model_format.load_model`) and the local bundle's ``train.json``.
+``masksup-med serve`` writes it in a temporary folder and runs :mod:`masksup_med.serving_app` on it.
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +48,19 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
+from masksup_med.serving_limits import RequestRejected, ServingLimits, image_header, sniff_suffix
+
 __all__ = [
     "MaskSupSegmenter",
     "build_serving_model",
     "decode_image",
     "encode_mask",
     "model_input_size",
+    "segment_files",
     "sniff_suffix",
 ]
+
+logger = logging.getLogger(__name__)
 
 # what the scoring server's input and output columns are called
 IMAGE_COLUMN = "image"
@@ -59,51 +70,48 @@ SIGNATURE = ModelSignature(
     outputs=Schema([ColSpec("string", "mask"), ColSpec("long", "width"), ColSpec("long", "height"),
                     ColSpec("double", "foreground_fraction")]),
 )
-
-_MAGIC = (
-    (b"\x89PNG\r\n\x1a\n", ".png"),
-    (b"\xff\xd8\xff", ".jpg"),
-    (b"BM", ".bmp"),
-    (b"II*\x00", ".tif"),
-    (b"MM\x00*", ".tif"),
-    (b"II+\x00", ".tif"),  # BigTIFF
-    (b"MM\x00+", ".tif"),
-)
+NETWORK_DIR = "network"  # the registered model's files, in the pyfunc's data folder
+BUNDLE_CONFIG = "train.json"
 
 
-def sniff_suffix(data: bytes) -> str:
-    """The file suffix of an encoded image from its first bytes (PNG, JPEG, BMP, TIFF)."""
-    for magic, suffix in _MAGIC:
-        if data.startswith(magic):
-            return suffix
-    raise ValueError(
-        f"not a PNG, JPEG, BMP or TIFF file (starts with {data[:8]!r}); send the image file's bytes, base64-encoded"
-    )
+def _image_bytes(encoded: str | bytes) -> bytes:
+    """The file bytes of one base64-encoded cell."""
+    try:
+        if isinstance(encoded, str):
+            encoded = encoded.encode("ascii", errors="strict")
+        if not isinstance(encoded, bytes):
+            raise TypeError(f"got {type(encoded).__name__}")
+        return base64.b64decode(encoded, validate=True)
+    except (UnicodeEncodeError, binascii.Error, TypeError, ValueError) as e:
+        raise RequestRejected(f"column {IMAGE_COLUMN!r} must hold base64-encoded image files ({e})") from None
 
 
-def decode_image(encoded: str | bytes) -> np.ndarray:
+def decode_image(encoded: str | bytes, limits: ServingLimits | None = None) -> np.ndarray:
     """Decode one base64-encoded image file into a channel-first array in MONAI's axes (``C, W, H``).
 
-    The bytes are written to a temporary file and read with :func:`masksup_med.data.readers.read_array`,
-    the same readers the bundles use. Grey images are repeated to three channels and an alpha channel
-    is dropped, so any of them fits an RGB network.
+    The header is checked against ``limits`` first (:class:`RequestRejected`, 413, when over). The
+    bytes are then read with :func:`masksup_med.data.readers.read_array`, the readers the bundles
+    use. Grey images are repeated to three channels and an alpha channel is dropped, so any of them
+    fits an RGB network. A file that does not decode raises :class:`RequestRejected` (400).
     """
+    from masksup_med.data.errors import UnreadableFileError
     from masksup_med.data.readers import read_array
     from masksup_med.transforms.channels import EnsureRGB
 
-    if isinstance(encoded, str):
-        encoded = encoded.encode("ascii", errors="strict")
-    try:
-        data = base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ValueError(f"column {IMAGE_COLUMN!r} must hold base64-encoded image files: {e}") from e
-    suffix = sniff_suffix(data)
+    data = _image_bytes(encoded)
+    header = image_header(data).check(limits or ServingLimits())
     with tempfile.TemporaryDirectory(prefix="masksup-serve-") as tmp:
-        path = Path(tmp) / f"image{suffix}"
+        path = Path(tmp) / f"image{header.suffix}"
         path.write_bytes(data)
-        array = read_array(path)  # W, H[, C]
+        try:
+            array = read_array(path)  # W, H[, C]
+        except UnreadableFileError as e:
+            raise RequestRejected(f"the image does not decode: {e.reason.replace(str(path), 'image')}") from None
     array = array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
-    return np.ascontiguousarray(EnsureRGB()(array))
+    try:
+        return np.ascontiguousarray(EnsureRGB()(array))
+    except ValueError as e:
+        raise RequestRejected(str(e)) from None
 
 
 def encode_mask(mask: np.ndarray) -> str:
@@ -119,55 +127,59 @@ def _column(model_input: Any) -> list:
     """The ``image`` column of whatever the scoring server or a caller hands ``predict``."""
     if isinstance(model_input, pd.DataFrame):
         if IMAGE_COLUMN not in model_input.columns:
-            raise ValueError(f"input has no column {IMAGE_COLUMN!r} (columns: {list(model_input.columns)})")
+            raise RequestRejected(f"input has no column {IMAGE_COLUMN!r} (columns: {list(model_input.columns)})")
         return list(model_input[IMAGE_COLUMN])
     if isinstance(model_input, dict):
         if IMAGE_COLUMN not in model_input:
-            raise ValueError(f"input has no key {IMAGE_COLUMN!r} (keys: {list(model_input)})")
+            raise RequestRejected(f"input has no key {IMAGE_COLUMN!r} (keys: {list(model_input)})")
         values = model_input[IMAGE_COLUMN]
         return list(values) if isinstance(values, (list, tuple, np.ndarray, pd.Series)) else [values]
     if isinstance(model_input, (str, bytes)):
         return [model_input]
     if isinstance(model_input, (list, tuple, np.ndarray, pd.Series)):
         return [v[IMAGE_COLUMN] if isinstance(v, dict) else v for v in model_input]
-    raise TypeError(f"unsupported input type {type(model_input).__name__}; send a table with column {IMAGE_COLUMN!r}")
+    raise RequestRejected(
+        f"unsupported input type {type(model_input).__name__}; send a table with column {IMAGE_COLUMN!r}")
 
 
-class MaskSupSegmenter(mlflow.pyfunc.PythonModel):
-    """Pyfunc wrapper: base64 image files in, base64 PNG masks at each image's size out.
+class MaskSupSegmenter:
+    """Base64 image files in, base64 PNG masks at each image's size out (the served pyfunc model).
 
-    Artifacts: ``network`` (a folder holding the registered ``mlflow.pytorch`` model) and
-    ``bundle_config`` (the bundle's ``train.json``, whose ``resizing`` transforms are reused).
-    Model config: ``image_size`` (``[H, W]`` the network was trained at), ``threshold`` (0.5) and
-    ``device`` (``auto``: CUDA when available).
+    Args:
+        data_path: the pyfunc's data folder: ``network/`` (the registered model's files) and
+            ``train.json`` (the bundle config whose ``resizing`` transforms are reused).
+        config: ``image_size`` (``[H, W]`` the network was trained at), ``threshold`` (0.5),
+            ``device`` (``auto``: CUDA when available) and the :class:`ServingLimits` values.
     """
 
-    def load_context(self, context) -> None:
+    def __init__(self, data_path: str | os.PathLike, config: Mapping[str, Any] | None = None) -> None:
         import torch
         from monai.bundle import ConfigParser
         from monai.transforms import Compose
 
         from masksup_med.inference import native_mask_postprocessing
+        from masksup_med.model_format import load_model
         from masksup_med.runtime import select_device
 
-        config = dict(context.model_config or {})
+        config = dict(config or {})
+        data_path = Path(data_path)
+        self.limits = ServingLimits.from_config(config)
         self.threshold = float(config.get("threshold", 0.5))
         self.device = select_device(config.get("device", "auto"))
         parser = ConfigParser()
-        parser.read_config(context.artifacts["bundle_config"])
+        parser.read_config(str(data_path / BUNDLE_CONFIG))  # the local bundle's config, copied by build_serving_model
         if config.get("image_size"):
             parser["image_size"] = [int(s) for s in config["image_size"]]
         self.preprocessing = Compose(parser.get_parsed_content("resizing"))
         self.postprocessing = Compose(native_mask_postprocessing(self.preprocessing, self.threshold))
-        self.network = mlflow.pytorch.load_model(context.artifacts["network"], map_location=self.device)
-        self.network = self.network.to(self.device).eval()
+        self.network = load_model(data_path / NETWORK_DIR, self.device)
         self._torch = torch
 
     def _segment(self, encoded: str | bytes) -> dict[str, Any]:
         from monai.data import MetaTensor
 
         torch = self._torch
-        image = MetaTensor(torch.as_tensor(decode_image(encoded)))
+        image = MetaTensor(torch.as_tensor(decode_image(encoded, self.limits)))
         item = self.preprocessing({"image": image})
         with torch.no_grad():
             logits = self.network(item["image"].as_tensor()[None].to(self.device, torch.float32))
@@ -178,10 +190,31 @@ class MaskSupSegmenter(mlflow.pyfunc.PythonModel):
         return {"mask": encode_mask(mask), "width": int(width), "height": int(height),
                 "foreground_fraction": float(mask.mean())}
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        """One row per input image: ``mask`` (base64 PNG), ``width``, ``height``, ``foreground_fraction``."""
-        rows = [self._segment(value) for value in _column(model_input)]
+    def predict(self, model_input: Any, params: Mapping[str, Any] | None = None) -> pd.DataFrame:
+        """One row per input image: ``mask`` (base64 PNG), ``width``, ``height``, ``foreground_fraction``.
+
+        A bad image raises :class:`RequestRejected` saying which; anything unexpected is logged here with
+        its stack trace and answered as an internal error.
+        """
+        values = _column(model_input)
+        if not values:
+            raise RequestRejected(f"no images: column {IMAGE_COLUMN!r} is empty")
+        rows = []
+        for index, value in enumerate(values):
+            try:
+                rows.append(self._segment(value))
+            except RequestRejected as e:
+                raise e.for_image(index, len(values)) from None
+            except Exception:
+                logger.exception("segmenting image %d of %d failed", index + 1, len(values))
+                raise RequestRejected(f"internal error while segmenting image {index + 1} of {len(values)}; "
+                                      "the server's log has the details", 500) from None
         return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
+
+
+def _load_pyfunc(data_path: str, model_config: Mapping[str, Any] | None = None) -> MaskSupSegmenter:
+    """MLflow's pyfunc entry point for a folder written by :func:`build_serving_model`."""
+    return MaskSupSegmenter(data_path, model_config)
 
 
 def model_input_size(model_uri: str) -> list[int] | None:
@@ -202,49 +235,48 @@ def build_serving_model(
     bundle_config: str | os.PathLike,
     path: str | os.PathLike,
     device: str = "auto",
-    threshold: float = 0.5,
+    threshold: float | None = None,
     tracking_uri: str | None = None,
+    limits: ServingLimits | None = None,
 ) -> Path:
     """Write a pyfunc model serving ``model_uri`` (e.g. ``models:/masksup-glas@candidate``) into ``path``.
 
-    The registered model is downloaded into the pyfunc's artifacts (the served folder needs no
-    tracking server afterwards). Returns ``path``.
+    The registered model's files are downloaded into the pyfunc's data (the served folder needs no
+    tracking server afterwards) and checked by loading them once; ``bundle_config`` is the local
+    bundle's ``train.json``. ``threshold`` None: the registered model's. Returns ``path``.
     """
     from masksup_med import __version__
+    from masksup_med.model_format import flavor_config, load_model
     from masksup_med.tracking import using_store
 
     path = Path(path)
     staging = Path(tempfile.mkdtemp(prefix="masksup-serve-stage-"))
     try:
+        data = staging / "serving"
+        data.mkdir()
         with using_store(tracking_uri):
-            network_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri,
-                                                                   dst_path=str(staging / "network")))
-        config = Path(shutil.copy(bundle_config, staging / "train.json"))  # a bundle config is self-contained
-        image_size = model_input_size(str(network_dir))
+            downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(staging / "dl")))
+        shutil.move(str(downloaded), data / NETWORK_DIR)
+        load_model(data / NETWORK_DIR)  # refuse a bad or unsafe model now, not in the server
+        shutil.copy(bundle_config, data / BUNDLE_CONFIG)  # a bundle config is self-contained
+        registered = flavor_config(data / NETWORK_DIR, model_uri)
+        input_shape = registered.get("input_shape") or []
+        if threshold is None:
+            threshold = float(registered.get("threshold") or 0.5)
+        config = {"image_size": [int(s) for s in input_shape[1:]] or None, "threshold": threshold, "device": device,
+                  **(limits or ServingLimits()).as_config()}
         mlflow.pyfunc.save_model(
             path=str(path),
-            python_model=MaskSupSegmenter(),
-            artifacts={"network": str(network_dir), "bundle_config": str(config)},
-            model_config={"image_size": image_size, "threshold": threshold, "device": device},
+            loader_module=__name__,
+            data_path=str(data),
+            model_config=config,
             signature=SIGNATURE,
-            pip_requirements=[f"masksup-med=={__version__}"],  # served with --env-manager local: nothing installed
+            pip_requirements=[f"masksup-med=={__version__}"],  # served with the local environment: nothing installed
             metadata={"source_model": model_uri},
         )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
-
-
-def serve_command(model_dir: str | os.PathLike, host: str, port: int, workers: int = 1,
-                  timeout: int | None = None) -> list[str]:
-    """The ``mlflow models serve`` command (MLflow's scoring server) for a pyfunc folder, in this Python."""
-    import sys
-
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_dir), "--env-manager", "local",
-           "--host", host, "--port", str(port), "--workers", str(workers)]
-    if timeout:
-        cmd += ["--timeout", str(timeout)]
-    return cmd
 
 
 def segment_files(model_dir: str | os.PathLike, files: Sequence[str | os.PathLike]) -> pd.DataFrame:

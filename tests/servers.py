@@ -1,4 +1,5 @@
-"""Real servers for integration tests: PostgreSQL, an MLflow tracking server and headless Chromium.
+"""Real servers for integration tests: PostgreSQL, an MLflow tracking server, ``masksup-med serve`` and
+headless Chromium.
 
 Each helper is a context manager that owns what it starts and tears it down in ``finally``, so a failing
 test (or Ctrl-C) never leaves a process behind. Everything listens on / talks to 127.0.0.1 only.
@@ -377,7 +378,7 @@ def _wait_for_health(proc: subprocess.Popen, base_url: str, log_path: Path, time
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(
-                f"mlflow server exited with code {proc.returncode} before answering /health\n"
+                f"{proc.args[:3]} exited with code {proc.returncode} before answering /health\n"
                 f"--- {log_path} (tail) ---\n{_tail(log_path)}"
             )
         try:
@@ -389,7 +390,7 @@ def _wait_for_health(proc: subprocess.Popen, base_url: str, log_path: Path, time
             last_error = repr(exc)
         time.sleep(0.25)
     raise RuntimeError(
-        f"mlflow server did not answer {base_url}/health within {timeout:.0f}s (last: {last_error})\n"
+        f"{proc.args[:3]} did not answer {base_url}/health within {timeout:.0f}s (last: {last_error})\n"
         f"--- {log_path} (tail) ---\n{_tail(log_path)}"
     )
 
@@ -408,6 +409,36 @@ def _kill_group(proc: subprocess.Popen, grace: float = 10) -> None:
         os.killpg(pgid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=grace)
+
+
+# ----------------------------------------------------------------------------------- masksup-med serve
+def masksup_command() -> list[str]:
+    """The ``masksup-med`` console script of this environment (the Docker image's ENTRYPOINT)."""
+    script = Path(sys.executable).parent / "masksup-med"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "masksup_med"]
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    """This environment without a tracking store or bundles folder of its own, no telemetry, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MASKSUP_BUNDLES_DIR")}
+    return {**env, **NO_TELEMETRY_ENV, "PYTHONWARNINGS": "ignore", **extra}
+
+
+@contextlib.contextmanager
+def masksup_server(args: list[str], cwd: Path, env: dict[str, str], log_path: Path,
+                   timeout: float = 180) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``masksup-med serve ARGS`` (``--port`` among them) in its own process group: ``(base URL, process)``
+    once it answers ``/health``; the whole group is killed on exit."""
+    port = args[args.index("--port") + 1]
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([*masksup_command(), "serve", *args], cwd=cwd, env=env, stdout=log_file,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://{LOOPBACK}:{port}"
+    try:
+        _wait_for_health(proc, base, log_path, timeout)
+        yield base, proc
+    finally:
+        _kill_group(proc)
 
 
 # --------------------------------------------------------------------------------------------- Chromium

@@ -29,7 +29,7 @@ from monai.bundle import ConfigParser
 from PIL import Image
 
 from masksup_med.data import make_cvc_clinicdb_demo, make_glas_demo
-from masksup_med.tracking import using_store as _store
+from masksup_med.model_format import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "glas" / "configs"
@@ -211,8 +211,7 @@ def test_semi_supervised_config_trains_with_a_label_fraction_and_an_unlabelled_f
     assert version.run_id == run.info.run_id
     kept = {"teacher": "val_mean_iou", "student": "val_student_mean_iou"}[version.tags["selected_network"]]
     assert float(version.tags["best_val_mean_iou"]) == pytest.approx(run.data.metrics[kept], abs=1e-4)  # one round
-    with _store(f"sqlite:///{out / 'mlflow.db'}"):
-        model = mlflow.pytorch.load_model("models:/masksup-glas@candidate")
+    model = load_model("models:/masksup-glas@candidate", tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     assert tuple(model(torch.zeros(1, 3, 64, 64)).shape) == (1, 1, 64, 64)
     checkpoint = torch.load(out / "models" / "checkpoint_epoch=1.pt", map_location="cpu", weights_only=False)
     assert "teacher" in checkpoint  # resuming restores the teacher too

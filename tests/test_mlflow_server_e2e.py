@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from servers import LOOPBACK, NO_TELEMETRY_ENV, check_model_page, free_port, port_open
 
+from masksup_med.model_format import load_model
 from masksup_med.registry import using_store
 
 pytestmark = pytest.mark.slow
@@ -233,7 +234,6 @@ def test_best_checkpoint_registered_with_alias_candidate(trained: dict):
 
 
 def test_registered_model_predicts_like_the_checkpoint(trained: dict):
-    import mlflow
     import torch
     from monai.transforms import Compose
     from monai.utils import convert_to_tensor
@@ -245,10 +245,9 @@ def test_registered_model_predicts_like_the_checkpoint(trained: dict):
     image = convert_to_tensor(item["image"], dtype=torch.float32, track_meta=False)[None]  # no MetaTensor
     assert tuple(image.shape) == (1, 3, *IMAGE_SIZE)
 
-    with _global_tracking_uri(server):
-        registered = mlflow.pytorch.load_model(f"models:/{MODEL_NAME}@{ALIAS}", map_location="cpu")
+    registered = load_model(f"models:/{MODEL_NAME}@{ALIAS}", "cpu", tracking_uri=server)  # weights, no pickled code
     assert isinstance(registered, torch.nn.Module)
-    assert not registered.training, "the registered model should be saved in eval mode"
+    assert not registered.training, "the registered model loads in eval mode"
 
     # The bundle's network with the run's best checkpoint (CheckpointSaver: {"model": state_dict}).
     state = torch.load(trained["out"] / "models" / "model.pt", map_location="cpu", weights_only=True)

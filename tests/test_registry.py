@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import mlflow
 import pytest
@@ -15,6 +17,7 @@ from ignite.engine import Engine
 from monai.networks.nets import UNet
 
 from masksup_med.cli import main
+from masksup_med.model_format import UnsafeModelError, load_model, network_definition
 from masksup_med.registry import (
     ModelRegistrationHandler,
     load_network,
@@ -28,9 +31,13 @@ REPO = Path(__file__).resolve().parents[1]
 GLAS_TRAIN = REPO / "bundles" / "glas" / "configs" / "train.json"
 
 
+TINY_UNET = {"_target_": "UNet", "spatial_dims": 2, "in_channels": 3, "out_channels": 1, "channels": [4, 8],
+             "strides": [2], "num_res_units": 0, "norm": "batch"}
+
+
 def tiny_unet() -> UNet:
     torch.manual_seed(0)
-    return UNet(spatial_dims=2, in_channels=3, out_channels=1, channels=(4, 8), strides=(2,), num_res_units=0, norm="batch")
+    return UNet(**{k: v for k, v in TINY_UNET.items() if k != "_target_"})
 
 
 def digest(path: Path) -> str:
@@ -59,8 +66,9 @@ def test_registered_model_loads_by_alias_and_predicts_like_the_checkpoint(checkp
     path, state = checkpoint
     before = digest(path)
     global_uri = mlflow.get_tracking_uri()
-    version = register_checkpoint(path, tiny_unet(), "masksup-test", sqlite_uri, (3, 32, 32),
-                                  tags={"dataset": "glas", "best_val_mean_iou": "0.5"})
+    version = register_checkpoint(path, TINY_UNET, "masksup-test", sqlite_uri, (3, 32, 32),
+                                  tags={"dataset": "glas", "best_val_mean_iou": "0.5"}, bundle="glas",
+                                  config_file=GLAS_TRAIN)
     assert mlflow.get_tracking_uri() == global_uri  # the caller's MLflow settings are left alone
     assert str(version.version) == "1"
     assert digest(path) == before  # the checkpoint is only read
@@ -69,6 +77,7 @@ def test_registered_model_loads_by_alias_and_predicts_like_the_checkpoint(checkp
     by_alias = client.get_model_version_by_alias("masksup-test", "candidate")
     assert str(by_alias.version) == "1"
     assert by_alias.tags["dataset"] == "glas" and by_alias.tags["checkpoint"] == str(path.resolve())
+    assert (by_alias.tags["bundle"], by_alias.tags["input_shape"], by_alias.tags["threshold"]) == ("glas", "3,32,32", "0.5")
 
     loaded = load_network("models:/masksup-test@candidate", tiny_unet(), "cpu", tracking_uri=sqlite_uri)
     assert not loaded.training
@@ -79,7 +88,107 @@ def test_registered_model_loads_by_alias_and_predicts_like_the_checkpoint(checkp
         assert torch.allclose(loaded(x), reference.eval()(x), atol=1e-6)
     with using_store(sqlite_uri):
         model_info = mlflow.models.get_model_info("models:/masksup-test@candidate")
+        pyfunc = mlflow.pyfunc.load_model("models:/masksup-test@candidate")  # MLflow's own loader, through ours
     assert model_info.signature is not None and model_info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 3, 32, 32)
+    assert "pytorch" not in model_info.flavors and model_info.flavors["masksup_med"]["bundle"] == "glas"
+    assert pyfunc.predict(x.numpy()).shape == (2, 1, 32, 32)
+
+    files = {p.relative_to(model_dir(client, "masksup-test")).as_posix()
+             for p in model_dir(client, "masksup-test").rglob("*") if p.is_file()}
+    assert {"MLmodel", "weights.pt", "network.json", "bundle/train.json"} <= files
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pth"))]  # weights and JSON, no pickled code
+    assert json.loads((model_dir(client, "masksup-test") / "network.json").read_text())["channels"] == [4, 8]
+
+
+def model_dir(client: mlflow.MlflowClient, name: str, version: str = "1") -> Path:
+    """The local artifact folder of a registered version's model (a SQLite store keeps files on disk)."""
+    location = client.get_model_version_download_uri(name, version)
+    return Path(urlparse(location).path if location.startswith("file:") else location)
+
+
+def plant_marker(path: str) -> None:
+    """What the malicious pickle below runs when unpickled: leave a file behind."""
+    Path(path).write_text("the payload ran")
+
+
+class MaliciousWeights:
+    """Unpickles by calling :func:`plant_marker`: the kind of object a pickled model file can hold."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return plant_marker, (self.marker,)
+
+
+def test_planted_pickle_in_a_registered_model_is_refused_and_never_runs(checkpoint, sqlite_uri, tmp_path):
+    path, _ = checkpoint
+    register_checkpoint(path, TINY_UNET, "masksup-test", sqlite_uri, (3, 32, 32))
+    client = mlflow.MlflowClient(tracking_uri=sqlite_uri, registry_uri=sqlite_uri)
+    weights = model_dir(client, "masksup-test") / "weights.pt"
+    assert weights.is_file()
+
+    proof = tmp_path / "plain-pickle-runs-it"
+    pickle.loads(pickle.dumps(MaliciousWeights(proof)))
+    assert proof.is_file()  # the payload is real: plain unpickling runs it
+
+    marker = tmp_path / "payload-ran"
+    torch.save({"model": MaliciousWeights(marker)}, weights)  # someone with write access to the artifact store
+    with pytest.raises(UnsafeModelError) as refused:
+        load_network("models:/masksup-test@candidate", tiny_unet(), "cpu", tracking_uri=sqlite_uri)
+    message = str(refused.value)
+    assert "models:/masksup-test@candidate (weights.pt)" in message and "plant_marker" in message
+    assert not marker.exists()
+
+    # the same file handed to the loader as a local model folder
+    with pytest.raises(UnsafeModelError, match="weights.pt"):
+        load_model(weights.parent)
+    assert not marker.exists()
+
+
+def test_network_definition_names_only_network_classes(checkpoint, sqlite_uri, tmp_path):
+    path, _ = checkpoint
+    register_checkpoint(path, TINY_UNET, "masksup-test", sqlite_uri, (3, 32, 32))
+    client = mlflow.MlflowClient(tracking_uri=sqlite_uri, registry_uri=sqlite_uri)
+    network_file = model_dir(client, "masksup-test") / "network.json"
+    marker = tmp_path / "ran"
+    network_file.write_text(json.dumps({"_target_": "pathlib.Path.touch", "self": str(marker)}))
+    with pytest.raises(UnsafeModelError, match="only classes of monai.networks.nets"):
+        load_model("models:/masksup-test@candidate", tracking_uri=sqlite_uri)
+    network_file.write_text(json.dumps({**TINY_UNET, "_target_": "monai.networks.nets.torch"}))
+    with pytest.raises(UnsafeModelError, match="not a network class"):
+        load_model("models:/masksup-test@candidate", tracking_uri=sqlite_uri)
+    assert not marker.exists()
+
+
+def test_a_pickled_pytorch_version_is_not_loaded_and_the_error_says_what_to_do(sqlite_uri):
+    with using_store(sqlite_uri):
+        with mlflow.start_run():
+            info = mlflow.pytorch.log_model(tiny_unet(), name="model", serialization_format="pickle")
+        mlflow.register_model(info.model_uri, "old-format")
+    with pytest.raises(ValueError, match="not a masksup-med model .*pytorch.*masksup-med registry register"):
+        load_model("models:/old-format/1", tracking_uri=sqlite_uri)
+
+
+def test_network_definition_resolves_the_bundle_config():
+    definition = network_definition(GLAS_TRAIN)
+    assert definition["_target_"] == "monai.networks.nets.unet.UNet"
+    assert definition["channels"] == [16, 32, 64, 128, 256] and definition["in_channels"] == 3
+    json.dumps(definition)  # plain JSON
+
+
+def test_registration_refuses_a_config_that_does_not_build_the_trained_network(checkpoint, sqlite_uri, caplog):
+    path, _ = checkpoint
+    client = mlflow.MlflowClient(tracking_uri=sqlite_uri)
+    experiment = client.create_experiment("exp")
+    client.create_run(experiment, run_name="run-x")
+    # trained: the tiny UNet; GLAS_TRAIN's network_def: the bundle's own, larger one
+    handler = ModelRegistrationHandler(path, GLAS_TRAIN, tiny_unet(), "masksup-test", sqlite_uri, "exp", "run-x",
+                                       (3, 32, 32))
+    with caplog.at_level(logging.ERROR):
+        handler(Engine(lambda e, b: None))
+    assert handler.version is None
+    assert "does not build the network that was trained" in caplog.text and "masksup-med registry register" in caplog.text
 
 
 def test_failed_registration_keeps_checkpoint_and_says_how_to_register_by_hand(checkpoint, tmp_path, caplog):
@@ -144,6 +253,12 @@ def test_registry_cli_register_list_promote_show(checkpoint, sqlite_uri, tmp_pat
     assert main(["registry", "--tracking-uri", sqlite_uri, "show", "masksup-glas"]) == 0
     shown = capsys.readouterr().out
     assert "version 1  aliases: candidate, champion" in shown
+    assert "input_shape: 3,32,32" in shown and "bundle:" not in shown  # a config outside a bundle names none
+
+    assert main(["registry", "--tracking-uri", sqlite_uri, "register", str(path), "--config", str(config),
+                 "--name", "masksup-glas", "--bundle", "glas"]) == 0
+    loaded = load_model("models:/masksup-glas/2", tracking_uri=sqlite_uri)
+    assert next(m.out_channels for m in loaded.modules() if isinstance(m, torch.nn.Conv2d)) == 4
 
 
 def test_registry_cli_without_tracking_store_explains(monkeypatch):

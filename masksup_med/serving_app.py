@@ -1,0 +1,209 @@
+"""The REST server of ``masksup-med serve``: MLflow's scoring server app behind a guard of our own.
+
+MLflow 3.17's scoring server is a FastAPI app (``mlflow.pyfunc.scoring_server.init``: ``/ping``,
+``/health``, ``/version``, ``/invocations``) that uvicorn runs. It reads any body whole, answers a
+request without ``Content-Type`` with a 500, and puts the Python stack trace in its error bodies.
+:class:`RequestGuard` wraps that app (ASGI) and
+
+- refuses a body over ``max_body_bytes`` with 413, from its ``Content-Length`` before reading it,
+  else while reading it;
+- refuses an empty body (400) and a body without ``Content-Type`` (415) before MLflow sees them;
+- answers every error as ``{"error_code": …, "message": …}``: the message a refused image got
+  (:class:`~masksup_med.serving_limits.RequestRejected`, with its status), else MLflow's message
+  without stack trace, data or file paths.
+
+The image limits are checked by the served model itself (:mod:`masksup_med.serving`); all limits
+travel in its model config. :func:`server_command` starts ``uvicorn`` on :func:`create_app`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+__all__ = ["MODEL_DIR_ENV", "RequestGuard", "clean_error", "create_app", "server_command"]
+
+MODEL_DIR_ENV = "MASKSUP_SERVE_MODEL_DIR"
+TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"  # read by MLflow's scoring server
+MAX_MESSAGE_CHARS = 1000
+ERROR_CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "REQUEST_TOO_LARGE",
+               415: "UNSUPPORTED_MEDIA_TYPE", 500: "INTERNAL_ERROR", 504: "TIMEOUT"}
+EXAMPLE = '{"dataframe_records": [{"image": "<base64 of a PNG, JPEG, BMP or TIFF file>"}]}'
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+logger = logging.getLogger(__name__)
+
+_PREDICT_PREFIX = re.compile(r"^Failed to predict data .*?\nError: ", re.DOTALL)  # MLflow quotes the whole input
+_PATH = re.compile(r"(?<![\w:/.])(?:[A-Za-z]:)?[/\\](?:[\w.\-]+[/\\])+[\w.\-]*")
+
+
+def clean_error(status: int, body: bytes) -> tuple[int, dict[str, str]]:
+    """The status and JSON body a client gets for an error response of MLflow's app (or our model)."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict) and "masksup_message" in parsed:  # our model refused the request
+        status = int(parsed.get("masksup_status") or status)
+        message = str(parsed["masksup_message"])
+    elif status >= 500 and status != 504:
+        message = "internal server error; the server's log has the details"
+    elif isinstance(parsed, dict):
+        message = str(parsed.get("message") or parsed.get("detail") or "")
+    else:
+        message = body.decode("utf-8", errors="replace")
+    message = _PREDICT_PREFIX.sub("", message).split("Traceback (most recent call last)")[0]
+    message = _PATH.sub("<path>", message).strip() or "request refused"
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS] + " …"
+    default = "BAD_REQUEST" if status < 500 else "INTERNAL_ERROR"
+    return status, {"error_code": ERROR_CODES.get(status, default), "message": message}
+
+
+async def _send_json(send: Send, status: int, payload: dict[str, str], close: bool = False) -> None:
+    body = json.dumps(payload).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class _CleanErrors:
+    """An ASGI ``send`` that passes successful responses on and rewrites error responses (:func:`clean_error`)."""
+
+    def __init__(self, send: Send, where: str) -> None:
+        self.send = send
+        self.where = where
+        self.start: Message | None = None
+        self.parts: list[bytes] = []
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start" and message["status"] >= 400:
+            self.start = message
+            return
+        if message["type"] == "http.response.body" and self.start is not None:
+            self.parts.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            status, payload = clean_error(self.start["status"], b"".join(self.parts))
+            logger.warning("%s: %d %s", self.where, status, payload["message"])
+            await _send_json(self.send, status, payload)
+            return
+        await self.send(message)
+
+
+class RequestGuard:
+    """ASGI middleware in front of MLflow's scoring server app: body limit, empty bodies, clean errors.
+
+    Args:
+        app: the scoring server's ASGI app.
+        max_body_bytes: the largest ``/invocations`` body read (larger: 413).
+    """
+
+    def __init__(self, app: Callable, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = int(max_body_bytes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        where = f"{scope.get('method')} {scope.get('path')}"
+        if scope.get("method") == "POST" and scope.get("path") == "/invocations":
+            refusal, body = await self._read_body(scope, receive)
+            if refusal is not None:
+                status, message = refusal
+                logger.warning("%s: %d %s", where, status, message)
+                await _send_json(send, status, {"error_code": ERROR_CODES[status], "message": message},
+                                 close=status == 413)
+                return
+            if body is None:  # the client went away
+                return
+            receive = _replay(body, receive)
+        await self.app(scope, receive, _CleanErrors(send, where))
+
+    def _too_large(self, size: str) -> tuple[int, str]:
+        return 413, (f"request body is {size}; the limit is {self.max_body_bytes:,} bytes (serve --max-body-bytes). "
+                     "Send fewer or smaller images per request.")
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> tuple[tuple[int, str] | None, bytes | None]:
+        """``(refusal, None)``, ``(None, body)``, or ``(None, None)`` when the client disconnected."""
+        headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope.get("headers", [])}
+        declared = headers.get("content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                return (400, f"bad Content-Length header {declared[:40]!r}"), None
+            if int(declared) > self.max_body_bytes:
+                return self._too_large(f"{int(declared):,} bytes"), None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None, None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return self._too_large("over the limit"), None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        if not body.strip():
+            return (400, f"empty request body; send JSON such as {EXAMPLE}"), None
+        if not headers.get("content-type", "").strip():
+            return (415, "no Content-Type header; send the JSON body with Content-Type: application/json"), None
+        return None, body
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """An ASGI ``receive`` that hands over ``body`` (already read) once, then listens to the client again."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # the body is consumed: what comes next is the disconnect
+
+    return replay
+
+
+def create_app() -> RequestGuard:
+    """The guarded scoring-server app for the pyfunc folder in ``$MASKSUP_SERVE_MODEL_DIR`` (a uvicorn factory)."""
+    import mlflow
+    from mlflow.pyfunc import scoring_server
+    from PIL import Image
+
+    from masksup_med.serving_limits import ServingLimits
+
+    model_dir = os.environ.get(MODEL_DIR_ENV, "").strip()
+    if not model_dir:
+        raise RuntimeError(f"${MODEL_DIR_ENV} is not set: start the server with `masksup-med serve`")
+    model = mlflow.pyfunc.load_model(model_dir)
+    limits = ServingLimits.from_config(model.model_config)
+    Image.MAX_IMAGE_PIXELS = limits.max_pixels  # Pillow's own decompression-bomb check, behind ours
+    return RequestGuard(scoring_server.init(model), limits.max_body_bytes)
+
+
+def server_command(model_dir: str | os.PathLike, host: str, port: int, workers: int = 1,
+                   timeout: int | None = None) -> tuple[list[str], dict[str, str]]:
+    """The ``uvicorn`` command (in this Python) serving a folder written by ``build_serving_model``, and its
+    extra environment."""
+    cmd = [sys.executable, "-m", "uvicorn", "--factory", f"{__name__}:create_app", "--host", host,
+           "--port", str(port), "--workers", str(workers), "--no-server-header"]
+    env = {MODEL_DIR_ENV: os.fspath(model_dir)}
+    if timeout:
+        env[TIMEOUT_ENV] = str(timeout)
+    return cmd, env
