@@ -88,12 +88,18 @@ def _checked_definition(definition: Any, source: str) -> dict[str, Any]:
     return {**plain, "_target_": f"{cls.__module__}.{cls.__qualname__}"}
 
 
-def network_definition(config_file: str | Path, key: str = "network_def") -> dict[str, Any]:
-    """The bundle config's ``network_def`` with every value resolved to plain JSON (class name + arguments)."""
+def network_definition(config: str | Path | Any, key: str = "network_def") -> dict[str, Any]:
+    """The bundle config's ``network_def`` with every value resolved to plain JSON (class name + arguments).
+
+    ``config``: a config file, or a ``monai.bundle.ConfigParser`` already holding the run's config.
+    """
     from monai.bundle import ConfigParser
 
-    parser = ConfigParser()
-    parser.read_config(str(config_file))
+    if isinstance(config, ConfigParser):
+        parser, config_file = config, "the run's config"
+    else:
+        parser, config_file = ConfigParser(), config
+        parser.read_config(str(config))
     raw = parser.get(key)
     if not isinstance(raw, Mapping) or "_target_" not in raw:
         raise ValueError(f"{config_file}: no network definition {key!r} with a '_target_'")

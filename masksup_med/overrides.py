@@ -18,7 +18,7 @@ from monai.bundle import ConfigParser
 
 from masksup_med.errors import ConfigError
 
-__all__ = ["RUNNER_OPTIONS", "bundle_run_overrides", "check_overrides"]
+__all__ = ["RUNNER_OPTIONS", "bundle_run_config", "bundle_run_overrides", "check_overrides"]
 
 # parameters of monai.bundle's ``run`` itself, not config ids
 RUNNER_OPTIONS = frozenset({"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file",
@@ -45,6 +45,20 @@ def bundle_run_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, str]
         parsed = files
     config_files = [str(f) for f in parsed] if isinstance(parsed, (list, tuple)) else [str(parsed)]
     return config_files, {k: v for k, v in options.items() if k not in RUNNER_OPTIONS}
+
+
+def bundle_run_config(argv: Sequence[str] | None = None) -> ConfigParser | None:
+    """The config of this ``python -m monai.bundle run`` process: its files merged, its overrides applied
+    (values read as the runner reads them); None in any other process."""
+    from fire.parser import DefaultParseValue  # the runner's own command-line value parser
+
+    found = bundle_run_overrides(sys.argv if argv is None else argv)
+    if found is None:
+        return None
+    config_files, overrides = found
+    parser = ConfigParser(ConfigParser.load_config_files([f for f in config_files if f]))
+    parser.update({key: DefaultParseValue(value) for key, value in overrides.items()})
+    return parser
 
 
 def check_overrides(argv: Sequence[str] | None = None) -> list[str]:

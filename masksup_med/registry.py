@@ -23,6 +23,7 @@ from mlflow.models import Model, infer_signature
 
 from masksup_med import model_format
 from masksup_med.model_format import build_network, load_model, network_definition
+from masksup_med.overrides import bundle_run_config
 from masksup_med.tracking import find_run_id, using_store
 
 __all__ = [
@@ -220,14 +221,15 @@ class ModelRegistrationHandler:
         return tags
 
     def _network_def(self) -> dict[str, Any]:
-        """``network_def`` of the config file, refused when it does not build the network that was trained."""
-        definition = network_definition(self.config_file)
+        """``network_def`` of the run's own config (its merged files and overrides; ``config_file`` outside a
+        bundle run), refused when it does not build the network that was trained."""
+        run_config = bundle_run_config()
+        definition = network_definition(run_config if run_config is not None else self.config_file)
         trained = getattr(self.network, "module", self.network)  # DistributedDataParallel wraps it
         if trained is not None and repr(build_network(definition)) != repr(trained):
             raise ValueError(
-                f"network_def in {self.config_file} does not build the network that was trained (was it changed "
-                "by a command-line override or a merged config?); register by hand with a config file whose "
-                "network_def is the trained one"
+                f"network_def of the run's config ({self.config_file} outside a bundle run) does not build the "
+                "network that was trained; register by hand with a config file whose network_def is the trained one"
             )
         return definition
 

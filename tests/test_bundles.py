@@ -29,7 +29,7 @@ from monai.bundle import ConfigParser
 from PIL import Image
 
 from masksup_med.data import make_cvc_clinicdb_demo, make_glas_demo
-from masksup_med.model_format import load_model
+from masksup_med.model_format import build_network, load_model, network_definition
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "glas" / "configs"
@@ -545,3 +545,17 @@ def test_two_process_ddp_training_on_cpu(case, demo, tmp_path):
     runs = client.search_runs([client.get_experiment_by_name(case.model_name).experiment_id])
     assert len(runs) == 1  # only rank 0 tracks
     assert client.get_model_version_by_alias(case.model_name, "candidate").run_id == runs[0].info.run_id
+
+
+@pytest.mark.slow
+def test_a_network_changed_by_an_override_is_registered_as_trained(tmp_path):
+    demo_glas = CASES["glas"].make_demo(tmp_path / "demo")
+    out = tmp_path / "out"
+    result = run_training(demo_glas, out, "--max_epochs", "1", "--val_interval", "1", "--image_size", "[64,64]",
+                          "--network_def#channels", "[8,16,32,64,128]")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    model = load_model("models:/masksup-glas@candidate", tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    trained = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in trained.items()}
+    default = build_network(network_definition(TRAIN_CONFIG))  # channels 16..256
+    assert sum(v.numel() for v in model.state_dict().values()) < sum(v.numel() for v in default.state_dict().values())
