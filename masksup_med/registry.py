@@ -129,8 +129,43 @@ def register_checkpoint(
     client.set_model_version_tag(name, version.version, "run_id", run.info.run_id)
     client.set_model_version_tag(name, version.version, "checkpoint", str(checkpoint.resolve()))
     if alias:
+        warn_if_alias_moves_to_a_worse_version(client, name, alias, version)
         client.set_registered_model_alias(name, alias, version.version)
     return version
+
+
+def _best_scores(tags: Mapping[str, str]) -> dict[str, float]:
+    scores = {}
+    for key, value in tags.items():
+        if key.startswith("best_") and key != "best_epoch":
+            try:
+                scores[key] = float(value)
+            except ValueError:
+                continue
+    return scores
+
+
+def warn_if_alias_moves_to_a_worse_version(
+    client: mlflow.MlflowClient, name: str, alias: str, version: ModelVersion
+) -> bool:
+    """Log a warning, naming both versions, when ``alias`` is about to leave a version that validated better
+    on the same data (same ``dataset`` and ``dataset_dir`` tags) for ``version``. True if it warned."""
+    try:
+        holder = client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        return False  # the alias is new
+    same_data = all(holder.tags.get(k) == version.tags.get(k) for k in ("dataset", "dataset_dir"))
+    before, after = _best_scores(holder.tags), _best_scores(version.tags)
+    worse = {k: (before[k], after[k]) for k in before.keys() & after.keys() if after[k] < before[k]}
+    if not (same_data and worse):
+        return False
+    key, (old, new) = sorted(worse.items())[0]
+    logger.warning(
+        f"alias {alias!r} of {name} moves from version {holder.version} ({key} {old:.4f}) to version {version.version} "
+        f"({key} {new:.4f}), which validated worse on the same data; to point it back: masksup-med registry promote "
+        f"{name} {holder.version} --alias {alias}"
+    )
+    return True
 
 
 def registered_bundle(model_uri: str, tracking_uri: str | None = None) -> str | None:

@@ -286,3 +286,23 @@ def test_run_params_describe_any_component_and_know_no_method():
     params = run_params(network, {"loss": DiceLoss(sigmoid=True), "masking": None}, seed=1)
     assert (params["loss"], params["masking"], params["seed"]) == ("DiceLoss", "none", "1")
     assert "a1" not in params  # MaskSup's weights come from MaskSupLoss itself, not from the tracking code
+
+
+def test_moving_the_alias_to_a_version_that_validated_worse_says_so(checkpoint, sqlite_uri, caplog):
+    path, _ = checkpoint
+    same_data = {"dataset": "glas", "dataset_dir": "/data/glas"}
+    register_checkpoint(path, TINY_UNET, "masksup-test", sqlite_uri, (3, 32, 32),
+                        tags={**same_data, "best_val_mean_iou": "0.894"}, config_file=GLAS_TRAIN)
+    with caplog.at_level(logging.WARNING, logger="masksup_med.registry"):
+        register_checkpoint(path, TINY_UNET, "masksup-test", sqlite_uri, (3, 32, 32),
+                            tags={**same_data, "best_val_mean_iou": "0.866"}, config_file=GLAS_TRAIN)
+    assert "moves from version 1 (best_val_mean_iou 0.8940) to version 2 (best_val_mean_iou 0.8660)" in caplog.text
+    assert "masksup-med registry promote masksup-test 1 --alias candidate" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="masksup_med.registry"):  # better, or other data: no warning
+        register_checkpoint(path, TINY_UNET, "masksup-test", sqlite_uri, (3, 32, 32),
+                            tags={**same_data, "best_val_mean_iou": "0.9"}, config_file=GLAS_TRAIN)
+        register_checkpoint(path, TINY_UNET, "masksup-test", sqlite_uri, (3, 32, 32),
+                            tags={"dataset": "glas", "dataset_dir": "/other", "best_val_mean_iou": "0.1"},
+                            config_file=GLAS_TRAIN)
+    assert "moves from" not in caplog.text
