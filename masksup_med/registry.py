@@ -159,7 +159,7 @@ def warn_if_alias_moves_to_a_worse_version(
     worse = {k: (before[k], after[k]) for k in before.keys() & after.keys() if after[k] < before[k]}
     if not (same_data and worse):
         return False
-    key, (old, new) = sorted(worse.items())[0]
+    key, (old, new) = min(worse.items())
     logger.warning(
         f"alias {alias!r} of {name} moves from version {holder.version} ({key} {old:.4f}) to version {version.version} "
         f"({key} {new:.4f}), which validated worse on the same data; to point it back: masksup-med registry promote "
