@@ -115,6 +115,7 @@ stage_wheelhouse() {
 # ------------------------------------------------------------------------------------------- base
 debian_mirror() {  # the bookworm mirror this machine's apt uses, else deb.debian.org
     local uri
+    # shellcheck disable=SC2016 # apt's own $(FIELD) placeholders
     uri=$(apt-get indextargets --format '$(CODENAME) $(REPO_URI)' 2> /dev/null | awk '$1 == "bookworm" {print $2; exit}' || true)
     echo "${uri:-http://deb.debian.org/debian/}"
 }
