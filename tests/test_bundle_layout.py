@@ -105,3 +105,11 @@ def test_supervised_config_swaps_the_method_and_nothing_else():
 
     assert same(parser["train"]["dataloader"], masksup["train"]["dataloader"])
     assert same(parser["validate"], masksup["validate"])
+
+
+def test_determinism_is_set_before_anything_random_is_built():
+    """``set_determinism`` runs before the first start-up step that builds the network (its initial weights)."""
+    steps = shared_config(COMMON)["initialize"]
+    seeding = next(i for i, step in enumerate(steps) if "set_determinism(seed=@seed)" in step)
+    building = next(i for i, step in enumerate(steps) if "@network_def" in step or "@network" in step)
+    assert seeding < building, steps

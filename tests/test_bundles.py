@@ -82,11 +82,11 @@ def demo(case, tmp_path_factory) -> Path:
 
 
 def run_bundle(run_id: str, configs: list[Path], *overrides: str, env: dict | None = None,
-               cwd: Path = REPO) -> subprocess.CompletedProcess:
+               cwd: Path = REPO, num_workers: int = 0) -> subprocess.CompletedProcess:
     """Run one workflow of the bundle with the documented command (from the repository root by default)."""
     config_file = str(configs[0]) if len(configs) == 1 else str([str(c) for c in configs])
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_file,
-           "--num_workers", "0", *overrides]
+           "--num_workers", str(num_workers), *overrides]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run(cmd, check=False, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
 
@@ -143,6 +143,30 @@ def test_one_epoch_on_demo_data_saves_checkpoint_split_and_mlflow_run(case, demo
     assert version.run_id == run.info.run_id
     assert version.tags["masking"] == "RandMaskBank" and version.tags["dataset"] == case.dataset
     assert float(version.tags["best_val_mean_iou"]) == pytest.approx(run.data.metrics["val_mean_iou"], abs=1e-4)
+
+
+def _epoch_losses(output_dir: Path, experiment: str) -> list[float]:
+    """``train_loss`` of each epoch of the one run in ``output_dir``'s MLflow store."""
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{output_dir / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: m.step)]
+
+
+@pytest.mark.slow
+def test_same_seed_gives_the_same_run_and_another_seed_does_not(tmp_path):
+    """Network initialisation, masks, augmentation (in DataLoader workers) and the split all follow ``seed``."""
+    case = CASES["cvc_clinicdb"]
+    demo = case.make_demo(tmp_path / "demo")
+    losses = {}
+    for name, seed in (("first", "0"), ("again", "0"), ("other", "1")):
+        result = run_bundle("training", case.config(), "--dataset_dir", str(demo), "--output_dir", str(tmp_path / name),
+                            "--max_epochs", "2", "--val_interval", "2", "--image_size", "[64,64]", "--batch_size", "4",
+                            "--seed", seed, num_workers=2)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        losses[name] = _epoch_losses(tmp_path / name, case.model_name)
+    assert len(losses["first"]) == 2
+    assert losses["again"] == pytest.approx(losses["first"], rel=1e-6, abs=1e-7)
+    assert losses["other"][0] != pytest.approx(losses["first"][0], rel=1e-6, abs=1e-7)
 
 
 @pytest.mark.slow
