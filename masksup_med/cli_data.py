@@ -6,10 +6,10 @@ import argparse
 import sys
 import warnings
 
-from masksup_med.data import make_cvc_clinicdb_demo, make_glas_demo, write_datalist
+from masksup_med.data import make_cvc_clinicdb_demo, make_glas_demo, make_kvasir_seg_demo, write_datalist
 from masksup_med.data.cvc_clinicdb import builtin_sequence_table, sequence_of
 from masksup_med.data.registry import available_datasets, get_dataset
-from masksup_med.data.synthetic import CVC_MIN_FRAMES, cvc_clinicdb_demo_frames
+from masksup_med.data.synthetic import CVC_MIN_FRAMES, KVASIR_MIN_IMAGES, cvc_clinicdb_demo_frames
 
 
 def check_dataset(*args, **kwargs):
@@ -49,6 +49,7 @@ _count = int_at_least(0, "an image count")
 _side = int_at_least(32, "an image side in pixels")
 _seed = int_at_least(0, "a seed")
 _frames = int_at_least(CVC_MIN_FRAMES, "a frame count", maximum=builtin_sequence_table()[-1][1])
+_images = int_at_least(KVASIR_MIN_IMAGES, "an image count")
 
 
 def _wrote_demo(out, count: int, what: str, details: str, args: argparse.Namespace) -> int:
@@ -72,6 +73,12 @@ def _demo_cvc_clinicdb(args: argparse.Namespace) -> int:
     sequences = {sequence_of(str(frame), table) for frame in cvc_clinicdb_demo_frames(args.n_frames)}
     return _wrote_demo(out, args.n_frames, "CVC-ClinicDB frame/mask pairs",
                        f"{len(sequences)} video sequences, official layout Original/ + Ground Truth/", args)
+
+
+def _demo_kvasir_seg(args: argparse.Namespace) -> int:
+    out = make_kvasir_seg_demo(args.out_dir, n_images=args.n_images, size=tuple(args.size), seed=args.seed)
+    return _wrote_demo(out, args.n_images, "Kvasir-SEG image/mask pairs",
+                       "release layout images/ + masks/, each image of its own size around", args)
 
 
 def _add_demo_parser(datasets: argparse._SubParsersAction, name: str, description: str, handler,
@@ -213,3 +220,8 @@ def add_data_commands(commands: argparse._SubParsersAction) -> None:
     cvc.add_argument("--n-frames", type=_frames, metavar="N", default=24,
                      help=f"frames, two per video sequence (default: 24; at least {CVC_MIN_FRAMES}, for "
                           "non-empty train, validation and test parts of the split by sequence)")
+    kvasir = _add_demo_parser(datasets, "kvasir-seg", "Kvasir-SEG-like colonoscopy images in the release layout "
+                              "(.jpg, sizes varying around --size)", _demo_kvasir_seg, (160, 136))
+    kvasir.add_argument("--n-images", type=_images, metavar="N", default=24,
+                        help=f"images (default: 24; at least {KVASIR_MIN_IMAGES}, for non-empty train, validation "
+                             "and test parts of the default split)")

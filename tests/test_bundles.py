@@ -7,6 +7,7 @@ resuming a killed run).
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -28,7 +29,8 @@ import torch
 from monai.bundle import ConfigParser
 from PIL import Image
 
-from masksup_med.data import make_cvc_clinicdb_demo, make_glas_demo
+from masksup_med.bundles import bundle_dirs
+from masksup_med.data import make_cvc_clinicdb_demo, make_glas_demo, make_kvasir_seg_demo, read_array
 from masksup_med.tracking import using_store as _store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +47,6 @@ class BundleCase:
     name: str
     dataset: str
     test_groups: frozenset[str]
-    native_size: str  # H x W of the demo images, as the per-image report writes it
     where_to_get: str  # a word of the missing-data message
 
     @property
@@ -60,15 +61,29 @@ class BundleCase:
         return [self.configs / "train.json", *(self.configs / n for n in names)]
 
     def make_demo(self, folder: Path) -> Path:
-        if self.name == "glas":
-            return make_glas_demo(folder, n_train=10, n_test_a=2, n_test_b=2, size=(64, 48))
-        return make_cvc_clinicdb_demo(folder, n_frames=14, size=(64, 48))
+        return DEMOS[self.name](folder)
 
 
-CASES = {
-    "glas": BundleCase("glas", "glas", frozenset({"test", "testA", "testB"}), "48x64", "Warwick"),
-    "cvc_clinicdb": BundleCase("cvc_clinicdb", "cvc-clinicdb", frozenset({"test"}), "48x64", "CVC-ClinicDB"),
+DEMOS = {  # a small demo of each bundle's dataset, 64 x 48 pixels (Kvasir-SEG: sizes vary around it)
+    "glas": lambda folder: make_glas_demo(folder, n_train=10, n_test_a=2, n_test_b=2, size=(64, 48)),
+    "cvc_clinicdb": lambda folder: make_cvc_clinicdb_demo(folder, n_frames=14, size=(64, 48)),
+    "kvasir_seg": lambda folder: make_kvasir_seg_demo(folder, n_images=12, size=(64, 48)),
 }
+CASES = {
+    "glas": BundleCase("glas", "glas", frozenset({"test", "testA", "testB"}), "Warwick"),
+    "cvc_clinicdb": BundleCase("cvc_clinicdb", "cvc-clinicdb", frozenset({"test"}), "CVC-ClinicDB"),
+    "kvasir_seg": BundleCase("kvasir_seg", "kvasir-seg", frozenset({"test"}), "Kvasir-SEG"),
+}
+
+
+def test_every_bundle_has_a_case():
+    assert set(CASES) == {p.name for p in bundle_dirs(REPO / "bundles")}
+
+
+def demo_images(folder: Path, count: int = 2) -> list[Path]:
+    """The first ``count`` images (not masks) of a demo dataset folder."""
+    return sorted(p for p in folder.rglob("*") if p.suffix in (".bmp", ".tif", ".jpg") and "anno" not in p.name
+                  and "Ground Truth" not in str(p) and p.parent.name != "masks")[:count]
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -190,8 +205,7 @@ def test_a_copy_of_the_bundle_folder_trains_evaluates_and_infers_from_another_di
     workdir.mkdir()
     images = tmp_path / "images"
     images.mkdir()
-    for frame in sorted(p for p in demo.rglob("*") if p.suffix in (".bmp", ".tif") and "anno" not in p.name
-                        and "Ground Truth" not in str(p))[:2]:
+    for frame in demo_images(demo):
         shutil.copy(frame, images / frame.name)  # CVC-ClinicDB TIFF frames too: inference reads them with tifffile
     configs = bundle / "configs"
     common = ["--bundle_root", str(bundle), "--dataset_dir", str(demo), "--output_dir", "out", "--image_size", "[64,64]"]
@@ -204,7 +218,7 @@ def test_a_copy_of_the_bundle_folder_trains_evaluates_and_infers_from_another_di
         result = run_bundle(run_id, files, *common, *extra, cwd=workdir)
         assert result.returncode == 0, run_id + result.stdout[-3000:] + result.stderr[-3000:]
     out = workdir / "out"
-    assert (out / "models" / "model.pt").is_file() and (out / "eval" / "test" / "summary.json").is_file()
+    assert (out / "models" / "model.pt").is_file() and (out / "eval" / case.dataset / "test" / "summary.json").is_file()
     assert len(list((out / "predictions").glob("*_mask.png"))) == 2
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     assert client.get_model_version_by_alias(case.model_name, "candidate").tags["dataset"] == case.dataset
@@ -437,11 +451,15 @@ def test_evaluate_reports_per_image_and_summary_at_both_resolutions(case, demo, 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "iou_native" in result.stdout  # the printed table
 
-    report = trained / "eval" / "test"
-    rows = (report / "per_image.csv").read_text().strip().splitlines()
-    n_test = len(json.loads((trained / "datalist.json").read_text()).get("test", [])) or 4  # GLaS: testA + testB
-    assert len(rows) == 1 + n_test
-    assert all(row.endswith(f",{case.native_size}") for row in rows[1:])  # native size H x W of the demo images
+    report = trained / "eval" / case.dataset / "test"  # kept per dataset
+    with open(report / "per_image.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    splits = json.loads((trained / "datalist.json").read_text())
+    tested = {item["id"]: item for item in splits.get("test", []) + splits.get("testA", []) + splits.get("testB", [])}
+    assert sorted(row["id"] for row in rows) == sorted(tested)
+    for row in rows:  # native size H x W of each image file
+        width, height = read_array(tested[row["id"]]["image"]).shape[:2]  # the reader's axes: width first
+        assert row["native_size"] == f"{height}x{width}", row
     summary = json.loads((report / "summary.json").read_text())
     assert set(summary["summary"]) == case.test_groups
     for group in summary["summary"].values():
@@ -459,7 +477,7 @@ def test_evaluate_registered_model_records_test_metrics_on_its_version(case, dem
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     uri = f"sqlite:///{trained / 'mlflow.db'}"
     version = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias("masksup-glas", "candidate")
-    summary = json.loads((trained / "eval" / "testA" / "summary.json").read_text())
+    summary = json.loads((trained / "eval" / "glas" / "testA" / "summary.json").read_text())
     assert float(version.tags["test_testA_iou"]) == pytest.approx(summary["summary"]["testA"]["iou"]["mean"], abs=1e-4)
 
 
@@ -470,10 +488,8 @@ def test_inference_writes_masks_of_each_input_size_and_overlays(case, demo, trai
         pytest.skip("the same shared inference config; NIfTI output is run once, on the GLaS bundle")
     inputs = tmp_path / "my scans é"  # spaces and non-ASCII in the path
     inputs.mkdir()
-    first, second = sorted(p for p in demo.rglob("*") if p.suffix in (".bmp", ".tif") and "anno" not in p.name
-                           and "Ground Truth" not in str(p))[:2]
     first, second = (Image.fromarray(tifffile.imread(p)) if p.suffix == ".tif" else Image.open(p).convert("RGB")
-                     for p in (first, second))  # Pillow cannot read CVC-ClinicDB's TIFF frames
+                     for p in demo_images(demo))  # Pillow cannot read CVC-ClinicDB's TIFF frames
     first.save(inputs / "first.png")
     second.resize((80, 60)).save(inputs / "second image.jpg", quality=95)
     (inputs / ".DS_Store").write_bytes(b"\0")
@@ -481,7 +497,7 @@ def test_inference_writes_masks_of_each_input_size_and_overlays(case, demo, trai
                         "--output_dir", str(trained), "--image_size", "[64,64]", "--output_ext", output_ext,
                         "--prediction_dir", str(tmp_path / "pred"), "--save_overlays", "true")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for stem, size in (("first", (64, 48)), ("second image", (80, 60))):
+    for stem, size in (("first", first.size), ("second image", (80, 60))):
         mask_file = tmp_path / "pred" / f"{stem}_mask{output_ext}"
         if output_ext == ".png":
             mask = np.array(Image.open(mask_file))

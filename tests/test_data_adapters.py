@@ -98,6 +98,14 @@ def test_kvasir_split_sizes_and_nested_folder(tmp_path):
     assert len({p["id"] for v in splits.values() for p in v}) == 10
 
 
+def test_a_split_option_of_another_dataset_is_left_out_with_a_warning(tmp_path):
+    """A CVC-ClinicDB bundle's ``by="sequence"`` evaluating on Kvasir-SEG: ignored, named, the split as without it."""
+    make_kvasir(tmp_path, names=[f"img{i}" for i in range(10)])
+    with pytest.warns(UserWarning, match=r"split option\(s\) by do not apply to dataset kvasir-seg"):
+        splits = get_dataset("kvasir-seg").split(tmp_path, seed=3, val_fraction=0.1, test_fraction=0.2, by="sequence")
+    assert splits == split_kvasir_seg(tmp_path, seed=3)
+
+
 def test_pranet_train_and_named_test_sets(tmp_path):
     make_pranet(tmp_path)
     pairs = find_pranet_pairs(tmp_path)

@@ -198,7 +198,7 @@ def test_evaluate_job_writes_the_summary(trained):
                      "--model_source", MODEL, "--num_workers", "0", cwd=trained.workdir)
     assert result.returncode == 0, output_of(result)
     assert "--image_size [64, 64]" in result.stderr  # the registered model's training size, from its signature
-    summary = json.loads((trained.out / "eval" / "test" / "summary.json").read_text())
+    summary = json.loads((trained.out / "eval" / "glas" / "test" / "summary.json").read_text())
     assert summary["images"] == 4 and summary["split"] == "test" and summary["model_source"] == MODEL
 
 

@@ -19,7 +19,7 @@ from .splits import carve_validation, read_datalist, split_groups, write_datalis
 # loaded on first use: the MONAI-backed parts, and the demo-data generator (never on the training path)
 _LAZY = {"TiffReader": "readers", "loader_reader": "readers", "read_array": "readers",
          "check_dataset": "checks", "CheckReport": "checks",
-         "make_glas_demo": "synthetic", "make_cvc_clinicdb_demo": "synthetic",
+         "make_glas_demo": "synthetic", "make_cvc_clinicdb_demo": "synthetic", "make_kvasir_seg_demo": "synthetic",
          "with_unlabelled": "unlabelled", "list_unlabelled_images": "unlabelled"}
 
 
@@ -50,6 +50,7 @@ __all__ = [
     "loader_reader",
     "make_cvc_clinicdb_demo",
     "make_glas_demo",
+    "make_kvasir_seg_demo",
     "read_array",
     "read_datalist",
     "split_cvc_clinicdb",
