@@ -2,7 +2,8 @@
 
 mIoU is the paper's definition: foreground IoU of each image (threshold 0.5), averaged over images.
 The report writes ``per_image.csv`` and ``summary.json``, prints a table, and, when the evaluated model
-came from the MLflow registry, records the summary as tags of that model version.
+came from the MLflow registry, records the summary as tags of that model version. Where the images come
+from video sequences (CVC-ClinicDB), it also summarises each sequence and draws ``per_sequence.png``.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
+
+from masksup_med.figures import per_group_figure
 
 __all__ = ["SegmentationReport", "format_table", "image_scores", "summarize"]
 
@@ -63,13 +67,18 @@ def summarize(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> dict
 
 def format_table(summaries: Mapping[str, Mapping[str, Mapping[str, float]]], columns: Sequence[str]) -> str:
     """A plain-text table: one line per group, ``mean ± std`` per column."""
-    header = f"{'split':<10} {'images':>6}  " + "  ".join(f"{c:>17}" for c in columns)
+    header = f"{'split':<12} {'images':>6}  " + "  ".join(f"{c:>17}" for c in columns)
     lines = [header, "-" * len(header)]
     for group, summary in summaries.items():
         n = max((s["n"] for s in summary.values()), default=0)
         cells = "  ".join(f"{summary[c]['mean']:>8.4f} ± {summary[c]['std']:<6.4f}" for c in columns)
-        lines.append(f"{group:<10} {n:>6}  {cells}")
+        lines.append(f"{group:<12} {n:>6}  {cells}")
     return "\n".join(lines)
+
+
+def _plain(value: Any) -> Any:
+    """A batch value as a plain Python value (a collated 0-d tensor back to its number)."""
+    return value.item() if hasattr(value, "item") and getattr(value, "ndim", 1) == 0 else value
 
 
 def _registered_version(model_source: str, tracking_uri: str | None) -> tuple[str, str] | None:
@@ -98,6 +107,8 @@ class SegmentationReport:
         model_source: checkpoint path or ``models:/…`` URI of the evaluated model.
         tracking_uri: MLflow store holding ``model_source`` when it is a registry URI.
         group_key: batch key giving each image's group, summarised separately (None: no groups).
+        sequence_key: batch key giving each image's video sequence, where the dataset has them: each
+            sequence is summarised in ``summary.json`` (``per_sequence``) and drawn in ``per_sequence.png``.
     """
 
     def __init__(
@@ -107,12 +118,14 @@ class SegmentationReport:
         model_source: str | Path,
         tracking_uri: str | None = None,
         group_key: str | None = "split",
+        sequence_key: str | None = "sequence",
     ) -> None:
         self.output_dir = Path(output_dir)
         self.split = split
         self.model_source = str(model_source)
         self.tracking_uri = tracking_uri
         self.group_key = group_key
+        self.sequence_key = sequence_key
         self.rows: list[dict[str, Any]] = []
         self.summary: dict[str, Any] = {}
 
@@ -128,7 +141,9 @@ class SegmentationReport:
             native_label = out.get("label_native", item.get("label_native"))
             row: dict[str, Any] = {"id": item.get("id", f"image_{len(self.rows)}")}
             if self.group_key:
-                row["group"] = item.get(self.group_key, self.split)
+                row["group"] = _plain(item.get(self.group_key, self.split))
+            if self.sequence_key and item.get(self.sequence_key) is not None:
+                row["sequence"] = _plain(item[self.sequence_key])
             row.update(image_scores(out["pred"], out["label"]))
             row.update({f"{k}_native": v for k, v in image_scores(out["pred_native"], native_label).items()})
             row["native_size"] = "x".join(str(s) for s in tuple(native_label.shape[1:])[::-1])  # H x W
@@ -145,6 +160,11 @@ class SegmentationReport:
         summaries = {name: summarize(rows, columns) for name, rows in groups.items()}
         self.summary = {"split": self.split, "model_source": self.model_source, "images": len(self.rows),
                         "summary": summaries}
+        sequences = sorted({r["sequence"] for r in self.rows if "sequence" in r}, key=lambda s: (str(type(s)), s))
+        per_sequence = {f"sequence {s}": summarize([r for r in self.rows if r.get("sequence") == s], columns)
+                        for s in sequences}
+        if per_sequence:
+            self.summary["per_sequence"] = per_sequence
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with open(self.output_dir / "per_image.csv", "w", newline="", encoding="utf-8") as f:
@@ -153,6 +173,12 @@ class SegmentationReport:
             writer.writerows(self.rows)
         (self.output_dir / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n", encoding="utf-8")
         table = format_table(summaries, columns)
+        if per_sequence:
+            table += "\n" + "\n".join(format_table(per_sequence, columns).splitlines()[2:])
+            fig = per_group_figure(per_sequence, ("iou_native", "dice_native"),
+                                   f"{self.split}: each video sequence, at the images' own size")
+            fig.savefig(self.output_dir / "per_sequence.png", dpi=100)
+            plt.close(fig)
         print(f"\nEvaluation of {self.model_source} on {self.split} (mean ± std over images)\n{table}\n", flush=True)
         logger.info(f"evaluation report written to {self.output_dir}")
         self._tag_registered_model(summaries)

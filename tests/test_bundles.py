@@ -7,6 +7,7 @@ resuming a killed run).
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import math
@@ -134,8 +135,9 @@ def test_one_epoch_on_demo_data_saves_checkpoint_split_and_mlflow_run(case, demo
     if case.name == "glas":
         assert len(splits["train"]) + len(splits["validation"]) == 10
         assert len(splits["testA"]) == 2 and len(splits["testB"]) == 2
-    else:  # by video sequence: no sequence in two parts
-        parts = [{p["sequence"] for p in splits[k]} for k in ("train", "validation", "test")]
+    else:  # no image in two parts; CVC-ClinicDB's split is by video sequence: no sequence in two parts either
+        key = "sequence" if case.name == "cvc_clinicdb" else "id"
+        parts = [{p[key] for p in splits[k]} for k in ("train", "validation", "test")]
         assert all(parts) and sum(len(p) for p in parts) == len(set().union(*parts))
 
     # MLflow (embedded SQLite store in the output folder) has params, per-term losses and metrics
@@ -506,6 +508,69 @@ def test_inference_writes_masks_of_each_input_size_and_overlays(case, demo, trai
             mask = np.asarray(nib.load(mask_file).dataobj)
             assert mask.shape == size and set(np.unique(mask)) <= {0, 1}  # MONAI axes: W, H
         assert Image.open(tmp_path / "pred" / f"{stem}_overlay.png").size == size
+
+
+CORNER_NET = """
+import os
+
+import numpy as np
+import torch
+
+
+class RedIsForeground(torch.nn.Module):
+    \"\"\"Logits from colour alone (red is foreground); keeps the last input it saw in $NET_INPUT.\"\"\"
+
+    def forward(self, x):
+        np.save(os.environ["NET_INPUT"], x.detach().cpu().numpy())
+        return 40 * (x[:, :1] - x[:, 1:2] - 0.5)
+"""
+
+
+@pytest.mark.slow
+def test_a_landscape_image_stays_landscape_and_upright_from_file_to_network_to_mask_and_figure(tmp_path):
+    """image_size is [width, height]: the CVC-ClinicDB bundle's default input of a 96 x 48 image with a red
+    top-right corner is 320 wide and 240 high with the corner at (last x, first y); the mask written back
+    has the image's own size with the corner in the same place; the figures show it upright."""
+    from masksup_med.figures import _as_display
+    from masksup_med.serving import decode_image
+
+    height, width = 48, 96
+    picture = np.full((height, width, 3), 128, np.uint8)
+    picture[:12, 72:] = (255, 0, 0)  # the marked corner: top right
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    Image.fromarray(picture).save(inputs / "corner.png")
+    (tmp_path / "corner_net.py").write_text(CORNER_NET)
+    checkpoint = tmp_path / "model.pt"
+    torch.save({}, checkpoint)  # the network has no weights
+    seen = tmp_path / "net_input.npy"
+    case = CASES["cvc_clinicdb"]
+    result = run_bundle("inferring", case.config("inference.json"), "--input_dir", str(inputs),
+                        "--output_dir", str(tmp_path / "out"), "--model_source", str(checkpoint),
+                        "--network_def", "{'_target_': 'corner_net.RedIsForeground'}", "--save_overlays", "true",
+                        env={"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+                             "NET_INPUT": str(seen)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    image_size = json.loads((case.configs / "train.json").read_text())["image_size"]
+    assert image_size == [320, 240]  # the frames' own 4:3 landscape aspect, width first
+    network_input = torch.from_numpy(np.load(seen))[0]
+    assert tuple(network_input.shape) == (3, *image_size)  # C, W, H
+    red = (network_input[0] > 0.9) & (network_input[1] < 0.1)
+    assert red[-1, 0] and not red[0, -1] and not red[0, 0]  # at the largest x, the smallest y: top right
+    assert red.float().mean() == pytest.approx(0.25 * 0.25, abs=0.02)
+
+    mask = np.array(Image.open(tmp_path / "out" / "predictions" / "corner_mask.png"))
+    assert mask.shape == (height, width)  # written back at the image's own size, rows first as Pillow reads it
+    assert (mask[1:11, 74:] == 255).all() and (mask[14:] == 0).all() and (mask[:, :70] == 0).all()
+    overlay = np.array(Image.open(tmp_path / "out" / "predictions" / "corner_overlay.png"))
+    assert overlay.shape == (height, width, 3) and (overlay[5, 90] != picture[5, 90]).any()  # the tint, top right
+    assert (overlay[30, 10] == picture[30, 10]).all()
+
+    shown = _as_display(network_input)  # what the validation figures draw with imshow: rows are y
+    assert shown.shape == (image_size[1], image_size[0], 3) and shown[0, -1, 0] > 0.9 and shown[-1, 0, 0] < 0.6
+    served = decode_image(base64.b64encode((inputs / "corner.png").read_bytes()))  # serving reads it the same way
+    assert served.shape == (3, width, height) and served[0, -1, 0] == 255 and served[0, 0, -1] == 128
 
 
 def test_inference_on_empty_folder_names_it(tmp_path):
