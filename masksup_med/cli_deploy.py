@@ -6,7 +6,9 @@
 with the bundle's preprocessing (:mod:`masksup_med.serving`) and runs MLflow's scoring server on it.
 
 Bundles are looked up under a bundles root: ``--bundles-dir``, else ``$MASKSUP_BUNDLES_DIR``, else
-the ``bundles/`` folder of the source checkout the package runs from, else ``./bundles``.
+the ``bundles/`` folder of the source checkout the package runs from, else ``./bundles``. ``predict``
+and ``serve`` run a registered model with the bundle it was trained with (its version tag ``bundle``);
+``--bundle`` chooses one by hand.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ __all__ = ["add_deploy_commands", "bundle_command", "bundles_root"]
 
 BUNDLES_ENV = "MASKSUP_BUNDLES_DIR"
 FORMATS = {"png": ".png", "nifti": ".nii.gz"}
+BUNDLE_TAG = "bundle"  # the registered model version's tag naming the bundle it was trained with
+FALLBACK_BUNDLE = "glas"
 
 
 def bundles_root(explicit: str | os.PathLike | None = None) -> Path:
@@ -172,9 +176,44 @@ def _model_image_size(source: str, store: str) -> list[int] | None:
         return None
 
 
+def registered_bundle(source: str, store: str) -> str | None:
+    """The bundle a registered model was trained with: its version's ``bundle`` tag (a name or a path), or None."""
+    if not source.startswith("models:/"):
+        return None
+    import mlflow
+
+    from masksup_med.evaluation import registered_version
+
+    name, version = registered_version(source, store)
+    tags = mlflow.MlflowClient(tracking_uri=store, registry_uri=store).get_model_version(name, version).tags
+    value = str(tags.get(BUNDLE_TAG, "")).strip().rstrip("/")
+    return Path(value).name if value else None
+
+
+def resolve_bundle(args: argparse.Namespace, overrides: Sequence[str]) -> tuple[Path, str]:
+    """(bundle folder, MLflow store) for ``predict`` / ``serve``: ``--bundle`` when given, else the model's
+    ``bundle`` tag, else the GLaS bundle with a warning. The store is looked up as the fallback bundle's run would."""
+    if args.bundle:
+        folder = bundle_dir(args.bundle, args.bundles_dir)
+        return folder, _store(folder, overrides, args.tracking_uri)
+    fallback = bundle_dir(FALLBACK_BUNDLE, args.bundles_dir)
+    store = _store(fallback, overrides, args.tracking_uri)
+    try:
+        tagged = registered_bundle(args.model, store)
+    except Exception as e:  # noqa: BLE001 - the bundle run reports a missing model properly
+        print(f"warning: could not read the tags of {args.model} from {store}: {e}", file=sys.stderr)
+        tagged = None
+    if tagged:
+        print(f"{args.model} was trained with bundle {tagged} (its version tag {BUNDLE_TAG!r})", file=sys.stderr)
+        return bundle_dir(tagged, args.bundles_dir), store
+    print(f"warning: {args.model} names no bundle (no version tag {BUNDLE_TAG!r}); using the {FALLBACK_BUNDLE} "
+          "bundle's preprocessing. Pass --bundle to choose the one it was trained with.", file=sys.stderr)
+    return fallback, store
+
+
 def _predict(args: argparse.Namespace) -> int:
-    folder = bundle_dir(args.bundle, args.bundles_dir)
     overrides = _overrides(args)
+    folder, store = resolve_bundle(args, overrides)
     input_dir = Path(args.input)
     if not input_dir.is_dir():
         raise SystemExit(f"error: input folder {input_dir} does not exist")
@@ -183,17 +222,17 @@ def _predict(args: argparse.Namespace) -> int:
     if args.overlays:
         cmd_overrides += ["--save_overlays", "true"]
     if not _has_override(overrides, "image_size"):
-        size = _model_image_size(args.model, _store(folder, overrides, args.tracking_uri))
+        size = _model_image_size(args.model, store)
         if size:
             cmd_overrides += ["--image_size", str(size)]
-    return _run_bundle(folder, "inferring", ["train.json", "inference.json"], cmd_overrides + overrides,
-                       env=_tracking_env(args.tracking_uri))
+    env = _tracking_env(args.tracking_uri or (None if args.bundle else store))  # the store the model was found in
+    return _run_bundle(folder, "inferring", ["train.json", "inference.json"], cmd_overrides + overrides, env=env)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from masksup_med.serving import build_serving_model, serve_command
 
-    folder = bundle_dir(args.bundle, args.bundles_dir)
+    folder, store = resolve_bundle(args, [])
     workdir = Path(tempfile.mkdtemp(prefix="masksup-serve-"))
     proc: subprocess.Popen | None = None
 
@@ -204,7 +243,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         model_dir = build_serving_model(args.model, folder / "configs" / "train.json", workdir / "model",
                                         device=args.device, threshold=args.threshold,
-                                        tracking_uri=_store(folder, [], args.tracking_uri))
+                                        tracking_uri=store)
         print(f"serving {args.model} on http://{args.host}:{args.port} (POST /invocations, GET /ping)",
               file=sys.stderr, flush=True)
         env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
@@ -248,14 +287,15 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     for name, handler, summary, description, example in bundle_jobs:
         job = commands.add_parser(name, help=summary, description=description, epilog=f"example: {example}")
         _bundle_options(job)
-        job.add_argument("bundle", metavar="BUNDLE", help="bundle name: glas or cvc_clinicdb")
+        job.add_argument("bundle", metavar="BUNDLE", help="bundle name: glas, cvc_clinicdb or kvasir_seg")
         job.add_argument("overrides", nargs=argparse.REMAINDER, metavar="OVERRIDES", help=passthrough)
         job.set_defaults(handler=handler, command_parser=job)
 
     predict = commands.add_parser(
         "predict", help="masks for a folder of images (python -m monai.bundle run inferring)",
         description="Write a mask for every PNG/JPEG/BMP/TIFF image in --input, each at the image's own size. "
-                    "A registered model is run at the size it was trained at (from its signature). "
+                    "A registered model is run with the bundle it was trained with (its version tag 'bundle') "
+                    "at the size it was trained at (from its signature). "
                     "Further bundle overrides may follow after `--`.",
         epilog="example: masksup-med predict --model models:/masksup-glas@champion --input /data/new --output /outputs/masks",
     )
@@ -264,7 +304,8 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
                          help="models:/NAME@ALIAS, models:/NAME/VERSION, or a checkpoint file (model.pt)")
     predict.add_argument("--input", required=True, metavar="DIR", help="folder of images")
     predict.add_argument("--output", required=True, metavar="DIR", help="folder for the masks (<stem>_mask.png)")
-    predict.add_argument("--bundle", default="glas", help="bundle whose inference config runs (default: glas)")
+    predict.add_argument("--bundle", help=f"bundle whose inference config runs (default: the one the registered model "
+                                           f"was trained with, from its version tag {BUNDLE_TAG!r}; else {FALLBACK_BUNDLE})")
     predict.add_argument("--format", choices=sorted(FORMATS), default="png",
                          help="png (0/255, default) or nifti (.nii.gz, 0/1)")
     predict.add_argument("--overlays", action="store_true", help="also write <stem>_overlay.png for a person to look at")
@@ -283,7 +324,8 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     )
     _bundle_options(serve)
     serve.add_argument("--model", required=True, metavar="SOURCE", help="models:/NAME@ALIAS or models:/NAME/VERSION")
-    serve.add_argument("--bundle", default="glas", help="bundle whose preprocessing is used (default: glas)")
+    serve.add_argument("--bundle", help=f"bundle whose preprocessing is used (default: the one the model was trained "
+                                         f"with, from its version tag {BUNDLE_TAG!r}; else {FALLBACK_BUNDLE})")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
     serve.add_argument("--workers", type=int, default=1, help="server worker processes (default: 1)")

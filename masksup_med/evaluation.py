@@ -25,7 +25,7 @@ from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 
 from masksup_med.figures import per_group_figure
 
-__all__ = ["SegmentationReport", "format_table", "image_scores", "summarize"]
+__all__ = ["SegmentationReport", "format_table", "image_scores", "registered_version", "summarize"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") and getattr(value, "ndim", 1) == 0 else value
 
 
-def _registered_version(model_source: str, tracking_uri: str | None) -> tuple[str, str] | None:
+def registered_version(model_source: str, tracking_uri: str | None) -> tuple[str, str] | None:
     """(name, version) for ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``; None for a file."""
     if not str(model_source).startswith("models:/"):
         return None
@@ -185,7 +185,7 @@ class SegmentationReport:
         return self.summary
 
     def _tag_registered_model(self, summaries: Mapping[str, Mapping[str, Mapping[str, float]]]) -> None:
-        version = _registered_version(self.model_source, self.tracking_uri)
+        version = registered_version(self.model_source, self.tracking_uri)
         if version is None:
             return
         name, number = version

@@ -114,6 +114,34 @@ def test_bundle_command_passes_overrides_verbatim(tmp_path):
     assert own_root.count("--bundle_root") == 1
 
 
+@pytest.fixture
+def tagged_store(tmp_path) -> str:
+    """A SQLite store with model ``m``: version 1 tagged with bundle cvc_clinicdb (as a path), version 2 untagged."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("m")
+    client.create_model_version("m", str(tmp_path / "weights"), tags={"bundle": "bundles/cvc_clinicdb/"})
+    client.create_model_version("m", str(tmp_path / "weights"))
+    client.set_registered_model_alias("m", "candidate", "1")
+    return uri
+
+
+@pytest.mark.parametrize(("model", "bundle", "chosen", "said"), [
+    ("models:/m@candidate", None, "cvc_clinicdb", "was trained with bundle cvc_clinicdb"),
+    ("models:/m/2", None, "glas", "names no bundle (no version tag 'bundle'); using the glas bundle"),
+    ("models:/m/1", "kvasir_seg", "kvasir_seg", ""),  # chosen by hand
+    ("model.pt", None, "glas", "names no bundle"),  # a checkpoint file has no tags
+])
+def test_predict_and_serve_take_the_bundle_a_registered_model_was_trained_with(tagged_store, capsys, model, bundle,
+                                                                                 chosen, said):
+    args = SimpleNamespace(model=model, bundle=bundle, bundles_dir=None, tracking_uri=tagged_store)
+    folder, store = cli_deploy.resolve_bundle(args, [])
+    assert folder == (REPO / "bundles" / chosen).resolve() and store == tagged_store
+    assert said in capsys.readouterr().err
+
+
 def _encoded(image: Image.Image, fmt: str) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)
