@@ -109,6 +109,9 @@ class SegmentationReport:
         group_key: batch key giving each image's group, summarised separately (None: no groups).
         sequence_key: batch key giving each image's video sequence, where the dataset has them: each
             sequence is summarised in ``summary.json`` (``per_sequence``) and drawn in ``per_sequence.png``.
+        dataset: name of the evaluated dataset (recorded in the summary). When a registered model was
+            trained on another dataset (its version tag ``dataset``), its test tags are named
+            ``test_<dataset>_<group>_<metric>``, so an evaluation on each dataset keeps its own.
     """
 
     def __init__(
@@ -119,6 +122,7 @@ class SegmentationReport:
         tracking_uri: str | None = None,
         group_key: str | None = "split",
         sequence_key: str | None = "sequence",
+        dataset: str | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.split = split
@@ -126,6 +130,7 @@ class SegmentationReport:
         self.tracking_uri = tracking_uri
         self.group_key = group_key
         self.sequence_key = sequence_key
+        self.dataset = dataset
         self.rows: list[dict[str, Any]] = []
         self.summary: dict[str, Any] = {}
 
@@ -158,7 +163,8 @@ class SegmentationReport:
                 if name != self.split:
                     groups[name] = [r for r in self.rows if r["group"] == name]
         summaries = {name: summarize(rows, columns) for name, rows in groups.items()}
-        self.summary = {"split": self.split, "model_source": self.model_source, "images": len(self.rows),
+        self.summary = {"dataset": self.dataset, "split": self.split, "model_source": self.model_source,
+                        "images": len(self.rows),
                         "summary": summaries}
         sequences = sorted({r["sequence"] for r in self.rows if "sequence" in r}, key=lambda s: (str(type(s)), s))
         per_sequence = {f"sequence {s}": summarize([r for r in self.rows if r.get("sequence") == s], columns)
@@ -190,7 +196,9 @@ class SegmentationReport:
             return
         name, number = version
         client = mlflow.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        trained_on = client.get_model_version(name, number).tags.get("dataset")
+        prefix = "test_" if not self.dataset or trained_on in (None, self.dataset) else f"test_{self.dataset}_"
         for group, summary in summaries.items():
             for metric, stats in summary.items():
-                client.set_model_version_tag(name, number, f"test_{group}_{metric}", f"{stats['mean']:.4f}")
+                client.set_model_version_tag(name, number, f"{prefix}{group}_{metric}", f"{stats['mean']:.4f}")
         logger.info(f"test metrics recorded on MLflow model {name} version {number}")

@@ -484,6 +484,30 @@ def test_evaluate_registered_model_records_test_metrics_on_its_version(case, dem
 
 
 @pytest.mark.slow
+def test_a_model_is_evaluated_on_another_dataset_with_one_override_and_each_report_kept(case, demo, trained, tmp_path):
+    """A CVC-ClinicDB model on Kvasir-SEG's test split (``--dataset``, ``--dataset_dir``), then on its own: both
+    reports kept (``eval/<dataset>/test``), CVC-ClinicDB's per video sequence, each dataset's tags on the version."""
+    if case.name != "cvc_clinicdb":
+        pytest.skip("the same shared evaluate config; run once, from the CVC-ClinicDB bundle (its split options differ)")
+    kvasir = CASES["kvasir_seg"].make_demo(tmp_path / "kvasir")
+    model = "models:/masksup-cvc-clinicdb@candidate"
+    for dataset, folder in (("kvasir-seg", kvasir), ("cvc-clinicdb", demo)):
+        result = run_bundle("evaluating", case.config("evaluate.json"), "--dataset", dataset, "--dataset_dir", str(folder),
+                            "--output_dir", str(trained), "--image_size", "[64,64]", "--model_source", model)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    other, own = (json.loads((trained / "eval" / d / "test" / "summary.json").read_text())
+                  for d in ("kvasir-seg", "cvc-clinicdb"))
+    assert other["dataset"] == "kvasir-seg" and other["images"] == 2 and "per_sequence" not in other
+    assert own["dataset"] == "cvc-clinicdb" and own["per_sequence"]  # CVC-ClinicDB frames belong to video sequences
+    assert (trained / "eval" / "cvc-clinicdb" / "test" / "per_sequence.png").is_file()
+    uri = f"sqlite:///{trained / 'mlflow.db'}"
+    tags = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias(
+        case.model_name, "candidate").tags
+    assert float(tags["test_kvasir-seg_test_iou"]) == pytest.approx(other["summary"]["test"]["iou"]["mean"], abs=1e-4)
+    assert float(tags["test_test_iou"]) == pytest.approx(own["summary"]["test"]["iou"]["mean"], abs=1e-4)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("output_ext", [".png", ".nii.gz"])
 def test_inference_writes_masks_of_each_input_size_and_overlays(case, demo, trained, tmp_path, output_ext):
     if case.name != "glas" and output_ext != ".png":
