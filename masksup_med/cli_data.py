@@ -95,7 +95,7 @@ def _add_demo_parser(datasets: argparse._SubParsersAction, name: str, descriptio
 
 def _split_options(args: argparse.Namespace) -> dict | None:
     """Split keyword options given on the command line; None (after an error line) if one does not apply."""
-    given = {k: getattr(args, k) for k in ("seed", "val_fraction", "test_fraction", "by")
+    given = {k: getattr(args, k) for k in ("seed", "val_fraction", "test_fraction", "by", "train_list")
              if getattr(args, k) is not None}
     accepted = get_dataset(args.dataset).split_options
     wrong = [k for k in given if k not in accepted]
@@ -186,6 +186,9 @@ def _add_split_arguments(parser: argparse.ArgumentParser) -> None:
                         help="test fraction for datasets without an official test set (default: 0.2)")
     parser.add_argument("--by", choices=("sequence", "frame"),
                         help="cvc-clinicdb: split by video sequence (default) or by frame (leaks)")
+    parser.add_argument("--train-list", metavar="FILE|DIR",
+                        help="kvasir-cvc (the PraNet protocol): the training images, a text file naming one per line "
+                             "or a folder of them (e.g. PraNet's TrainDataset/image); every other image is test")
     parser.add_argument("--label-fraction", type=float, metavar="F",
                         help="semi-supervised: keep this fraction of the training images labelled (seeded by --seed)")
     parser.add_argument("--unlabelled-dir", metavar="DIR",

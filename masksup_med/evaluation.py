@@ -23,6 +23,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 
+from masksup_med.data.splits import natural_key
 from masksup_med.figures import per_group_figure
 
 __all__ = ["SegmentationReport", "format_table", "image_scores", "registered_version", "summarize"]
@@ -67,12 +68,13 @@ def summarize(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> dict
 
 def format_table(summaries: Mapping[str, Mapping[str, Mapping[str, float]]], columns: Sequence[str]) -> str:
     """A plain-text table: one line per group, ``mean ± std`` per column."""
-    header = f"{'split':<12} {'images':>6}  " + "  ".join(f"{c:>17}" for c in columns)
+    width = max([10, *(len(group) for group in summaries)])
+    header = f"{'split':<{width}} {'images':>6}  " + "  ".join(f"{c:>17}" for c in columns)
     lines = [header, "-" * len(header)]
     for group, summary in summaries.items():
         n = max((s["n"] for s in summary.values()), default=0)
         cells = "  ".join(f"{summary[c]['mean']:>8.4f} ± {summary[c]['std']:<6.4f}" for c in columns)
-        lines.append(f"{group:<12} {n:>6}  {cells}")
+        lines.append(f"{group:<{width}} {n:>6}  {cells}")
     return "\n".join(lines)
 
 
@@ -147,7 +149,7 @@ class SegmentationReport:
             row: dict[str, Any] = {"id": item.get("id", f"image_{len(self.rows)}")}
             if self.group_key:
                 row["group"] = _plain(item.get(self.group_key, self.split))
-            if self.sequence_key and item.get(self.sequence_key) is not None:
+            if self.sequence_key and item.get(self.sequence_key) not in (None, ""):  # "": this image has none
                 row["sequence"] = _plain(item[self.sequence_key])
             row.update(image_scores(out["pred"], out["label"]))
             row.update({f"{k}_native": v for k, v in image_scores(out["pred_native"], native_label).items()})
@@ -166,7 +168,7 @@ class SegmentationReport:
         self.summary = {"dataset": self.dataset, "split": self.split, "model_source": self.model_source,
                         "images": len(self.rows),
                         "summary": summaries}
-        sequences = sorted({r["sequence"] for r in self.rows if "sequence" in r}, key=lambda s: (str(type(s)), s))
+        sequences = sorted({r["sequence"] for r in self.rows if "sequence" in r}, key=lambda s: natural_key(str(s)))
         per_sequence = {f"sequence {s}": summarize([r for r in self.rows if r.get("sequence") == s], columns)
                         for s in sequences}
         if per_sequence:
@@ -180,7 +182,7 @@ class SegmentationReport:
         (self.output_dir / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n", encoding="utf-8")
         table = format_table(summaries, columns)
         if per_sequence:
-            table += "\n" + "\n".join(format_table(per_sequence, columns).splitlines()[2:])
+            table += "\n\n" + format_table(per_sequence, columns)
             fig = per_group_figure(per_sequence, ("iou_native", "dice_native"),
                                    f"{self.split}: each video sequence, at the images' own size")
             fig.savefig(self.output_dir / "per_sequence.png", dpi=100)

@@ -1,6 +1,7 @@
 """Dataset adapters: find and pair files, split deterministically, write MONAI datalists.
 
-One module per dataset (``glas``, ``cvc_clinicdb``, ``kvasir_seg``, ``pranet``), named by string
+One module per dataset (``glas``, ``cvc_clinicdb``, ``kvasir_seg``, ``pranet``, and ``kvasir_cvc``: the
+PraNet protocol on the two original releases), named by string
 through :func:`get_dataset`. The MONAI-backed parts (``readers``, ``checks``) and the synthetic
 demo-data generator (``synthetic``) load on first use.
 """
@@ -10,6 +11,7 @@ from importlib import import_module
 from .cvc_clinicdb import find_cvc_clinicdb_pairs, split_cvc_clinicdb
 from .errors import DatasetError, DatasetNotFoundError, UnreadableFileError
 from .glas import find_glas_pairs, split_glas
+from .kvasir_cvc import split_kvasir_cvc
 from .kvasir_seg import find_kvasir_seg_pairs, split_kvasir_seg
 from .pairing import Problem, Scan
 from .pranet import find_pranet_pairs, split_pranet
@@ -56,6 +58,7 @@ __all__ = [
     "split_cvc_clinicdb",
     "split_glas",
     "split_groups",
+    "split_kvasir_cvc",
     "split_kvasir_seg",
     "split_pranet",
     "with_unlabelled",

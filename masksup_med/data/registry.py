@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import cvc_clinicdb, glas, kvasir_seg, pranet
+from . import cvc_clinicdb, glas, kvasir_cvc, kvasir_seg, pranet
 from .pairing import Scan
 
 # MONAI-backed modules (readers, transforms) are imported where used: naming and scanning
@@ -75,6 +75,9 @@ _DATASETS = {
                     kvasir_seg.assign_kvasir_seg, kvasir_seg.LABEL_THRESHOLD, binary_labels=True),
         DatasetSpec("pranet", "PraNet polyp benchmark layout", pranet.scan_pranet, pranet.assign_pranet,
                     pranet.LABEL_THRESHOLD, binary_labels=True),
+        DatasetSpec(kvasir_cvc.NAME, "Kvasir-SEG + CVC-ClinicDB releases, split by a list of training images "
+                    "(the PraNet protocol)", kvasir_cvc.scan_kvasir_cvc, kvasir_cvc.assign_kvasir_cvc,
+                    kvasir_cvc.LABEL_THRESHOLD, binary_labels=True),
     )
 }
 
