@@ -18,7 +18,8 @@ readers (so TIFFs work), channel first, grey to RGB (:class:`~masksup_med.transf
 config's ``resizing`` transforms (intensity 0..255 to 0..1, resize to the model's training size),
 the network, then :func:`masksup_med.inference.native_mask_postprocessing` (sigmoid, ``Invertd``
 back to the image's size, threshold). The training size is read from the registered
-model's signature (``(-1, C, H, W)``), so a model trained at 128 x 128 is run at 128 x 128.
+model's signature (``(-1, C, W, H)``: MONAI's axes, the bundle's ``image_size`` order, width first),
+so a model trained at 128 x 128 is run at 128 x 128.
 
 :func:`build_serving_model` writes such a pyfunc model into a folder; ``masksup-med serve`` does that
 in a temporary folder and starts ``mlflow models serve --env-manager local`` on it.
@@ -138,7 +139,7 @@ class MaskSupSegmenter(mlflow.pyfunc.PythonModel):
 
     Artifacts: ``network`` (a folder holding the registered ``mlflow.pytorch`` model) and
     ``bundle_config`` (the bundle's ``train.json``, whose ``resizing`` transforms are reused).
-    Model config: ``image_size`` (``[H, W]`` the network was trained at), ``threshold`` (0.5) and
+    Model config: ``image_size`` (``[W, H]`` the network was trained at, as the bundle's), ``threshold`` (0.5) and
     ``device`` (``auto``: CUDA when available).
     """
 
@@ -185,7 +186,7 @@ class MaskSupSegmenter(mlflow.pyfunc.PythonModel):
 
 
 def model_input_size(model_uri: str) -> list[int] | None:
-    """``[H, W]`` from a logged model's tensor signature ``(-1, C, H, W)``; None when it has none."""
+    """``image_size`` (``[W, H]``) from a logged model's tensor signature ``(-1, C, W, H)``; None when it has none."""
     info = mlflow.models.get_model_info(model_uri)
     signature = info.signature
     if signature is None or signature.inputs is None:
