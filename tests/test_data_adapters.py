@@ -208,3 +208,4 @@ def test_pranet_protocol_with_one_release_says_so_at_start(tmp_path, capsys):
     assert main(["data", "check", "kvasir-cvc", str(root), "--train-list", str(listed)]) == 0
     captured = capsys.readouterr()
     assert "only kvasir-seg found" in captured.err and "OK: 6 pairs usable" in captured.out
+    assert "split by video sequence" not in captured.out  # split by the list, not by sequence
