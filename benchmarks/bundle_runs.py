@@ -89,7 +89,9 @@ def train_and_evaluate(configs: Sequence[str], evaluate_config: str, values: dic
     train_seconds = run_logged(train_cmd, local_dir / "train.log")
     best_val, best_epoch = best_validation(local_dir / "models")
     run_logged(eval_cmd, local_dir / "evaluate.log")
-    summary = json.loads((local_dir / "eval" / "test" / "summary.json").read_text(encoding="utf-8"))["summary"]
+    dataset = values.get("dataset") or json.loads((ROOT / configs[0]).read_text(encoding="utf-8"))["dataset"]
+    report = local_dir / "eval" / dataset / "test" / "summary.json"  # the evaluate config keeps reports per dataset
+    summary = json.loads(report.read_text(encoding="utf-8"))["summary"]
     return {
         "best_val_iou": best_val,
         "best_epoch": best_epoch,

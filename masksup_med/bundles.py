@@ -12,6 +12,11 @@ id is written by this module::
     python -m masksup_med.bundles --check    # exit 1, naming the files, when one is out of date
 
 A bundle may set a shared id among its own values (say ``seg_loss``); the shared one is then left out.
+
+Bundles of one family share their recipe too: a bundle whose own values include ``"_defaults_":
+"polyp.json"`` gets the ids of ``bundles/common/configs/polyp.json`` written after the marker,
+before the shared pipeline (again, except those it sets itself). So the CVC-ClinicDB and Kvasir-SEG
+bundles take one set of polyp defaults, written once.
 """
 
 from __future__ import annotations
@@ -25,18 +30,36 @@ from typing import Any
 
 from monai.bundle import ConfigParser
 
-__all__ = ["MARKER", "SHARED_SOURCES", "compose_train_config", "render", "shared_config", "sync_bundle", "sync_bundles"]
+__all__ = ["DEFAULTS", "MARKER", "SHARED_SOURCES", "bundle_dirs", "compose_train_config", "defaults_config",
+           "marker_note", "render", "shared_config", "sync_bundle", "sync_bundles"]
 
 SHARED_SOURCES = ("pipeline.json", "masksup.json")
 MARKER = "_shared_"
-MARKER_NOTE = ("ids from here on are written by `python -m masksup_med.bundles` from bundles/common/configs/"
-               + " + ".join(SHARED_SOURCES) + "; change them there")
+DEFAULTS = "_defaults_"
 LINE_WIDTH = 120
+
+
+def marker_note(defaults: str | None = None) -> str:
+    """The marker's value: which files of ``bundles/common/configs/`` wrote the ids after it."""
+    sources = ([defaults] if defaults else []) + list(SHARED_SOURCES)
+    return ("ids from here on are written by `python -m masksup_med.bundles` from bundles/common/configs/"
+            + " + ".join(sources) + "; change them there")
 
 
 def shared_config(common_configs: str | Path) -> dict[str, Any]:
     """The shared training config: ``SHARED_SOURCES`` of ``common_configs`` merged in order."""
     return ConfigParser.load_config_files([str(Path(common_configs) / name) for name in SHARED_SOURCES])
+
+
+def defaults_config(common_configs: str | Path, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The family defaults a bundle names in its ``_defaults_`` value (``{}`` when it names none)."""
+    name = values.get(DEFAULTS)
+    if not name:
+        return {}
+    path = Path(common_configs) / str(name)
+    if not path.is_file():
+        raise ValueError(f"{DEFAULTS} names {name!r}, but {path} does not exist")
+    return ConfigParser.load_config_file(str(path))
 
 
 def bundle_values(train_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -49,9 +72,13 @@ def bundle_values(train_config: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
-def compose_train_config(values: Mapping[str, Any], shared: Mapping[str, Any]) -> dict[str, Any]:
-    """The bundle's full ``train.json``: its values, the marker, then every shared id it does not set."""
-    return {**values, MARKER: MARKER_NOTE, **{k: v for k, v in shared.items() if k not in values}}
+def compose_train_config(values: Mapping[str, Any], shared: Mapping[str, Any],
+                         defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The bundle's full ``train.json``: its values, the marker, then every id of its family ``defaults``
+    and of the ``shared`` pipeline that it does not set itself."""
+    generated = {**(defaults or {}), **{k: v for k, v in shared.items() if k not in (defaults or {})}}
+    note = marker_note(values.get(DEFAULTS))
+    return {**values, MARKER: note, **{k: v for k, v in generated.items() if k not in values}}
 
 
 def render(value: Any, indent: int = 0) -> str:
@@ -75,19 +102,28 @@ def sync_bundle(bundle_dir: str | Path, common_configs: str | Path, check: bool 
         current = json.loads(train_file.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{train_file}: cannot read the bundle's training config ({e})") from e
-    text = render(compose_train_config(bundle_values(current), shared_config(common_configs))) + "\n"
+    values = bundle_values(current)
+    try:
+        defaults = defaults_config(common_configs, values)
+    except ValueError as e:
+        raise ValueError(f"{train_file}: {e}") from e
+    text = render(compose_train_config(values, shared_config(common_configs), defaults)) + "\n"
     changed = text != train_file.read_text(encoding="utf-8")
     if changed and not check:
         train_file.write_text(text, encoding="utf-8")
     return changed
 
 
-def sync_bundles(bundles_dir: str | Path, check: bool = False) -> list[Path]:
-    """Sync every bundle under ``bundles_dir`` (folders with ``configs/train.json``); return those changed."""
+def bundle_dirs(bundles_dir: str | Path) -> list[Path]:
+    """Every bundle under ``bundles_dir``: the folders other than ``common`` with ``configs/train.json``, sorted."""
     root = Path(bundles_dir)
-    common = root / "common" / "configs"
-    bundles = sorted(p for p in root.iterdir() if p.name != "common" and (p / "configs" / "train.json").is_file())
-    return [p for p in bundles if sync_bundle(p, common, check=check)]
+    return sorted(p for p in root.iterdir() if p.name != "common" and (p / "configs" / "train.json").is_file())
+
+
+def sync_bundles(bundles_dir: str | Path, check: bool = False) -> list[Path]:
+    """Sync every bundle under ``bundles_dir`` (see :func:`bundle_dirs`); return those changed."""
+    common = Path(bundles_dir) / "common" / "configs"
+    return [p for p in bundle_dirs(bundles_dir) if sync_bundle(p, common, check=check)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

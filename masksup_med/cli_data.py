@@ -6,10 +6,10 @@ import argparse
 import sys
 import warnings
 
-from masksup_med.data import make_cvc_clinicdb_demo, make_glas_demo, write_datalist
+from masksup_med.data import make_cvc_clinicdb_demo, make_glas_demo, make_kvasir_seg_demo, write_datalist
 from masksup_med.data.cvc_clinicdb import builtin_sequence_table, sequence_of
 from masksup_med.data.registry import available_datasets, get_dataset
-from masksup_med.data.synthetic import CVC_MIN_FRAMES, cvc_clinicdb_demo_frames
+from masksup_med.data.synthetic import CVC_MIN_FRAMES, KVASIR_MIN_IMAGES, cvc_clinicdb_demo_frames
 
 
 def check_dataset(*args, **kwargs):
@@ -49,6 +49,7 @@ _count = int_at_least(0, "an image count")
 _side = int_at_least(32, "an image side in pixels")
 _seed = int_at_least(0, "a seed")
 _frames = int_at_least(CVC_MIN_FRAMES, "a frame count", maximum=builtin_sequence_table()[-1][1])
+_images = int_at_least(KVASIR_MIN_IMAGES, "an image count")
 
 
 def _wrote_demo(out, count: int, what: str, details: str, args: argparse.Namespace) -> int:
@@ -74,6 +75,12 @@ def _demo_cvc_clinicdb(args: argparse.Namespace) -> int:
                        f"{len(sequences)} video sequences, official layout Original/ + Ground Truth/", args)
 
 
+def _demo_kvasir_seg(args: argparse.Namespace) -> int:
+    out = make_kvasir_seg_demo(args.out_dir, n_images=args.n_images, size=tuple(args.size), seed=args.seed)
+    return _wrote_demo(out, args.n_images, "Kvasir-SEG image/mask pairs",
+                       "release layout images/ + masks/, each image of its own size around", args)
+
+
 def _add_demo_parser(datasets: argparse._SubParsersAction, name: str, description: str, handler,
                      size: tuple[int, int]) -> argparse.ArgumentParser:
     """Add ``data demo NAME OUT_DIR [--seed N] [--size W H]``; the caller adds the counts."""
@@ -88,7 +95,7 @@ def _add_demo_parser(datasets: argparse._SubParsersAction, name: str, descriptio
 
 def _split_options(args: argparse.Namespace) -> dict | None:
     """Split keyword options given on the command line; None (after an error line) if one does not apply."""
-    given = {k: getattr(args, k) for k in ("seed", "val_fraction", "test_fraction", "by")
+    given = {k: getattr(args, k) for k in ("seed", "val_fraction", "test_fraction", "by", "train_list")
              if getattr(args, k) is not None}
     accepted = get_dataset(args.dataset).split_options
     wrong = [k for k in given if k not in accepted]
@@ -180,6 +187,9 @@ def _add_split_arguments(parser: argparse.ArgumentParser) -> None:
                         help="test fraction for datasets without an official test set (default: 0.2)")
     parser.add_argument("--by", choices=("sequence", "frame"),
                         help="cvc-clinicdb: split by video sequence (default) or by frame (leaks)")
+    parser.add_argument("--train-list", metavar="FILE|DIR",
+                        help="kvasir-cvc (the PraNet protocol): the training images, a text file naming one per line "
+                             "or a folder of them (e.g. PraNet's TrainDataset/image); every other image is test")
     parser.add_argument("--label-fraction", type=float, metavar="F",
                         help="semi-supervised: keep this fraction of the training images labelled (seeded by --seed)")
     parser.add_argument("--unlabelled-dir", metavar="DIR",
@@ -214,3 +224,8 @@ def add_data_commands(commands: argparse._SubParsersAction) -> None:
     cvc.add_argument("--n-frames", type=_frames, metavar="N", default=24,
                      help=f"frames, two per video sequence (default: 24; at least {CVC_MIN_FRAMES}, for "
                           "non-empty train, validation and test parts of the split by sequence)")
+    kvasir = _add_demo_parser(datasets, "kvasir-seg", "Kvasir-SEG-like colonoscopy images in the release layout "
+                              "(.jpg, sizes varying around --size)", _demo_kvasir_seg, (160, 136))
+    kvasir.add_argument("--n-images", type=_images, metavar="N", default=24,
+                        help=f"images (default: 24; at least {KVASIR_MIN_IMAGES}, for non-empty train, validation "
+                             "and test parts of the default split)")

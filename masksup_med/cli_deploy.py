@@ -8,7 +8,9 @@ behind request limits (:mod:`masksup_med.serving_app`). ``predict`` and ``serve`
 model's store as training wrote it and its bundle from the version's ``bundle`` tag.
 
 Bundles are looked up under a bundles root: ``--bundles-dir``, else ``$MASKSUP_BUNDLES_DIR``, else
-the ``bundles/`` folder of the source checkout the package runs from, else ``./bundles``.
+the ``bundles/`` folder of the source checkout the package runs from, else ``./bundles``. ``predict``
+and ``serve`` run a registered model with the bundle it was trained with (its version tag ``bundle``);
+``--bundle`` chooses one by hand.
 """
 
 from __future__ import annotations
@@ -196,11 +198,13 @@ def _registry_store(args: argparse.Namespace, overrides: Sequence[str] = ()) -> 
     return _require_existing_store(_store(bundle_dir(args.bundle or DEFAULT_BUNDLE, args.bundles_dir), overrides))
 
 
-def _bundle_of(args: argparse.Namespace, store: str | None) -> str:
-    """``--bundle``, else the ``bundle`` tag of the registered version ``--model`` names, else glas."""
+def bundle_for_model(args: argparse.Namespace, store: str | None) -> str:
+    """``--bundle``, else the ``bundle`` tag of the registered version ``--model`` names (a name or a path),
+    else glas with a warning (a checkpoint file, or a version without the tag)."""
     if args.bundle:
         return args.bundle
-    if store and str(args.model).startswith("models:/"):
+    registered = bool(store) and str(args.model).startswith("models:/")
+    if registered:
         from masksup_med.registry import registered_bundle
 
         try:
@@ -209,8 +213,12 @@ def _bundle_of(args: argparse.Namespace, store: str | None) -> str:
             print(f"warning: could not read the bundle tag of {args.model}: {e}", file=sys.stderr)
             tagged = None
         if tagged:
-            print(f"bundle {tagged} (the 'bundle' tag of {args.model})", file=sys.stderr)
-            return tagged
+            name = Path(tagged.rstrip("/")).name
+            print(f"{args.model} was trained with bundle {name} (its version tag 'bundle')", file=sys.stderr)
+            return name
+    why = "no version tag 'bundle'" if registered else "a checkpoint file carries no bundle"
+    print(f"warning: {args.model} names no bundle ({why}); using the {DEFAULT_BUNDLE} bundle's preprocessing. "
+          "Pass --bundle to choose the one it was trained with.", file=sys.stderr)
     return DEFAULT_BUNDLE
 
 
@@ -218,7 +226,7 @@ def _predict(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     registered = str(args.model).startswith(("models:/", "runs:/"))
     store = _registry_store(args, overrides) if registered else None
-    folder = bundle_dir(_bundle_of(args, store), args.bundles_dir)
+    folder = bundle_dir(bundle_for_model(args, store), args.bundles_dir)
     input_dir = Path(args.input)
     if not input_dir.is_dir():
         raise SystemExit(f"error: input folder {input_dir} does not exist")
@@ -246,7 +254,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     store = _registry_store(args)
-    folder = bundle_dir(_bundle_of(args, store), args.bundles_dir)
+    folder = bundle_dir(bundle_for_model(args, store), args.bundles_dir)
     workdir = Path(tempfile.mkdtemp(prefix="masksup-serve-"))
     proc: subprocess.Popen | None = None
 
@@ -306,14 +314,15 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     for name, handler, summary, description, example in bundle_jobs:
         job = commands.add_parser(name, help=summary, description=description, epilog=f"example: {example}")
         _bundle_options(job)
-        job.add_argument("bundle", metavar="BUNDLE", help="bundle name: glas or cvc_clinicdb")
+        job.add_argument("bundle", metavar="BUNDLE", help="bundle name: glas, cvc_clinicdb or kvasir_seg")
         job.add_argument("overrides", nargs=argparse.REMAINDER, metavar="OVERRIDES", help=passthrough)
         job.set_defaults(handler=handler, command_parser=job)
 
     predict = commands.add_parser(
         "predict", help="masks for a folder of images (python -m monai.bundle run inferring)",
         description="Write a mask for every PNG/JPEG/BMP/TIFF image in --input, each at the image's own size. "
-                    "A registered model is run at the size it was trained at (from its signature). "
+                    "A registered model is run with the bundle it was trained with (its version tag 'bundle') "
+                    "at the size it was trained at (from its signature). "
                     "Further bundle overrides may follow after `--`.",
         epilog="example: masksup-med predict --model models:/masksup-glas@champion --input /data/new --output /outputs/masks",
     )

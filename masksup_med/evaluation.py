@@ -2,7 +2,8 @@
 
 mIoU is the paper's definition: foreground IoU of each image (threshold 0.5), averaged over images.
 The report writes ``per_image.csv`` and ``summary.json``, prints a table, and, when the evaluated model
-came from the MLflow registry, records the summary as tags of that model version.
+came from the MLflow registry, records the summary as tags of that model version. Where the images come
+from video sequences (CVC-ClinicDB), it also summarises each sequence and draws ``per_sequence.png``.
 """
 
 from __future__ import annotations
@@ -15,13 +16,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 
-__all__ = ["SegmentationReport", "format_table", "image_scores", "summarize"]
+from masksup_med.data.splits import natural_key
+from masksup_med.figures import per_group_figure
+
+__all__ = ["SegmentationReport", "format_table", "image_scores", "registered_version", "summarize"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,16 +68,22 @@ def summarize(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> dict
 
 def format_table(summaries: Mapping[str, Mapping[str, Mapping[str, float]]], columns: Sequence[str]) -> str:
     """A plain-text table: one line per group, ``mean ± std`` per column."""
-    header = f"{'split':<10} {'images':>6}  " + "  ".join(f"{c:>17}" for c in columns)
+    width = max([10, *(len(group) for group in summaries)])
+    header = f"{'split':<{width}} {'images':>6}  " + "  ".join(f"{c:>17}" for c in columns)
     lines = [header, "-" * len(header)]
     for group, summary in summaries.items():
         n = max((s["n"] for s in summary.values()), default=0)
         cells = "  ".join(f"{summary[c]['mean']:>8.4f} ± {summary[c]['std']:<6.4f}" for c in columns)
-        lines.append(f"{group:<10} {n:>6}  {cells}")
+        lines.append(f"{group:<{width}} {n:>6}  {cells}")
     return "\n".join(lines)
 
 
-def _registered_version(model_source: str, tracking_uri: str | None) -> tuple[str, str] | None:
+def _plain(value: Any) -> Any:
+    """A batch value as a plain Python value (a collated 0-d tensor back to its number)."""
+    return value.item() if hasattr(value, "item") and getattr(value, "ndim", 1) == 0 else value
+
+
+def registered_version(model_source: str, tracking_uri: str | None) -> tuple[str, str] | None:
     """(name, version) for ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``; None for a file."""
     if not str(model_source).startswith("models:/"):
         return None
@@ -98,6 +109,11 @@ class SegmentationReport:
         model_source: checkpoint path or ``models:/…`` URI of the evaluated model.
         tracking_uri: MLflow store holding ``model_source`` when it is a registry URI.
         group_key: batch key giving each image's group, summarised separately (None: no groups).
+        sequence_key: batch key giving each image's video sequence, where the dataset has them: each
+            sequence is summarised in ``summary.json`` (``per_sequence``) and drawn in ``per_sequence.png``.
+        dataset: name of the evaluated dataset (recorded in the summary). When a registered model was
+            trained on another dataset (its version tag ``dataset``), its test tags are named
+            ``test_<dataset>_<group>_<metric>``, so an evaluation on each dataset keeps its own.
     """
 
     def __init__(
@@ -107,12 +123,16 @@ class SegmentationReport:
         model_source: str | Path,
         tracking_uri: str | None = None,
         group_key: str | None = "split",
+        sequence_key: str | None = "sequence",
+        dataset: str | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.split = split
         self.model_source = str(model_source)
         self.tracking_uri = tracking_uri
         self.group_key = group_key
+        self.sequence_key = sequence_key
+        self.dataset = dataset
         self.rows: list[dict[str, Any]] = []
         self.summary: dict[str, Any] = {}
 
@@ -128,7 +148,9 @@ class SegmentationReport:
             native_label = out.get("label_native", item.get("label_native"))
             row: dict[str, Any] = {"id": item.get("id", f"image_{len(self.rows)}")}
             if self.group_key:
-                row["group"] = item.get(self.group_key, self.split)
+                row["group"] = _plain(item.get(self.group_key, self.split))
+            if self.sequence_key and item.get(self.sequence_key) not in (None, ""):  # "": this image has none
+                row["sequence"] = _plain(item[self.sequence_key])
             row.update(image_scores(out["pred"], out["label"]))
             row.update({f"{k}_native": v for k, v in image_scores(out["pred_native"], native_label).items()})
             row["native_size"] = "x".join(str(s) for s in tuple(native_label.shape[1:])[::-1])  # H x W
@@ -143,8 +165,14 @@ class SegmentationReport:
                 if name != self.split:
                     groups[name] = [r for r in self.rows if r["group"] == name]
         summaries = {name: summarize(rows, columns) for name, rows in groups.items()}
-        self.summary = {"split": self.split, "model_source": self.model_source, "images": len(self.rows),
+        self.summary = {"dataset": self.dataset, "split": self.split, "model_source": self.model_source,
+                        "images": len(self.rows),
                         "summary": summaries}
+        sequences = sorted({r["sequence"] for r in self.rows if "sequence" in r}, key=lambda s: natural_key(str(s)))
+        per_sequence = {f"sequence {s}": summarize([r for r in self.rows if r.get("sequence") == s], columns)
+                        for s in sequences}
+        if per_sequence:
+            self.summary["per_sequence"] = per_sequence
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with open(self.output_dir / "per_image.csv", "w", newline="", encoding="utf-8") as f:
@@ -153,18 +181,26 @@ class SegmentationReport:
             writer.writerows(self.rows)
         (self.output_dir / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n", encoding="utf-8")
         table = format_table(summaries, columns)
+        if per_sequence:
+            table += "\n\n" + format_table(per_sequence, columns)
+            fig = per_group_figure(per_sequence, ("iou_native", "dice_native"),
+                                   f"{self.split}: each video sequence, at the images' own size")
+            fig.savefig(self.output_dir / "per_sequence.png", dpi=100)
+            plt.close(fig)
         print(f"\nEvaluation of {self.model_source} on {self.split} (mean ± std over images)\n{table}\n", flush=True)
         logger.info(f"evaluation report written to {self.output_dir}")
         self._tag_registered_model(summaries)
         return self.summary
 
     def _tag_registered_model(self, summaries: Mapping[str, Mapping[str, Mapping[str, float]]]) -> None:
-        version = _registered_version(self.model_source, self.tracking_uri)
+        version = registered_version(self.model_source, self.tracking_uri)
         if version is None:
             return
         name, number = version
         client = mlflow.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        trained_on = client.get_model_version(name, number).tags.get("dataset")
+        prefix = "test_" if not self.dataset or trained_on in (None, self.dataset) else f"test_{self.dataset}_"
         for group, summary in summaries.items():
             for metric, stats in summary.items():
-                client.set_model_version_tag(name, number, f"test_{group}_{metric}", f"{stats['mean']:.4f}")
+                client.set_model_version_tag(name, number, f"{prefix}{group}_{metric}", f"{stats['mean']:.4f}")
         logger.info(f"test metrics recorded on MLflow model {name} version {number}")

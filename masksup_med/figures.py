@@ -1,10 +1,15 @@
-"""Figures logged to the MLflow run: validation examples per round, learning curves at the end."""
+"""Figures: validation examples per round and learning curves (logged to the MLflow run), per-group scores
+of an evaluation (e.g. per video sequence).
+
+Images are tensors in MONAI's axes (``C, W, H``: readers put the width first); :func:`_as_display`
+turns them into rows of y for ``imshow``, so a figure shows the image upright.
+"""
 
 from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 
@@ -18,7 +23,8 @@ from ignite.engine import Engine, Events
 from masksup_med.tracking import find_run_id
 from masksup_med.transforms.base import RandMask
 
-__all__ = ["LearningCurveHandler", "ValidationFigureHandler", "learning_curve_figure", "validation_figure"]
+__all__ = ["LearningCurveHandler", "ValidationFigureHandler", "learning_curve_figure", "per_group_figure",
+           "validation_figure"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +74,29 @@ def learning_curve_figure(histories: dict[str, list[tuple[int, float]]], title: 
         if ax.lines:
             ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def per_group_figure(summaries: Mapping[str, Mapping[str, Mapping[str, float]]], metrics: Sequence[str],
+                     title: str) -> plt.Figure:
+    """Bars of each metric's mean (± std) per group, e.g. per video sequence, each group's image count above."""
+    names = list(summaries)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(names) * len(metrics) + 1.5), 3.6))
+    width = 0.8 / len(metrics)
+    for i, metric in enumerate(metrics):
+        means = [summaries[n][metric]["mean"] for n in names]
+        stds = [summaries[n][metric]["std"] for n in names]
+        ax.bar([x + (i - (len(metrics) - 1) / 2) * width for x in range(len(names))], means, width, yerr=stds,
+               capsize=2, label=metric)
+    for x, name in enumerate(names):
+        count = max(s["n"] for s in summaries[name].values())
+        ax.annotate(f"n={count}", (x, 1.0), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("mean over images")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
 

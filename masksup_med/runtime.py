@@ -80,7 +80,8 @@ def check_image_size(image_size: Sequence[int], network: torch.nn.Module) -> Non
 
     A UNet downsamples by the product of its ``strides``; a side that does not divide by it makes the
     skip connections mismatch at the first batch, with a tensor-size error that does not name the cause.
-    Networks without a ``strides`` attribute are not checked.
+    Networks without a ``strides`` attribute are not checked. ``image_size`` is in the network input's
+    axis order, MONAI's: [width, height] for images read by ``PILReader`` / ``TiffReader``.
     """
     strides = getattr(network, "strides", None)
     if not strides:

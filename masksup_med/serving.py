@@ -20,8 +20,8 @@ with the project's readers (so TIFFs work), channel first, grey to RGB
 (:class:`~masksup_med.transforms.EnsureRGB`), the config's ``resizing`` transforms (intensity 0..255
 to 0..1, resize to the model's training size), the network, then
 :func:`masksup_med.inference.native_mask_postprocessing` (sigmoid, ``Invertd`` back to the image's
-size, threshold). The training size is the registered model's input shape, so a model trained at
-128 x 128 is run at 128 x 128.
+size, threshold). The training size is the registered model's input shape (``C, W, H``: MONAI's axes, the bundle's
+``image_size`` order, width first), so a model trained at 128 x 128 is run at 128 x 128.
 
 The served folder holds no pickle: ``MLmodel`` names this module as the loader, ``data/`` holds the
 registered model's files (weights and network definition, read by
@@ -148,7 +148,7 @@ class MaskSupSegmenter:
     Args:
         data_path: the pyfunc's data folder: ``network/`` (the registered model's files) and
             ``train.json`` (the bundle config whose ``resizing`` transforms are reused).
-        config: ``image_size`` (``[H, W]`` the network was trained at), ``threshold`` (0.5),
+        config: ``image_size`` (``[W, H]`` the network was trained at, as the bundle's), ``threshold`` (0.5),
             ``device`` (``auto``: CUDA when available) and the :class:`ServingLimits` values.
     """
 
@@ -218,7 +218,7 @@ def _load_pyfunc(data_path: str, model_config: Mapping[str, Any] | None = None) 
 
 
 def model_input_size(model_uri: str) -> list[int] | None:
-    """``[H, W]`` from a logged model's tensor signature ``(-1, C, H, W)``; None when it has none."""
+    """``image_size`` (``[W, H]``) from a logged model's tensor signature ``(-1, C, W, H)``; None when it has none."""
     info = mlflow.models.get_model_info(model_uri)
     signature = info.signature
     if signature is None or signature.inputs is None:

@@ -14,9 +14,11 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from masksup_med.bundles import bundle_dirs
+
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "bundles" / "schema" / "meta_schema.json"
-BUNDLES = ("glas", "cvc_clinicdb")
+BUNDLES = tuple(p.name for p in bundle_dirs(REPO / "bundles"))
 
 
 class Bundle:

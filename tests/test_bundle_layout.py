@@ -10,12 +10,23 @@ from pathlib import Path
 import pytest
 from monai.bundle import ConfigParser
 
-from masksup_med.bundles import MARKER, bundle_values, shared_config, sync_bundle, sync_bundles
+from masksup_med.bundles import (
+    DEFAULTS,
+    MARKER,
+    bundle_dirs,
+    bundle_values,
+    compose_train_config,
+    defaults_config,
+    shared_config,
+    sync_bundle,
+    sync_bundles,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
 COMMON = BUNDLES / "common" / "configs"
-NAMES = ("glas", "cvc_clinicdb")
+NAMES = tuple(p.name for p in bundle_dirs(BUNDLES))
+POLYP = ("cvc_clinicdb", "kvasir_seg")
 LINKED = ("evaluate.json", "inference.json", "multi_gpu_train.json", "supervised.json", "semi_train.json",
           "pretrain.json", "logging.conf")
 
@@ -74,13 +85,50 @@ def test_configs_are_plain_monai_configs_with_one_line_expressions(bundle):
     assert len(counted) == len(set(counted)), "an expression that builds something is written twice"
 
 
-def test_bundles_differ_only_in_their_values():
-    glas, cvc = (json.loads((BUNDLES / b / "configs" / "train.json").read_text()) for b in NAMES)
-    assert (glas["dataset"], cvc["dataset"]) == ("glas", "cvc-clinicdb")
-    assert cvc["split_options"]["by"] == "sequence" and glas["image_size"] != cvc["image_size"]
-    shared = shared_config(COMMON)
-    for config in (glas, cvc):
-        assert {k: v for k, v in config.items() if k not in bundle_values(config) and k != MARKER} == shared
+def _train(bundle: str) -> dict:
+    return json.loads((BUNDLES / bundle / "configs" / "train.json").read_text())
+
+
+def test_every_bundle_is_found_and_the_polyp_ones_are_among_them():
+    assert {"glas", *POLYP} <= set(NAMES)
+
+
+@pytest.mark.parametrize("bundle", NAMES)
+def test_bundles_differ_only_in_their_values(bundle):
+    """After the marker: the family defaults it names (if any), then the shared pipeline, nothing else."""
+    config = _train(bundle)
+    values = bundle_values(config)
+    assert config == compose_train_config(values, shared_config(COMMON), defaults_config(COMMON, values))
+    assert values["dataset"] == values["bundle_root"].rsplit("/", 1)[-1].replace("_", "-")
+
+
+def test_polyp_bundles_share_one_set_of_defaults_and_glas_keeps_its_own():
+    glas, cvc, kvasir = (_train(b) for b in ("glas", *POLYP))
+    polyp = defaults_config(COMMON, {DEFAULTS: "polyp.json"})
+    for config in (cvc, kvasir):
+        assert config[DEFAULTS] == "polyp.json" and "polyp.json" in config[MARKER]
+        assert not set(polyp) & set(bundle_values(config)), "a polyp default restated in a bundle"
+        assert {k: config[k] for k in polyp} == polyp
+    assert DEFAULTS not in glas and glas["image_size"] == [256, 256]
+    assert cvc["split_options"]["by"] == "sequence" and "by" not in kvasir["split_options"]
+
+
+@pytest.mark.parametrize(("bundle", "native"), [("cvc_clinicdb", (384, 288)), ("kvasir_seg", (622, 530))])
+def test_polyp_image_size_is_width_then_height_in_the_frames_own_aspect(bundle, native):
+    """image_size is [width, height] (MONAI's reader axes): landscape frames stay landscape, within 2 %."""
+    width, height = _train(bundle)["image_size"]
+    assert width > height and width / height == pytest.approx(native[0] / native[1], rel=0.02)
+    meta = json.loads((BUNDLES / bundle / "configs" / "metadata.json").read_text())
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [width, height]
+    assert f"[{width}, {height}] = [width, height]" in meta["image_classes"]
+
+
+def test_defaults_file_that_does_not_exist_is_named(tmp_path):
+    bundle = tmp_path / "new"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "configs" / "train.json").write_text(json.dumps({"dataset": "x", DEFAULTS: "nope.json"}))
+    with pytest.raises(ValueError, match=r"train.json: _defaults_ names 'nope.json', but .*nope.json does not exist"):
+        sync_bundle(bundle, COMMON)
 
 
 def test_plain_monai_parser_reads_a_bundle_from_any_directory(tmp_path, monkeypatch):
@@ -105,3 +153,11 @@ def test_supervised_config_swaps_the_method_and_nothing_else():
 
     assert same(parser["train"]["dataloader"], masksup["train"]["dataloader"])
     assert same(parser["validate"], masksup["validate"])
+
+
+def test_determinism_is_set_before_anything_random_is_built():
+    """``set_determinism`` runs before the first start-up step that builds the network (its initial weights)."""
+    steps = shared_config(COMMON)["initialize"]
+    seeding = next(i for i, step in enumerate(steps) if "set_determinism(seed=@seed)" in step)
+    building = next(i for i, step in enumerate(steps) if "@network_def" in step or "@network" in step)
+    assert seeding < building, steps

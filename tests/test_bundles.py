@@ -7,6 +7,8 @@ resuming a killed run).
 
 from __future__ import annotations
 
+import base64
+import csv
 import json
 import math
 import os
@@ -28,7 +30,8 @@ import torch
 from monai.bundle import ConfigParser
 from PIL import Image
 
-from masksup_med.data import make_cvc_clinicdb_demo, make_glas_demo
+from masksup_med.bundles import bundle_dirs
+from masksup_med.data import make_cvc_clinicdb_demo, make_glas_demo, make_kvasir_seg_demo, read_array
 from masksup_med.model_format import build_network, load_model, network_definition
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +48,6 @@ class BundleCase:
     name: str
     dataset: str
     test_groups: frozenset[str]
-    native_size: str  # H x W of the demo images, as the per-image report writes it
     where_to_get: str  # a word of the missing-data message
 
     @property
@@ -60,15 +62,29 @@ class BundleCase:
         return [self.configs / "train.json", *(self.configs / n for n in names)]
 
     def make_demo(self, folder: Path) -> Path:
-        if self.name == "glas":
-            return make_glas_demo(folder, n_train=10, n_test_a=2, n_test_b=2, size=(64, 48))
-        return make_cvc_clinicdb_demo(folder, n_frames=14, size=(64, 48))
+        return DEMOS[self.name](folder)
 
 
-CASES = {
-    "glas": BundleCase("glas", "glas", frozenset({"test", "testA", "testB"}), "48x64", "Warwick"),
-    "cvc_clinicdb": BundleCase("cvc_clinicdb", "cvc-clinicdb", frozenset({"test"}), "48x64", "CVC-ClinicDB"),
+DEMOS = {  # a small demo of each bundle's dataset, 64 x 48 pixels (Kvasir-SEG: sizes vary around it)
+    "glas": lambda folder: make_glas_demo(folder, n_train=10, n_test_a=2, n_test_b=2, size=(64, 48)),
+    "cvc_clinicdb": lambda folder: make_cvc_clinicdb_demo(folder, n_frames=14, size=(64, 48)),
+    "kvasir_seg": lambda folder: make_kvasir_seg_demo(folder, n_images=12, size=(64, 48)),
 }
+CASES = {
+    "glas": BundleCase("glas", "glas", frozenset({"test", "testA", "testB"}), "Warwick"),
+    "cvc_clinicdb": BundleCase("cvc_clinicdb", "cvc-clinicdb", frozenset({"test"}), "CVC-ClinicDB"),
+    "kvasir_seg": BundleCase("kvasir_seg", "kvasir-seg", frozenset({"test"}), "Kvasir-SEG"),
+}
+
+
+def test_every_bundle_has_a_case():
+    assert set(CASES) == {p.name for p in bundle_dirs(REPO / "bundles")}
+
+
+def demo_images(folder: Path, count: int = 2) -> list[Path]:
+    """The first ``count`` images (not masks) of a demo dataset folder."""
+    return sorted(p for p in folder.rglob("*") if p.suffix in (".bmp", ".tif", ".jpg") and "anno" not in p.name
+                  and "Ground Truth" not in str(p) and p.parent.name != "masks")[:count]
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -82,11 +98,11 @@ def demo(case, tmp_path_factory) -> Path:
 
 
 def run_bundle(run_id: str, configs: list[Path], *overrides: str, env: dict | None = None,
-               cwd: Path = REPO) -> subprocess.CompletedProcess:
+               cwd: Path = REPO, num_workers: int = 0) -> subprocess.CompletedProcess:
     """Run one workflow of the bundle with the documented command (from the repository root by default)."""
     config_file = str(configs[0]) if len(configs) == 1 else str([str(c) for c in configs])
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_file,
-           "--num_workers", "0", *overrides]
+           "--num_workers", str(num_workers), *overrides]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run(cmd, check=False, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
 
@@ -119,8 +135,9 @@ def test_one_epoch_on_demo_data_saves_checkpoint_split_and_mlflow_run(case, demo
     if case.name == "glas":
         assert len(splits["train"]) + len(splits["validation"]) == 10
         assert len(splits["testA"]) == 2 and len(splits["testB"]) == 2
-    else:  # by video sequence: no sequence in two parts
-        parts = [{p["sequence"] for p in splits[k]} for k in ("train", "validation", "test")]
+    else:  # no image in two parts; CVC-ClinicDB's split is by video sequence: no sequence in two parts either
+        key = "sequence" if case.name == "cvc_clinicdb" else "id"
+        parts = [{p[key] for p in splits[k]} for k in ("train", "validation", "test")]
         assert all(parts) and sum(len(p) for p in parts) == len(set().union(*parts))
 
     # MLflow (embedded SQLite store in the output folder) has params, per-term losses and metrics
@@ -145,6 +162,30 @@ def test_one_epoch_on_demo_data_saves_checkpoint_split_and_mlflow_run(case, demo
     assert float(version.tags["best_val_mean_iou"]) == pytest.approx(run.data.metrics["val_mean_iou"], abs=1e-4)
 
 
+def _epoch_losses(output_dir: Path, experiment: str) -> list[float]:
+    """``train_loss`` of each epoch of the one run in ``output_dir``'s MLflow store."""
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{output_dir / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: m.step)]
+
+
+@pytest.mark.slow
+def test_same_seed_gives_the_same_run_and_another_seed_does_not(tmp_path):
+    """Network initialisation, masks, augmentation (in DataLoader workers) and the split all follow ``seed``."""
+    case = CASES["cvc_clinicdb"]
+    demo = case.make_demo(tmp_path / "demo")
+    losses = {}
+    for name, seed in (("first", "0"), ("again", "0"), ("other", "1")):
+        result = run_bundle("training", case.config(), "--dataset_dir", str(demo), "--output_dir", str(tmp_path / name),
+                            "--max_epochs", "2", "--val_interval", "2", "--image_size", "[64,64]", "--batch_size", "4",
+                            "--seed", seed, num_workers=2)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        losses[name] = _epoch_losses(tmp_path / name, case.model_name)
+    assert len(losses["first"]) == 2
+    assert losses["again"] == pytest.approx(losses["first"], rel=1e-6, abs=1e-7)
+    assert losses["other"][0] != pytest.approx(losses["first"][0], rel=1e-6, abs=1e-7)
+
+
 @pytest.mark.slow
 def test_baseline_arm_runs_through_the_same_bundle(tmp_path):
     out = tmp_path / "out"
@@ -166,8 +207,7 @@ def test_a_copy_of_the_bundle_folder_trains_evaluates_and_infers_from_another_di
     workdir.mkdir()
     images = tmp_path / "images"
     images.mkdir()
-    for frame in sorted(p for p in demo.rglob("*") if p.suffix in (".bmp", ".tif") and "anno" not in p.name
-                        and "Ground Truth" not in str(p))[:2]:
+    for frame in demo_images(demo):
         shutil.copy(frame, images / frame.name)  # CVC-ClinicDB TIFF frames too: inference reads them with tifffile
     configs = bundle / "configs"
     common = ["--bundle_root", str(bundle), "--dataset_dir", str(demo), "--output_dir", "out", "--image_size", "[64,64]"]
@@ -180,7 +220,7 @@ def test_a_copy_of_the_bundle_folder_trains_evaluates_and_infers_from_another_di
         result = run_bundle(run_id, files, *common, *extra, cwd=workdir)
         assert result.returncode == 0, run_id + result.stdout[-3000:] + result.stderr[-3000:]
     out = workdir / "out"
-    assert (out / "models" / "model.pt").is_file() and (out / "eval" / "test" / "summary.json").is_file()
+    assert (out / "models" / "model.pt").is_file() and (out / "eval" / case.dataset / "test" / "summary.json").is_file()
     assert len(list((out / "predictions").glob("*_mask.png"))) == 2
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     assert client.get_model_version_by_alias(case.model_name, "candidate").tags["dataset"] == case.dataset
@@ -413,11 +453,15 @@ def test_evaluate_reports_per_image_and_summary_at_both_resolutions(case, demo, 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "iou_native" in result.stdout  # the printed table
 
-    report = trained / "eval" / "test"
-    rows = (report / "per_image.csv").read_text().strip().splitlines()
-    n_test = len(json.loads((trained / "datalist.json").read_text()).get("test", [])) or 4  # GLaS: testA + testB
-    assert len(rows) == 1 + n_test
-    assert all(row.endswith(f",{case.native_size}") for row in rows[1:])  # native size H x W of the demo images
+    report = trained / "eval" / case.dataset / "test"  # kept per dataset
+    with open(report / "per_image.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    splits = json.loads((trained / "datalist.json").read_text())
+    tested = {item["id"]: item for item in splits.get("test", []) + splits.get("testA", []) + splits.get("testB", [])}
+    assert sorted(row["id"] for row in rows) == sorted(tested)
+    for row in rows:  # native size H x W of each image file
+        width, height = read_array(tested[row["id"]]["image"]).shape[:2]  # the reader's axes: width first
+        assert row["native_size"] == f"{height}x{width}", row
     summary = json.loads((report / "summary.json").read_text())
     assert set(summary["summary"]) == case.test_groups
     for group in summary["summary"].values():
@@ -435,8 +479,32 @@ def test_evaluate_registered_model_records_test_metrics_on_its_version(case, dem
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     uri = f"sqlite:///{trained / 'mlflow.db'}"
     version = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias("masksup-glas", "candidate")
-    summary = json.loads((trained / "eval" / "testA" / "summary.json").read_text())
+    summary = json.loads((trained / "eval" / "glas" / "testA" / "summary.json").read_text())
     assert float(version.tags["test_testA_iou"]) == pytest.approx(summary["summary"]["testA"]["iou"]["mean"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_a_model_is_evaluated_on_another_dataset_with_one_override_and_each_report_kept(case, demo, trained, tmp_path):
+    """A CVC-ClinicDB model on Kvasir-SEG's test split (``--dataset``, ``--dataset_dir``), then on its own: both
+    reports kept (``eval/<dataset>/test``), CVC-ClinicDB's per video sequence, each dataset's tags on the version."""
+    if case.name != "cvc_clinicdb":
+        pytest.skip("the same shared evaluate config; run once, from the CVC-ClinicDB bundle (its split options differ)")
+    kvasir = CASES["kvasir_seg"].make_demo(tmp_path / "kvasir")
+    model = "models:/masksup-cvc-clinicdb@candidate"
+    for dataset, folder in (("kvasir-seg", kvasir), ("cvc-clinicdb", demo)):
+        result = run_bundle("evaluating", case.config("evaluate.json"), "--dataset", dataset, "--dataset_dir", str(folder),
+                            "--output_dir", str(trained), "--image_size", "[64,64]", "--model_source", model)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    other, own = (json.loads((trained / "eval" / d / "test" / "summary.json").read_text())
+                  for d in ("kvasir-seg", "cvc-clinicdb"))
+    assert other["dataset"] == "kvasir-seg" and other["images"] == 2 and "per_sequence" not in other
+    assert own["dataset"] == "cvc-clinicdb" and own["per_sequence"]  # CVC-ClinicDB frames belong to video sequences
+    assert (trained / "eval" / "cvc-clinicdb" / "test" / "per_sequence.png").is_file()
+    uri = f"sqlite:///{trained / 'mlflow.db'}"
+    tags = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias(
+        case.model_name, "candidate").tags
+    assert float(tags["test_kvasir-seg_test_iou"]) == pytest.approx(other["summary"]["test"]["iou"]["mean"], abs=1e-4)
+    assert float(tags["test_test_iou"]) == pytest.approx(own["summary"]["test"]["iou"]["mean"], abs=1e-4)
 
 
 @pytest.mark.slow
@@ -446,10 +514,8 @@ def test_inference_writes_masks_of_each_input_size_and_overlays(case, demo, trai
         pytest.skip("the same shared inference config; NIfTI output is run once, on the GLaS bundle")
     inputs = tmp_path / "my scans é"  # spaces and non-ASCII in the path
     inputs.mkdir()
-    first, second = sorted(p for p in demo.rglob("*") if p.suffix in (".bmp", ".tif") and "anno" not in p.name
-                           and "Ground Truth" not in str(p))[:2]
     first, second = (Image.fromarray(tifffile.imread(p)) if p.suffix == ".tif" else Image.open(p).convert("RGB")
-                     for p in (first, second))  # Pillow cannot read CVC-ClinicDB's TIFF frames
+                     for p in demo_images(demo))  # Pillow cannot read CVC-ClinicDB's TIFF frames
     first.save(inputs / "first.png")
     second.resize((80, 60)).save(inputs / "second image.jpg", quality=95)
     (inputs / ".DS_Store").write_bytes(b"\0")
@@ -457,7 +523,7 @@ def test_inference_writes_masks_of_each_input_size_and_overlays(case, demo, trai
                         "--output_dir", str(trained), "--image_size", "[64,64]", "--output_ext", output_ext,
                         "--prediction_dir", str(tmp_path / "pred"), "--save_overlays", "true")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for stem, size in (("first", (64, 48)), ("second image", (80, 60))):
+    for stem, size in (("first", first.size), ("second image", (80, 60))):
         mask_file = tmp_path / "pred" / f"{stem}_mask{output_ext}"
         if output_ext == ".png":
             mask = np.array(Image.open(mask_file))
@@ -466,6 +532,69 @@ def test_inference_writes_masks_of_each_input_size_and_overlays(case, demo, trai
             mask = np.asarray(nib.load(mask_file).dataobj)
             assert mask.shape == size and set(np.unique(mask)) <= {0, 1}  # MONAI axes: W, H
         assert Image.open(tmp_path / "pred" / f"{stem}_overlay.png").size == size
+
+
+CORNER_NET = """
+import os
+
+import numpy as np
+import torch
+
+
+class RedIsForeground(torch.nn.Module):
+    \"\"\"Logits from colour alone (red is foreground); keeps the last input it saw in $NET_INPUT.\"\"\"
+
+    def forward(self, x):
+        np.save(os.environ["NET_INPUT"], x.detach().cpu().numpy())
+        return 40 * (x[:, :1] - x[:, 1:2] - 0.5)
+"""
+
+
+@pytest.mark.slow
+def test_a_landscape_image_stays_landscape_and_upright_from_file_to_network_to_mask_and_figure(tmp_path):
+    """image_size is [width, height]: the CVC-ClinicDB bundle's default input of a 96 x 48 image with a red
+    top-right corner is 320 wide and 240 high with the corner at (last x, first y); the mask written back
+    has the image's own size with the corner in the same place; the figures show it upright."""
+    from masksup_med.figures import _as_display
+    from masksup_med.serving import decode_image
+
+    height, width = 48, 96
+    picture = np.full((height, width, 3), 128, np.uint8)
+    picture[:12, 72:] = (255, 0, 0)  # the marked corner: top right
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    Image.fromarray(picture).save(inputs / "corner.png")
+    (tmp_path / "corner_net.py").write_text(CORNER_NET)
+    checkpoint = tmp_path / "model.pt"
+    torch.save({}, checkpoint)  # the network has no weights
+    seen = tmp_path / "net_input.npy"
+    case = CASES["cvc_clinicdb"]
+    result = run_bundle("inferring", case.config("inference.json"), "--input_dir", str(inputs),
+                        "--output_dir", str(tmp_path / "out"), "--model_source", str(checkpoint),
+                        "--network_def", "{'_target_': 'corner_net.RedIsForeground'}", "--save_overlays", "true",
+                        env={"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+                             "NET_INPUT": str(seen)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    image_size = json.loads((case.configs / "train.json").read_text())["image_size"]
+    assert image_size == [320, 240]  # the frames' own 4:3 landscape aspect, width first
+    network_input = torch.from_numpy(np.load(seen))[0]
+    assert tuple(network_input.shape) == (3, *image_size)  # C, W, H
+    red = (network_input[0] > 0.9) & (network_input[1] < 0.1)
+    assert red[-1, 0] and not red[0, -1] and not red[0, 0]  # at the largest x, the smallest y: top right
+    assert red.float().mean() == pytest.approx(0.25 * 0.25, abs=0.02)
+
+    mask = np.array(Image.open(tmp_path / "out" / "predictions" / "corner_mask.png"))
+    assert mask.shape == (height, width)  # written back at the image's own size, rows first as Pillow reads it
+    assert (mask[1:11, 74:] == 255).all() and (mask[14:] == 0).all() and (mask[:, :70] == 0).all()
+    overlay = np.array(Image.open(tmp_path / "out" / "predictions" / "corner_overlay.png"))
+    assert overlay.shape == (height, width, 3) and (overlay[5, 90] != picture[5, 90]).any()  # the tint, top right
+    assert (overlay[30, 10] == picture[30, 10]).all()
+
+    shown = _as_display(network_input)  # what the validation figures draw with imshow: rows are y
+    assert shown.shape == (image_size[1], image_size[0], 3) and shown[0, -1, 0] > 0.9 and shown[-1, 0, 0] < 0.6
+    served = decode_image(base64.b64encode((inputs / "corner.png").read_bytes()))  # serving reads it the same way
+    assert served.shape == (3, width, height) and served[0, -1, 0] == 255 and served[0, 0, -1] == 128
 
 
 def test_inference_on_empty_folder_names_it(tmp_path):

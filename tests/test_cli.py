@@ -99,3 +99,12 @@ def test_data_check_and_prepare_report_labelled_and_unlabelled_counts(tmp_path, 
     assert (len(written["train"]), len(written["unlabelled"])) == (4, 4)
     assert main(["data", "prepare", "glas", str(demo), "--label-fraction", "0", "--out", str(tmp_path / "x.json")]) == 2
     assert "label_fraction must lie in (0, 1], got 0.0" in capsys.readouterr().err
+
+
+def test_demo_kvasir_seg_writes_checkable_files(tmp_path, capsys):
+    out = tmp_path / "kvasir demo"
+    assert main(["data", "demo", "kvasir-seg", str(out), "--n-images", "5", "--size", "64", "48"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert "5 synthetic Kvasir-SEG" in printed and str(out) in printed
+    assert main(["data", "check", "kvasir-seg", str(out)]) == 0
+    assert "OK: 5 pairs usable" in capsys.readouterr().out

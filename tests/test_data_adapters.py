@@ -23,7 +23,7 @@ from masksup_med.data.cvc_clinicdb import builtin_sequence_table, parse_sequence
 
 
 def test_registry_names():
-    assert available_datasets() == ["cvc-clinicdb", "glas", "kvasir-seg", "pranet"]
+    assert available_datasets() == ["cvc-clinicdb", "glas", "kvasir-cvc", "kvasir-seg", "pranet"]
     assert get_dataset("GLaS").label_threshold == 0 and get_dataset("kvasir-seg").label_threshold == 127
     assert "by" in get_dataset("cvc-clinicdb").split_options
     with pytest.raises(ValueError, match="cvc-clinicdb, glas"):
@@ -98,6 +98,14 @@ def test_kvasir_split_sizes_and_nested_folder(tmp_path):
     assert len({p["id"] for v in splits.values() for p in v}) == 10
 
 
+def test_a_split_option_of_another_dataset_is_left_out_with_a_warning(tmp_path):
+    """A CVC-ClinicDB bundle's ``by="sequence"`` evaluating on Kvasir-SEG: ignored, named, the split as without it."""
+    make_kvasir(tmp_path, names=[f"img{i}" for i in range(10)])
+    with pytest.warns(UserWarning, match=r"split option\(s\) by do not apply to dataset kvasir-seg"):
+        splits = get_dataset("kvasir-seg").split(tmp_path, seed=3, val_fraction=0.1, test_fraction=0.2, by="sequence")
+    assert splits == split_kvasir_seg(tmp_path, seed=3)
+
+
 def test_pranet_train_and_named_test_sets(tmp_path):
     make_pranet(tmp_path)
     pairs = find_pranet_pairs(tmp_path)
@@ -146,3 +154,58 @@ def test_prepare_refuses_broken_data_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "d.json"
     assert main(["data", "prepare", "kvasir-seg", str(tmp_path / "k"), "--out", str(out)]) == 1
     assert "cju0a.jpg" in capsys.readouterr().err and not out.exists()
+
+
+# --- the PraNet protocol on the original releases (kvasir-cvc) ---------------------------------
+
+def _both_releases(root, kvasir=True, cvc=True):
+    if kvasir:
+        make_kvasir(root / "Kvasir-SEG", names=[f"cju{i}" for i in range(6)])
+    if cvc:
+        make_cvc(root / "CVC-ClinicDB", frames=(1, 30, 60, 100, 150, 200))
+    return root
+
+
+def test_pranet_protocol_trains_on_the_listed_images_and_tests_on_the_rest(tmp_path):
+    root = _both_releases(tmp_path / "polyps")
+    listed = tmp_path / "train.txt"
+    listed.write_text("# PraNet-style list\ncju0.png\ncju1\ncju2.jpg\ncju3\n1.png\n30\n60.tif\n100\n")
+    splits = get_dataset("kvasir-cvc").split(root, train_list=listed, val_fraction=0.25, seed=0)
+    assert {k: len(v) for k, v in splits.items()} == {
+        "train": 6, "validation": 2, "test": 4, "test_kvasir-seg": 2, "test_cvc-clinicdb": 2}
+    assert {it["id"] for it in splits["test"]} == {"kvasir-seg/cju4", "kvasir-seg/cju5", "cvc-clinicdb/150",
+                                                   "cvc-clinicdb/200"}
+    assert {it["split"] for it in splits["test_cvc-clinicdb"]} == {"test_cvc-clinicdb"}  # the report's groups
+    assert all(it["sequence"] for it in splits["test_cvc-clinicdb"])  # CVC-ClinicDB frames keep their sequence
+    for part in ("train", "test"):  # the same keys in a part: its batches may mix the two datasets
+        assert len({frozenset(it) for it in splits[part]}) == 1, part
+    # a folder of the training images (PraNet's TrainDataset/image) is the same list
+    folder = tmp_path / "TrainDataset" / "image"
+    for name in ("cju0", "cju1", "cju2", "cju3", "1", "30", "60", "100"):
+        save(rgb(8, 8), folder / f"{name}.png")
+    assert get_dataset("kvasir-cvc").split(root, train_list=folder, val_fraction=0.25, seed=0) == splits
+
+
+def test_pranet_protocol_names_what_is_missing_or_wrong(tmp_path):
+    root = _both_releases(tmp_path / "polyps")
+    with pytest.raises(DatasetError, match="needs train_list.*does not ship PraNet's lists"):
+        get_dataset("kvasir-cvc").split(root)
+    listed = tmp_path / "train.txt"
+    listed.write_text("cju0\nnot_an_image\n")
+    with pytest.raises(DatasetError, match=r"train.txt: 1 name\(s\) match no image .* 'not_an_image'"):
+        get_dataset("kvasir-cvc").split(root, train_list=listed)
+    with pytest.raises(DatasetNotFoundError, match="neither a Kvasir-SEG nor a CVC-ClinicDB folder"):
+        get_dataset("kvasir-cvc").split(tmp_path / "polyps" / "Kvasir-SEG" / "images", train_list=listed)
+
+
+def test_pranet_protocol_with_one_release_says_so_at_start(tmp_path, capsys):
+    root = _both_releases(tmp_path / "polyps", cvc=False)
+    listed = tmp_path / "train.txt"
+    listed.write_text("cju0\ncju1\ncju2\n1\n30\n")  # CVC-ClinicDB names: that release is not there
+    with pytest.warns(UserWarning, match="only kvasir-seg found, no cvc-clinicdb: .* not comparable"):
+        splits = get_dataset("kvasir-cvc").split(root, train_list=listed, val_fraction=0.0)
+    assert len(splits["train"]) == 3 and len(splits["test"]) == 3 and "test_cvc-clinicdb" not in splits
+    assert main(["data", "check", "kvasir-cvc", str(root), "--train-list", str(listed)]) == 0
+    captured = capsys.readouterr()
+    assert "only kvasir-seg found" in captured.err and "OK: 6 pairs usable" in captured.out
+    assert "split by video sequence" not in captured.out  # split by the list, not by sequence

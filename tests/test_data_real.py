@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from monai.bundle import ConfigParser
 from monai.transforms import Compose, LoadImaged
 
 from masksup_med.cli import main
@@ -11,7 +12,8 @@ from masksup_med.data import get_dataset
 from masksup_med.data.cvc_clinicdb import builtin_sequence_table, parse_sequence_table
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-GLAS, CVC = DATA / "glas", DATA / "cvc-clinicdb-sample"
+GLAS, CVC, KVASIR = DATA / "glas", DATA / "cvc-clinicdb-sample", DATA / "kvasir-seg"
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 
 pytestmark = pytest.mark.real_data
 
@@ -51,3 +53,26 @@ def test_real_cvc_through_the_bundle_pipeline():
     sample = load(items[0])
     assert sample["image"].shape == (3, 384, 288) and sample["label"].shape == (1, 384, 288)
     assert set(torch.unique(sample["label"]).tolist()) == {0.0, 1.0}
+
+
+def test_real_kvasir_pairs_and_split():
+    _require(KVASIR)
+    scan = get_dataset("kvasir-seg").scan(KVASIR)
+    assert len(scan.items) == 1000 and not scan.problems
+    splits = get_dataset("kvasir-seg").split(KVASIR)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 700, "validation": 100, "test": 200}
+
+
+def test_real_kvasir_through_the_kvasir_bundle_preprocessing():
+    """The bundle's own loading and resizing on real JPEGs: 3 x 320 x 272 (width first), a binary mask."""
+    _require(KVASIR)
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / "kvasir_seg" / "configs" / "train.json"))
+    parser["dataset_dir"] = str(KVASIR)
+    preprocessing = Compose(parser.get_parsed_content("preprocessing"))
+    item = parser.get_parsed_content("datalist")["test"][0]
+    sample = preprocessing(item)
+    assert sample["image"].shape == (3, 320, 272) and sample["label"].shape == (1, 320, 272)
+    assert set(torch.unique(sample["label"]).tolist()) == {0.0, 1.0}
+    width, height = sample["image"].meta["spatial_shape"]  # the file's own size, width first
+    assert width > height  # the usual Kvasir-SEG image is landscape, as image_size is

@@ -99,6 +99,34 @@ def test_bundle_command_passes_overrides_verbatim(tmp_path):
     assert own_root.count("--bundle_root") == 1
 
 
+@pytest.fixture
+def tagged_store(tmp_path) -> str:
+    """A SQLite store with model ``m``: version 1 tagged with bundle cvc_clinicdb (as a path), version 2 untagged."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("m")
+    client.create_model_version("m", str(tmp_path / "weights"), tags={"bundle": "bundles/cvc_clinicdb/"})
+    client.create_model_version("m", str(tmp_path / "weights"))
+    client.set_registered_model_alias("m", "candidate", "1")
+    return uri
+
+
+@pytest.mark.parametrize(("model", "bundle", "chosen", "said"), [
+    ("models:/m@candidate", None, "cvc_clinicdb", "was trained with bundle cvc_clinicdb"),
+    ("models:/m/2", None, "glas", "names no bundle (no version tag 'bundle'); using the glas bundle"),
+    ("models:/m/1", "kvasir_seg", "kvasir_seg", ""),  # chosen by hand
+    ("model.pt", None, "glas", "names no bundle (a checkpoint file carries no bundle)"),
+])
+def test_predict_and_serve_take_the_bundle_a_registered_model_was_trained_with(tagged_store, capsys, model, bundle,
+                                                                                 chosen, said):
+    args = SimpleNamespace(model=model, bundle=bundle, bundles_dir=None, tracking_uri=tagged_store)
+    store = tagged_store if model.startswith("models:/") else None  # as predict and serve look it up
+    assert cli_deploy.bundle_for_model(args, store) == chosen
+    assert said in capsys.readouterr().err
+
+
 def _encoded(image: Image.Image, fmt: str) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)
@@ -183,7 +211,7 @@ def test_evaluate_job_writes_the_summary(trained):
                      "--model_source", MODEL, "--num_workers", "0", cwd=trained.workdir)
     assert result.returncode == 0, output_of(result)
     assert "--image_size [64, 64]" in result.stderr  # the registered model's training size, from its signature
-    summary = json.loads((trained.out / "eval" / "test" / "summary.json").read_text())
+    summary = json.loads((trained.out / "eval" / "glas" / "test" / "summary.json").read_text())
     assert summary["images"] == 4 and summary["split"] == "test" and summary["model_source"] == MODEL
 
 

@@ -283,3 +283,27 @@ def test_cvc_argument_validation(tmp_path):
 def test_cvc_full_size_frames_leave_no_temporary_files(tmp_path):
     make_cvc_clinicdb_demo(tmp_path / "speed", n_frames=6, seed=0)  # full 384x288 frames
     assert not [p for p in (tmp_path / "speed").rglob("*") if p.name.endswith(".tmp")]
+
+
+# --- Kvasir-SEG look-alike ---------------------------------------------------------------------
+
+def test_kvasir_demo_is_in_the_release_layout_with_sizes_of_its_own(tmp_path):
+    from masksup_med.data import make_kvasir_seg_demo
+    from masksup_med.data.synthetic import kvasir_seg_demo_sizes
+
+    out = make_kvasir_seg_demo(tmp_path / "kvasir", n_images=6, size=(96, 80), seed=3)
+    names = [f"synthetic_{i:04d}.jpg" for i in range(1, 7)]
+    assert sorted(p.name for p in (out / "images").iterdir()) == names == sorted(p.name for p in (out / "masks").iterdir())
+    assert "SYNTHETIC" in (out / "README.txt").read_text()
+    sizes = kvasir_seg_demo_sizes(6, (96, 80), seed=3)
+    assert len(set(sizes)) > 1  # sizes vary, as the release's do
+    for name, (w, h) in zip(names, sizes):
+        image, mask = np.asarray(Image.open(out / "images" / name)), np.asarray(Image.open(out / "masks" / name))
+        assert image.shape == (h, w, 3) and mask.shape == (h, w, 3)  # an RGB JPEG mask, like the release's
+        assert 0.01 < (mask.max(axis=-1) > 127).mean() < 0.4
+    report = check_dataset("kvasir-seg", out)
+    assert report.ok and report.splits == {"train": 4, "validation": 1, "test": 1}, report.problems
+    again = make_kvasir_seg_demo(tmp_path / "again", n_images=6, size=(96, 80), seed=3)
+    assert _digests(again) == _digests(out)
+    with pytest.raises(ValueError, match="n_images must be an integer >= 3"):
+        make_kvasir_seg_demo(tmp_path / "few", n_images=2)

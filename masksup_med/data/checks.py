@@ -200,7 +200,8 @@ def check_dataset(name: str, dataset_dir: str | os.PathLike, **split_options) ->
                 splits = spec.assign(scan.items, **split_options)
             report.warnings += [str(w.message) for w in caught]
             report.splits = {k: len(v) for k, v in splits.items()}
-            if split_options.get("by", "sequence") == "sequence" and all("sequence" in it for it in scan.items):
+            by_sequence = "by" in spec.split_options and split_options.get("by", "sequence") == "sequence"
+            if by_sequence and all("sequence" in it for it in scan.items):
                 report.split_groups = {k: len({it["sequence"] for it in v}) for k, v in splits.items()}
         except DatasetError as e:
             report.problems.append(Problem(Path(dataset_dir), f"cannot split: {e}", "split"))

@@ -15,10 +15,12 @@ from .splits import split_groups
 
 SUFFIXES = (".jpg", ".jpeg", ".png")
 LABEL_THRESHOLD = 127
+MIN_IMAGES = 3  # one each for train, validation and test
 
 _HOW_TO_GET = (
     "Kvasir-SEG is distributed by Simula Research Laboratory (Kvasir-SEG page of the Simula datasets site) "
-    "as kvasir-seg.zip; unzip it and pass the Kvasir-SEG folder that holds images/ and masks/."
+    "as kvasir-seg.zip; unzip it and pass the Kvasir-SEG folder that holds images/ and masks/. "
+    "To make synthetic demo data instead, run: masksup-med data demo kvasir-seg DIR"
 )
 
 

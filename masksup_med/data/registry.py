@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import cvc_clinicdb, glas, kvasir_seg, pranet
+from . import cvc_clinicdb, glas, kvasir_cvc, kvasir_seg, pranet
 from .pairing import Scan
 
 # MONAI-backed modules (readers, transforms) are imported where used: naming and scanning
@@ -34,9 +35,21 @@ class DatasetSpec:
         """Keyword options of :meth:`split` (``seed``, ``val_fraction``, and dataset-specific ones)."""
         return tuple(inspect.signature(self.assign).parameters)[1:]
 
+    def applicable(self, options: dict) -> dict:
+        """The ``options`` this dataset's split takes; the others are left out with a warning naming them.
+
+        A bundle's split options belong to its own dataset (CVC-ClinicDB's ``by="sequence"``): a model
+        evaluated on another dataset (``--dataset kvasir-seg``) splits that one with what applies to it.
+        """
+        ignored = sorted(set(options) - set(self.split_options))
+        if ignored:
+            warnings.warn(f"split option(s) {', '.join(ignored)} do not apply to dataset {self.name} and are ignored "
+                          f"(it takes: {', '.join(self.split_options)})", UserWarning, stacklevel=3)
+        return {k: v for k, v in options.items() if k in self.split_options}
+
     def split(self, dataset_dir: str | os.PathLike, **options) -> dict[str, list[dict]]:
-        """Scan ``dataset_dir`` (raising on pairing problems) and split it with ``options``."""
-        return self.assign(self.scan(dataset_dir).require_pairs(), **options)
+        """Scan ``dataset_dir`` (raising on pairing problems) and split it with the ``options`` that apply."""
+        return self.assign(self.scan(dataset_dir).require_pairs(), **self.applicable(options))
 
     def reader(self, items: list[dict]):
         """``reader`` argument for ``LoadImaged`` on these datalist ``items``."""
@@ -62,6 +75,9 @@ _DATASETS = {
                     kvasir_seg.assign_kvasir_seg, kvasir_seg.LABEL_THRESHOLD, binary_labels=True),
         DatasetSpec("pranet", "PraNet polyp benchmark layout", pranet.scan_pranet, pranet.assign_pranet,
                     pranet.LABEL_THRESHOLD, binary_labels=True),
+        DatasetSpec(kvasir_cvc.NAME, "Kvasir-SEG + CVC-ClinicDB releases, split by a list of training images "
+                    "(the PraNet protocol)", kvasir_cvc.scan_kvasir_cvc, kvasir_cvc.assign_kvasir_cvc,
+                    kvasir_cvc.LABEL_THRESHOLD, binary_labels=True),
     )
 }
 

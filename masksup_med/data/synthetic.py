@@ -1,4 +1,4 @@
-"""Deterministic synthetic look-alikes of GLaS (histology) and CVC-ClinicDB (colonoscopy).
+"""Deterministic synthetic look-alikes of GLaS (histology), CVC-ClinicDB and Kvasir-SEG (colonoscopy).
 
 GLaS: H&E-coloured stroma with non-overlapping glands. Each gland is an irregular blob (a rotated
 ellipse whose radius is perturbed by a few random harmonics): a ring of purple epithelium with dark
@@ -9,6 +9,10 @@ CVC-ClinicDB: reddish mucosa seen through an octagonal field of view (shading, v
 lumen, folds, vessels, glints), with one or two raised polyps (same irregular blobs, domed, tinted,
 with a rim shadow and a specular highlight). Frames of one video sequence share the scene and
 polyp and differ by a small camera and polyp motion. Masks are 0/255 with a faint halo (< 64).
+
+Kvasir-SEG: the same colonoscopy scenes, one independent scene per image, each image of its own
+size (the release's sizes vary), stored as the release stores them: ``images/NAME.jpg`` and
+``masks/NAME.jpg`` (an RGB JPEG mask, so not strictly binary).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from scipy import ndimage
 
 from .cvc_clinicdb import builtin_sequence_table, sequence_of
 from .errors import DatasetError
+from .kvasir_seg import MIN_IMAGES as KVASIR_MIN_IMAGES
 from .splits import atomic_path
 
 # Approximate H&E colours (RGB), measured by eye on real GLaS images.
@@ -446,4 +451,51 @@ def make_cvc_clinicdb_demo(
         _save_tiff(mask, out / "Ground Truth" / f"{frame}.tif")
     with atomic_path(out / "README.txt") as tmp:
         tmp.write_text(_cvc_readme(frames, (w, h), int(seed)), encoding="ascii")
+    return out
+
+
+# --- Kvasir-SEG look-alike ---------------------------------------------------------------------
+
+_KVASIR_STREAM = 0x4B5  # random streams are (seed, _KVASIR_STREAM, image): apart from GLaS and CVC ones
+KVASIR_SIZE_SPREAD = 0.2  # each side of an image is the asked size times 1 +- up to this
+
+
+def kvasir_seg_demo_sizes(n_images: int, size: tuple[int, int] = (160, 136), seed: int = 0) -> list[tuple[int, int]]:
+    """(width, height) of each demo image: ``size`` with each side scaled by 1 +- ``KVASIR_SIZE_SPREAD``."""
+    w, h = _check_size_and_seed(size, seed)
+    sizes = []
+    for i in range(1, int(n_images) + 1):
+        factors = np.random.default_rng([int(seed), _KVASIR_STREAM, i, 0]).uniform(-1, 1, 2) * KVASIR_SIZE_SPREAD
+        sizes.append(tuple(max(32, round(side * (1 + f))) for side, f in zip((w, h), factors)))
+    return sizes
+
+
+def make_kvasir_seg_demo(
+    out_dir: str | os.PathLike, n_images: int = 24, size: tuple[int, int] = (160, 136), seed: int = 0
+) -> Path:
+    """Write a synthetic Kvasir-SEG look-alike in the release layout; return ``out_dir``.
+
+    Files are ``images/synthetic_NNNN.jpg`` (RGB) and ``masks/synthetic_NNNN.jpg`` (the polyp mask as an
+    RGB JPEG, 255 on the polyp before compression), sizes around ``size`` (width, height) and each of
+    its own (:func:`kvasir_seg_demo_sizes`), plus a ``README.txt`` saying the data is synthetic. Each
+    image depends only on (seed, index, size), so the same seed gives byte-identical files.
+    """
+    if isinstance(n_images, bool) or int(n_images) != n_images or n_images < KVASIR_MIN_IMAGES:
+        raise ValueError(f"n_images must be an integer >= {KVASIR_MIN_IMAGES} (for non-empty train, validation and "
+                         f"test parts of the default split), got {n_images!r}")
+    sizes = kvasir_seg_demo_sizes(n_images, size, seed)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"cannot write Kvasir-SEG demo data: {out} exists and is not a folder")
+    for index, (w, h) in enumerate(sizes, start=1):
+        scene = _cvc_scene(int(seed), _KVASIR_STREAM * 1000 + index, (h, w))
+        image, mask = _render_cvc_frame(scene, np.random.default_rng([int(seed), _KVASIR_STREAM, index, 1]))
+        name = f"synthetic_{index:04d}.jpg"
+        for folder, array in (("images", image), ("masks", np.repeat(mask[..., None], 3, axis=-1))):
+            with atomic_path(out / folder / name) as tmp:
+                Image.fromarray(array).save(tmp, format="JPEG", quality=90)
+    with atomic_path(out / "README.txt") as tmp:
+        tmp.write_text(f"Kvasir-SEG look-alike: SYNTHETIC DATA, not the Kvasir-SEG release\n\nWritten by `masksup-med data "
+                       f"demo kvasir-seg` (seed {seed}): {len(sizes)} images of about {size[0]}x{size[1]} pixels,\n"
+                       "images/NAME.jpg (RGB) + masks/NAME.jpg (RGB JPEG polyp mask).\n", encoding="ascii")
     return out
