@@ -285,7 +285,7 @@ def test_serve_answers_a_rest_request_with_a_mask(trained, inputs, predicted):
         assert status == 400 and "PNG, JPEG, BMP or TIFF" in answer["message"] and "Traceback" not in json.dumps(answer)
         assert proc.poll() is None
     served = log.read_text()
-    assert "bundle glas (the 'bundle' tag of models:/masksup-glas@candidate)" in served
+    assert "models:/masksup-glas@candidate was trained with bundle glas (its version tag 'bundle')" in served
     assert f"Uvicorn running on http://{LOOPBACK}:" in served  # loopback by default
     assert not (trained.workdir / "mlflow.db").exists()  # the store it was given, no fresh one
 

@@ -199,7 +199,7 @@ def test_server_still_answers_after_the_refusals(server):
     rows = json.loads(answer)["predictions"]
     assert [(r["width"], r["height"]) for r in rows] == [(40, 30), (40, 30)]
     log = server.log.read_text()
-    assert "bundle glas (the 'bundle' tag of models:/tiny@candidate)" in log
+    assert "models:/tiny@candidate was trained with bundle glas (its version tag 'bundle')" in log
     assert f"Uvicorn running on http://{LOOPBACK}:{server.port}" in log  # loopback unless --host says otherwise
     assert "POST /invocations: 413" in log  # refusals are logged for the operator
     assert not list(server.workdir.glob("*.db"))
