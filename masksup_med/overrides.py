@@ -47,6 +47,11 @@ def bundle_run_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, str]
     return config_files, {k: v for k, v in options.items() if k not in RUNNER_OPTIONS}
 
 
+def _merged_config(config_files: Sequence[str]) -> ConfigParser:
+    """The config files merged in order, as the runner merges them (no overrides)."""
+    return ConfigParser(ConfigParser.load_config_files([f for f in config_files if f]))
+
+
 def bundle_run_config(argv: Sequence[str] | None = None) -> ConfigParser | None:
     """The config of this ``python -m monai.bundle run`` process: its files merged, its overrides applied
     (values read as the runner reads them); None in any other process."""
@@ -56,7 +61,7 @@ def bundle_run_config(argv: Sequence[str] | None = None) -> ConfigParser | None:
     if found is None:
         return None
     config_files, overrides = found
-    parser = ConfigParser(ConfigParser.load_config_files([f for f in config_files if f]))
+    parser = _merged_config(config_files)
     parser.update({key: DefaultParseValue(value) for key, value in overrides.items()})
     return parser
 
@@ -71,7 +76,7 @@ def check_overrides(argv: Sequence[str] | None = None) -> list[str]:
     if found is None:
         return []
     config_files, overrides = found
-    parser = ConfigParser(ConfigParser.load_config_files([f for f in config_files if f]))
+    parser = _merged_config(config_files)
     unknown = [key for key in overrides if key.lstrip("+~") not in parser]  # "+id"/"~id": MONAI merge/delete
     if unknown:
         top_level = [k for k in parser.get() if not k.startswith("_")]

@@ -242,3 +242,14 @@ def test_inference_skips_and_lists_files_it_cannot_use_and_keeps_grey_ones(tmp_p
     assert [Path(i["image"]).name for i in items] == ["a_rgb.png", "b_grey.png"]
     assert "skipping 2 of 4 files" in caplog.text
     assert "c_16bit.png: uint16 pixels" in caplog.text and "d_empty.jpg: empty file" in caplog.text
+
+
+def test_a_changed_file_replaces_its_cache_entry_instead_of_adding_one(demo, tmp_path):
+    cache = tmp_path / "cache.json"
+    datalist = split_glas(demo)
+    check_training_data(datalist, "glas", cache_file=cache)
+    changed = Path(datalist["train"][0]["image"])
+    Image.open(changed).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(changed, format="BMP")
+    os.utime(changed, ns=(0, 0))
+    check_training_data(datalist, "glas", cache_file=cache)
+    assert len(json.loads(cache.read_text())) == 6

@@ -40,16 +40,17 @@ def _stamp(path: str) -> str:
     try:
         info = os.stat(path)
     except OSError:
-        return f"{path}|missing"
-    return f"{path}|{info.st_size}|{info.st_mtime_ns}"
+        return "missing"
+    return f"{info.st_size}|{info.st_mtime_ns}"
 
 
-def _key(dataset: str, item: Mapping) -> str:
+def _key_and_stamp(dataset: str, item: Mapping) -> tuple[str, str]:
+    """(the item's entry in the cache: its files, the state of those files now). A changed file replaces its entry."""
     files = [os.path.abspath(item[k]) for k in ("image", "label") if item.get(k)]
-    return "|".join([f"v{_CACHE_VERSION}", dataset, *(_stamp(f) for f in files)])
+    return "|".join([f"v{_CACHE_VERSION}", dataset, *files]), "|".join(_stamp(f) for f in files)
 
 
-def _load_cache(path: Path) -> dict[str, list[str]]:
+def _load_cache(path: Path) -> dict[str, dict]:
     try:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -57,7 +58,7 @@ def _load_cache(path: Path) -> dict[str, list[str]]:
     return cache if isinstance(cache, dict) else {}
 
 
-def _save_cache(path: Path, cache: dict[str, list[str]]) -> None:
+def _save_cache(path: Path, cache: dict[str, dict]) -> None:
     """Write the cache atomically; a cache that cannot be written only costs time on the next run."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,11 +101,12 @@ def check_training_data(
     splits = [s for s in splits if s in datalist]
     items, problems, fresh = _items(datalist, splits), [], 0
     for item in items:
-        key = _key(dataset, item)
-        if key not in cache:
-            cache[key] = _item_problems(item, dataset)
+        key, stamp = _key_and_stamp(dataset, item)
+        entry = cache.get(key)
+        if not isinstance(entry, dict) or entry.get("stamp") != stamp:
+            entry = cache[key] = {"stamp": stamp, "problems": _item_problems(item, dataset)}
             fresh += 1
-        problems += cache[key]
+        problems += entry["problems"]
     if fresh:
         _save_cache(cache_path, cache)
     logger.info(f"data check: {len(items)} items of {', '.join(splits)} checked ({fresh} read, "
