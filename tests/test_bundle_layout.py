@@ -109,7 +109,7 @@ def test_polyp_bundles_share_one_set_of_defaults_and_glas_keeps_its_own():
         assert config[DEFAULTS] == "polyp.json" and "polyp.json" in config[MARKER]
         assert not set(polyp) & set(bundle_values(config)), "a polyp default restated in a bundle"
         assert {k: config[k] for k in polyp} == polyp
-    assert DEFAULTS not in glas and glas["image_size"] == [256, 256]
+    assert DEFAULTS not in glas and glas["image_size"] == [384, 256] != kvasir["image_size"]
     assert cvc["split_options"]["by"] == "sequence" and "by" not in kvasir["split_options"]
 
 
