@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from masksup_med.errors import OutputDirError
+from masksup_med.overrides import config_flag
 
 __all__ = ["LOCK_NAME", "acquire_lock", "claim", "lock_holder", "release_lock"]
 
@@ -111,9 +112,10 @@ def claim(
     Returns the lock file.
     """
     folder = Path(output_dir)
+    replace_model = config_flag(overwrite, "overwrite")
     _check_writable(folder)
     lock_file = acquire_lock(folder)
-    if resume_from is None and best_model_file and Path(best_model_file).exists() and not _truthy(overwrite):
+    if resume_from is None and best_model_file and Path(best_model_file).exists() and not replace_model:
         release_lock(lock_file)
         raise OutputDirError(
             f"output_dir {folder} already holds a trained model ({best_model_file}) from an earlier run, which this "
@@ -121,7 +123,3 @@ def claim(
             "--overwrite true to replace it."
         )
     return lock_file
-
-
-def _truthy(value: bool | str) -> bool:
-    return value is True or str(value).strip().lower() in ("true", "1", "yes")

@@ -90,3 +90,17 @@ def check_overrides(argv: Sequence[str] | None = None) -> list[str]:
             "configs/train.json."
         )
     return list(overrides)
+
+
+def config_flag(value: bool | str, name: str) -> bool:
+    """A true/false config value, given as a bool or as text typed on the command line (``true``, ``0``, ``no``...).
+
+    Raises:
+        ConfigError: naming ``name`` when the value is neither true nor false.
+    """
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", "none", ""):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {value!r}.")

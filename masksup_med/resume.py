@@ -18,6 +18,7 @@ from ignite.engine import Engine
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from masksup_med.errors import ConfigError
+from masksup_med.overrides import config_flag
 
 __all__ = ["BestMetricState", "attach_handlers", "check_checkpoint_holds", "latest_checkpoint", "resume_mode"]
 
@@ -28,14 +29,12 @@ _EPOCH = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
 
 def resume_mode(resume: bool | str) -> str:
     """``"never"``, ``"always"`` or ``"auto"`` from a ``resume`` value (``false``, ``true``, ``auto``; bool or text)."""
-    text = str(resume).strip().lower()
-    if text in ("false", "0", "no", "none", ""):
-        return "never"
-    if text in ("true", "1", "yes"):
-        return "always"
-    if text == "auto":
+    if str(resume).strip().lower() == "auto":
         return "auto"
-    raise ConfigError(f"resume must be true, false or auto, got {resume!r}.")
+    try:
+        return "always" if config_flag(resume, "resume") else "never"
+    except ConfigError:
+        raise ConfigError(f"resume must be true, false or auto, got {resume!r}.") from None
 
 
 def _readable_checkpoints(ckpt_dir: Path) -> tuple[list[tuple[int, Path]], list[str]]:

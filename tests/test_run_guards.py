@@ -90,6 +90,9 @@ def test_claim_keeps_an_earlier_model_unless_resuming_or_overwriting(tmp_path):
     assert not (tmp_path / LOCK_NAME).exists()  # refused: the lock is not kept
     for resume_from, overwrite in ((str(tmp_path / "checkpoint_epoch=1.pt"), False), (None, "true")):
         release_lock(claim(tmp_path, resume_from, best_model_file=model, overwrite=overwrite))
+    with pytest.raises(ConfigError, match="overwrite must be true or false, got 'maybe'"):
+        claim(tmp_path, None, best_model_file=model, overwrite="maybe")
+    assert not (tmp_path / LOCK_NAME).exists()
 
 
 # ----------------------------------------------------------------------------------------- resume
