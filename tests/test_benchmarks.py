@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark scripts: ``report.replace_block``, the ablation tables, ``speed.py`` and ``glas_recipes.py`` end to end at toy size."""
+"""Smoke tests of the benchmark scripts: ``report.replace_block``, the ablation and defaults tables, ``speed.py`` and ``glas_recipes.py`` end to end at toy size."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from masksup_med.tracking import resolve_tracking_uri
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 import ablation
+import defaults
 import glas_recipes
 import speed
 from report import replace_block
@@ -149,6 +150,25 @@ def test_ablation_tables_report_spread_and_gains_paired_by_seed():
     assert "| full-heavy | 2 | +0.0500 (seed 0), -0.0100 (seed 1) | +0.0200 | 1 of 2 |" in text
     assert "| context | 0 |" not in text and "| full-light" not in text
     assert text.count("| abc1234 |") == 5
+
+
+def _defaults_record(bundle: str, seed: int, test_iou: float, elsewhere_iou: float | None = None) -> dict:
+    test = {m: test_iou for m in ("iou", "dice", "iou_native", "dice_native")}
+    elsewhere = [] if elsewhere_iou is None else [
+        {"dataset": "cvc-clinicdb", "images": 14, "iou": elsewhere_iou, "dice": 0.5, "commands": [f"eval cvc seed {seed}"]}]
+    return {"bundle": bundle, "seed": seed, "best_val_iou": 0.7, "best_epoch": 40, "train_seconds": 2400.0, "commit": "abc1234",
+            "test": {"test": test}, "elsewhere": elsewhere, "commands": [f"train {bundle} seed {seed}", f"eval {bundle} seed {seed}"]}
+
+
+def test_defaults_table_pools_seeds_per_bundle_and_reports_the_other_dataset(tmp_path):
+    records = [_defaults_record("kvasir_seg", 0, 0.60, 0.40), _defaults_record("kvasir_seg", 1, 0.64, 0.30),
+               _defaults_record("glas", 1, 0.78)]
+    text = defaults.defaults_table(records)
+    assert "| glas | 1 | 0.7000 | 0.7800 | 0.7800 | 0.7800 | — | 40.0 |" in text  # one seed: the mean alone
+    assert "| kvasir_seg | 2 | 0.7000 ± 0.0000 | 0.6200 ± 0.0283 |" in text
+    assert "cvc-clinicdb 0.3500 ± 0.0707 (14)" in text
+    assert "| kvasir_seg | 1 | 40 | 0.7000 | 0.6400 | 0.6400 | — | cvc-clinicdb 0.3000 / 0.5000 | 40.0 | abc1234 |" in text
+    assert "eval cvc seed 0" in text and "train glas seed 1" in text and "train kvasir_seg seed 1" not in text
 
 
 @pytest.mark.slow  # about a minute: one semi-supervised and one reference run at toy size
