@@ -23,7 +23,8 @@ from masksup_med.losses import MaskSupLoss
 from masksup_med.transforms.base import RandMask
 
 # the generic loss-term handlers live in masksup_med.handlers; re-exported for MaskSup users
-__all__ = ["LossTermAverages", "MaskSupKeys", "MaskSupTrainer", "backward_and_step", "loss_terms"]
+__all__ = ["LossTermAverages", "MaskSupKeys", "MaskSupTrainer", "backward_and_step", "loss_terms",
+           "rank_seed"]
 
 
 class MaskSupKeys:
@@ -82,8 +83,7 @@ class MaskSupTrainer(SupervisedTrainer):
             raise TypeError(f"loss_function must be a MaskSupLoss, got {type(self.loss_function).__name__}.")
         self.masked_key = masked_key
         if batch_masker is not None:
-            seed = int(torch.randint(0, 2**31 - 1 - idist.get_world_size(), (1,)).item()) + idist.get_rank()
-            batch_masker.set_random_state(seed)
+            batch_masker.set_random_state(rank_seed())
         self.batch_masker = batch_masker
         if single_pass is None:
             single_pass = isinstance(self.network, torch.nn.parallel.DistributedDataParallel)
@@ -147,6 +147,14 @@ class MaskSupTrainer(SupervisedTrainer):
         engine.after_step()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+
+def rank_seed() -> int:
+    """A seed drawn from torch's global random state, offset by the process rank (DDP: each process masks differently).
+
+    As MONAI's DataLoader seeds a dataset's random transforms, so ``set_determinism`` makes it repeat.
+    """
+    return int(torch.randint(0, 2**31 - 1 - idist.get_world_size(), (1,)).item()) + idist.get_rank()
 
 
 def backward_and_step(engine: SupervisedTrainer, total: torch.Tensor) -> None:

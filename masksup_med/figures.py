@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import matplotlib
 
@@ -19,12 +19,14 @@ import mlflow
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.transforms import Compose
 
+from masksup_med.teacher import confidence_mask, multiscale_probabilities
 from masksup_med.tracking import find_run_id
 from masksup_med.transforms.base import RandMask
 
-__all__ = ["LearningCurveHandler", "ValidationFigureHandler", "learning_curve_figure", "per_group_figure",
-           "validation_figure"]
+__all__ = ["LearningCurveHandler", "PseudoLabelFigureHandler", "ValidationFigureHandler", "learning_curve_figure",
+           "per_group_figure", "pseudo_label_image", "validation_figure"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +38,39 @@ def _as_display(image: torch.Tensor) -> np.ndarray:
     return array[0] if array.shape[0] == 1 else np.moveaxis(array[:3], 0, -1)
 
 
+def _masks(logits: torch.Tensor) -> torch.Tensor:
+    """``B, 1, *spatial`` predicted masks from logits: sigmoid > 0.5 for one channel, else the arg-max class."""
+    if logits.shape[1] == 1:
+        return (torch.sigmoid(logits) > 0.5).float()
+    return torch.softmax(logits, 1).argmax(1, keepdim=True).float()
+
+
+NOT_CONFIDENT = (0.5, 0.5, 0.5)  # one channel: grey, between background (black) and foreground (white)
+NOT_CONFIDENT_MULTICLASS = (1.0, 0.0, 0.0)  # several classes take the grey levels: red
+
+
+def pseudo_label_image(probabilities: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The teacher's pseudo-label of one image (``C, *spatial`` probabilities) as the figure draws it.
+
+    Where the teacher is confident (:func:`~masksup_med.teacher.confidence_mask` at ``threshold``, as
+    the student's loss counts pixels) the pixel shows its class: one channel, black background and
+    white foreground, returned as ``1, *spatial`` with the other pixels grey (0.5); several channels,
+    class ``k`` of ``C`` as grey level ``k / (C - 1)``, returned as ``3, *spatial`` with the other
+    pixels red. Those pixels do not train the student.
+    """
+    confident = confidence_mask(probabilities[None], threshold)[0]
+    if probabilities.shape[0] == 1:
+        shown = (probabilities > 0.5).float()
+        return torch.where(confident, shown, torch.full_like(shown, NOT_CONFIDENT[0]))
+    level = probabilities.argmax(0, keepdim=True).float() / (probabilities.shape[0] - 1)
+    colour = torch.tensor(NOT_CONFIDENT_MULTICLASS, dtype=level.dtype, device=level.device)
+    colour = colour.view(3, *([1] * (probabilities.dim() - 1)))
+    return torch.where(confident, level.expand(3, *level.shape[1:]), colour)
+
+
 COLUMN_TITLES = {"image": "image", "label": "ground truth", "pred": "prediction", "image_masked": "masked input",
-                 "pred_masked": "prediction on masked"}
+                 "pred_masked": "prediction on masked", "pseudo_label": "teacher pseudo-label\n(grey: not confident)",
+                 "student_input": "student input\n(strong view, masked)", "student_pred": "student prediction"}
 
 
 def validation_figure(rows: Sequence[dict[str, torch.Tensor]], title: str) -> plt.Figure:
@@ -174,9 +207,7 @@ class ValidationFigureHandler(_RunFigureHandler):
             item = self.dataset[index]
             image = torch.as_tensor(item["image"]).float()
             inputs = [image] if self.masker is None else [image, torch.as_tensor(self.masker(image))]
-            logits = self.network(torch.stack(inputs).to(device))
-            probs = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, 1).argmax(1, keepdim=True)
-            preds = [(p > 0.5).float() if logits.shape[1] == 1 else p.float() for p in probs]
+            preds = _masks(self.network(torch.stack(inputs).to(device)))
             row = {"image": image, "label": torch.as_tensor(item["label"]).float(), "pred": preds[0]}
             if self.masker is not None:
                 row.update({"image_masked": inputs[1], "pred_masked": preds[1]})
@@ -189,6 +220,83 @@ class ValidationFigureHandler(_RunFigureHandler):
         device = next(self.network.parameters()).device
         fig = validation_figure(self.rows(device), f"{self.run_name}: validation examples, epoch {epoch}")
         self._log(fig, f"figures/validation_epoch_{epoch:04d}.png")
+
+
+class PseudoLabelFigureHandler(_RunFigureHandler):
+    """After each validation round, what the semi-supervised student learns from, next to the ground truth.
+
+    For the first ``num_images`` validation items (which have ground truth), one row: the image, its
+    ground truth, the teacher's pseudo-label (its probabilities averaged over ``scales`` as in
+    training, drawn by :func:`pseudo_label_image`: grey where it is less than ``threshold``
+    confident), the student's input (the image through the ``strong`` transforms, then ``masker``)
+    and the student's prediction on it. ``strong`` and ``masker`` are copies reseeded every round,
+    so rounds are comparable and training's random streams are left alone. ``student`` must be the
+    plain network (under DDP the module inside, since this runs on one process only). Attach to the
+    evaluator.
+    """
+
+    def __init__(
+        self,
+        dataset: Sequence[dict],
+        teacher: torch.nn.Module,
+        student: torch.nn.Module,
+        strong: Callable | Sequence[Callable],
+        masker: RandMask,
+        tracking_uri: str,
+        experiment_name: str,
+        run_name: str,
+        threshold: float = 0.95,
+        scales: Sequence[float] = (1.0,),
+        activation: str = "sigmoid",
+        num_images: int = 3,
+        seed: int = 0,
+        enabled: bool = True,
+    ) -> None:
+        super().__init__(tracking_uri, experiment_name, run_name, enabled)
+        self.dataset = dataset
+        self.teacher = teacher
+        self.student = student
+        self.strong = Compose(copy.deepcopy(strong if isinstance(strong, Sequence) else [strong]))
+        self.masker = copy.deepcopy(masker)
+        self.threshold = float(threshold)
+        self.scales = tuple(scales)
+        self.activation = activation
+        self.num_images = num_images
+        self.seed = seed
+
+    def attach(self, engine: Engine) -> None:
+        """Log at ``Events.EPOCH_COMPLETED`` of the evaluator."""
+        if self.enabled:
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    @torch.no_grad()
+    def rows(self, device: torch.device) -> list[dict[str, torch.Tensor]]:
+        """Image, ground truth, pseudo-label, student input and student prediction for each example."""
+        items = [self.dataset[i] for i in range(min(self.num_images, len(self.dataset)))]
+        if not items:
+            return []
+        self.strong.set_random_state(self.seed)
+        self.masker.set_random_state(self.seed)
+        images = torch.stack([torch.as_tensor(item["image"]).float() for item in items]).to(device)
+        strong = torch.stack([torch.as_tensor(self.strong({"image": item["image"]})["image_strong"]).float()
+                              for item in items]).to(device)
+        student_input = self.masker.mask_batch(strong)[0]
+        probabilities = multiscale_probabilities(self.teacher, images, self.scales, self.activation)
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            student_pred = _masks(self.student(student_input))
+        finally:
+            self.student.train(was_training)
+        return [{"image": images[i], "label": torch.as_tensor(item["label"]).float(),
+                 "pseudo_label": pseudo_label_image(probabilities[i], self.threshold),
+                 "student_input": student_input[i], "student_pred": student_pred[i]} for i, item in enumerate(items)]
+
+    def __call__(self, engine: Engine) -> None:
+        epoch = engine.state.epoch
+        rows = self.rows(next(self.student.parameters()).device)
+        title = f"{self.run_name}: teacher pseudo-labels (confidence >= {self.threshold:g}) and the student, epoch {epoch}"
+        self._log(validation_figure(rows, title), f"figures/pseudo_labels_epoch_{epoch:04d}.png")
 
 
 class LearningCurveHandler(_RunFigureHandler):

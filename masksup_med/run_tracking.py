@@ -42,6 +42,10 @@ class RunTracking:
             ``threshold``, ``alias``); None: nothing is registered.
         other_evaluators: further evaluators whose metrics are logged each round (e.g. the student's
             scores when the validator scores a teacher).
+        extra_figures: more figure handlers for ``evaluator``, each given as a callable (in a config, an
+            item with ``"_mode_": "callable"``) that takes ``tracking_uri``, ``experiment_name`` and
+            ``run_name`` and returns the handler, so it logs to this run (e.g. the semi-supervised
+            pseudo-label figures, :class:`~masksup_med.figures.PseudoLabelFigureHandler`).
         output_transform: what the trainer's output logs per iteration (default: every loss term).
         enabled: False (e.g. on processes other than rank 0 under DDP) attaches nothing.
     """
@@ -57,6 +61,7 @@ class RunTracking:
         figures: Mapping[str, Any] | None = None,
         registration: Mapping[str, Any] | None = None,
         other_evaluators: Sequence[Engine] = (),
+        extra_figures: Sequence[Callable[..., Any]] = (),
         output_transform: Callable = loss_terms,
         enabled: bool = True,
     ) -> None:
@@ -67,6 +72,7 @@ class RunTracking:
         self.figures = dict(figures) if figures is not None else None
         self.registration = dict(registration) if registration is not None else None
         self.other_evaluators = list(other_evaluators)
+        self.extra_figures = list(extra_figures)
         self.output_transform = output_transform
         self.enabled = enabled
         self.handlers: list[Any] = []
@@ -89,6 +95,7 @@ class RunTracking:
             on_evaluator.append(MLFlowHandler(**self.where, iteration_log=False, epoch_log=True))
             if self.figures is not None:
                 on_evaluator.append(ValidationFigureHandler(**self.figures, **self.where))
+            on_evaluator.extend(make(**self.where) for make in self.extra_figures)
         for handler in on_trainer:
             handler.attach(trainer)
         for handler in on_evaluator:

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import ignite.distributed as idist
 import torch
 from monai.transforms import RandRotate90, RandRotate90d
 
@@ -19,6 +20,7 @@ from masksup_med.errors import ConfigError
 __all__ = [
     "check_augmentation_keeps_size",
     "check_image_size",
+    "check_same_on_every_process",
     "distributed_backend",
     "keep_freed_memory",
     "select_device",
@@ -73,6 +75,19 @@ def unique_run_name(prefix: str) -> str:
 def distributed_backend(device: str | torch.device = "auto") -> str:
     """``nccl`` when the run uses CUDA, ``gloo`` on CPU."""
     return "nccl" if select_device(device).type == "cuda" else "gloo"
+
+
+def check_same_on_every_process(name: str, value: int | None) -> None:
+    """Under DDP, fail at start when ``value`` differs between processes (say, an ``epoch_length`` that would
+    leave one process waiting for a gradient the others never send); nothing in one process or for None."""
+    if value is None or idist.get_world_size() < 2:
+        return
+    values = [int(v) for v in idist.all_gather(torch.tensor([int(value)])).tolist()]
+    if len(set(values)) > 1:
+        raise ConfigError(
+            f"{name} differs between the DDP processes ({values}, by rank): every process must take the same number "
+            "of steps. Sample each loader with DistributedSampler(even_divisible=True)."
+        )
 
 
 def check_image_size(image_size: Sequence[int], network: torch.nn.Module) -> None:

@@ -23,8 +23,9 @@ import torch
 from monai.data import MetaTensor
 from torch import nn
 
-from masksup_med.engines import MaskSupTrainer
+from masksup_med.engines import MaskSupTrainer, rank_seed
 from masksup_med.losses import ConfidentPseudoLabelLoss
+from masksup_med.runtime import check_same_on_every_process
 from masksup_med.teacher import ema_update, make_teacher, multiscale_probabilities, sigmoid_rampup
 from masksup_med.transforms.base import RandMask
 from masksup_med.transforms.patch import RandPatchMask
@@ -64,6 +65,12 @@ class MaskMatchTrainer(MaskSupTrainer):
 
     ``engine.state.output`` adds ``loss_unsup`` (unweighted), ``unsup_weight`` and
     ``confident_fraction`` (the share of unlabelled pixels the teacher is confident about).
+
+    Under DistributedDataParallel the student's pass is a second forward of the wrapped network
+    before the step's one backward (autograd sums both uses of a parameter before DDP averages it);
+    the teacher follows the network inside the wrapper. Every process must take the same number of
+    steps, so an ``epoch_length`` that differs between them fails here, and the unlabelled loader
+    should have a DistributedSampler (``semi_train.json`` gives it one when ``distributed``).
     """
 
     def __init__(
@@ -80,11 +87,6 @@ class MaskMatchTrainer(MaskSupTrainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if isinstance(self.network, nn.parallel.DistributedDataParallel):
-            raise TypeError(
-                "MaskMatchTrainer does not run under DistributedDataParallel yet (the student's pass on unlabelled "
-                "images is a second forward per backward); train semi_train.json in one process."
-            )
         if not 0.0 <= ema_momentum <= 1.0:
             raise ValueError(f"ema_momentum must lie in [0, 1], got {ema_momentum!r}.")
         self.unlabelled_loader = unlabelled_loader
@@ -96,18 +98,26 @@ class MaskMatchTrainer(MaskSupTrainer):
         self.rampup_epochs = float(rampup_epochs)
         self.teacher_scales = tuple(float(s) for s in teacher_scales)
         self.student_masker = student_masker if student_masker is not None else RandPatchMask(0.7, patch_size=16)
-        self.student_masker.set_random_state(int(torch.randint(0, 2**31 - 1, (1,)).item()))
+        self.student_masker.set_random_state(rank_seed())
         self._unlabelled: Iterator | None = None
+        check_same_on_every_process("epoch_length", self.state.epoch_length)
 
     def next_unlabelled(self) -> dict[str, Any]:
-        """The next unlabelled batch, starting the loader over when it runs out."""
-        if self._unlabelled is None:
-            self._unlabelled = iter(self.unlabelled_loader)
-        try:
-            return next(self._unlabelled)
-        except StopIteration:
-            self._unlabelled = iter(self.unlabelled_loader)
-            return next(self._unlabelled)
+        """The next unlabelled batch, starting the loader over when it runs out.
+
+        A sampler with ``set_epoch`` (DistributedSampler under DDP) is given the trainer's iteration at
+        each start: every pass shuffles anew, the same way on every process, and again after a resume.
+        """
+        if self._unlabelled is not None:
+            try:
+                return next(self._unlabelled)
+            except StopIteration:
+                pass
+        sampler = getattr(self.unlabelled_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(int(self.state.iteration))
+        self._unlabelled = iter(self.unlabelled_loader)
+        return next(self._unlabelled)
 
     def current_unsup_weight(self) -> float:
         """``unsup_weight`` times the ramp-up at the current (fractional) epoch."""

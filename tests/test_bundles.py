@@ -251,6 +251,8 @@ def test_semi_supervised_config_trains_with_a_label_fraction_and_an_unlabelled_f
     assert version.run_id == run.info.run_id
     kept = {"teacher": "val_mean_iou", "student": "val_student_mean_iou"}[version.tags["selected_network"]]
     assert float(version.tags["best_val_mean_iou"]) == pytest.approx(run.data.metrics[kept], abs=1e-4)  # one round
+    figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert "figures/pseudo_labels_epoch_0001.png" in figures  # teacher's pseudo-labels next to the ground truth
     model = load_model("models:/masksup-glas@candidate", tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     assert tuple(model(torch.zeros(1, 3, 64, 64)).shape) == (1, 1, 64, 64)
     checkpoint = torch.load(out / "models" / "checkpoint_epoch=1.pt", map_location="cpu", weights_only=False)
@@ -648,6 +650,16 @@ def test_training_killed_midway_resumes_without_repeating_or_losing_epochs(tmp_p
     assert "Epoch[" not in result.stdout
 
 
+def run_torchrun(configs: list[Path], dataset_dir: Path, output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """Train with torchrun, 2 CPU processes (gloo): one epoch at 64x64, batches of 2 per process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "monai.bundle", "run", "training", "--config_file", str([str(c) for c in configs]),
+           "--dataset_dir", str(dataset_dir), "--output_dir", str(output_dir), "--num_workers", "0",
+           "--max_epochs", "1", "--val_interval", "1", "--image_size", "[64,64]", "--batch_size", "2", *overrides]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+
+
 @pytest.mark.slow
 def test_two_process_ddp_training_on_cpu(case, demo, tmp_path):
     """torchrun with 2 CPU processes (gloo): one epoch, rank 0 alone checkpoints, tracks and registers.
@@ -656,14 +668,7 @@ def test_two_process_ddp_training_on_cpu(case, demo, tmp_path):
     CVC-ClinicDB sample's case): the validation sampler pads instead of failing.
     """
     out = tmp_path / "out"
-    configs = str([str(c) for c in case.config("multi_gpu_train.json")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "monai.bundle", "run", "training", "--config_file", configs,
-           "--dataset_dir", str(demo), "--output_dir", str(out), "--num_workers", "0",
-           "--max_epochs", "1", "--val_interval", "1", "--image_size", "[64,64]", "--batch_size", "2",
-           "--val_fraction", "0.1"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    result = run_torchrun(case.config("multi_gpu_train.json"), demo, out, "--val_fraction", "0.1")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (out / "models" / "model.pt").is_file()
     if case.name == "glas":
@@ -674,6 +679,49 @@ def test_two_process_ddp_training_on_cpu(case, demo, tmp_path):
     runs = client.search_runs([client.get_experiment_by_name(case.model_name).experiment_id])
     assert len(runs) == 1  # only rank 0 tracks
     assert client.get_model_version_by_alias(case.model_name, "candidate").run_id == runs[0].info.run_id
+
+
+@pytest.mark.slow
+def test_two_process_ddp_semi_supervised_training_on_cpu_and_resuming(tmp_path):
+    """The issue's command, train + semi_train + multi_gpu_train, under torchrun with 2 CPU processes.
+
+    Each process takes its own share of the unlabelled images (DistributedSampler), so both take the
+    same number of steps; rank 0 alone tracks, writes the pseudo-label figure and registers; the
+    teacher follows the unwrapped network, so every checkpoint loads into the plain network.
+    """
+    demo_glas = CASES["glas"].make_demo(tmp_path / "demo")
+    out = tmp_path / "out"
+    configs = CASES["glas"].config("semi_train.json", "multi_gpu_train.json")
+    result = run_torchrun(configs, demo_glas, out, "--label_fraction", "0.25")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    splits = json.loads((out / "datalist.json").read_text())
+    assert len(splits["train"]) == 2 and len(splits["unlabelled"]) == 6
+    checkpoint = torch.load(out / "models" / "checkpoint_epoch=1.pt", map_location="cpu", weights_only=False)
+    # per process: 1 of the 2 labelled images (one batch) and 3 of the 6 unlabelled ones (two batches of 2)
+    assert checkpoint["trainer"]["epoch_length"] == 2
+    assert set(checkpoint["teacher"]) == set(checkpoint["model"])  # same names: the teacher copies the plain network
+    assert not any(key.startswith("module.") for key in checkpoint["teacher"])
+    state = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert set(state) == set(checkpoint["model"])
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("masksup-glas").experiment_id])  # rank 0 only
+    for metric in ("val_mean_iou", "val_student_mean_iou", "train_loss_unsup", "train_confident_fraction"):
+        assert metric in run.data.metrics, metric
+    figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert {"figures/pseudo_labels_epoch_0001.png", "figures/validation_epoch_0001.png"} <= figures
+    (version,) = client.search_model_versions("name = 'masksup-glas'")  # registered once, by rank 0
+    assert version.run_id == run.info.run_id
+    assert version.tags["selected_network"] in ("teacher", "student")
+
+    # resume: the teacher, the selection and the unlabelled sampler pick up where the run stopped
+    result = run_torchrun(configs, demo_glas, out, "--label_fraction", "0.25", "--max_epochs", "2", "--resume", "true")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resuming from" in result.stdout + result.stderr
+    final = torch.load(out / "models" / "checkpoint_epoch=2.pt", map_location="cpu", weights_only=False)
+    assert final["trainer"]["iteration"] == 4 and final["best_metric"]["best_metric_epoch"] >= 1
+    assert not torch.equal(final["teacher"]["model.0.conv.unit0.conv.weight"],
+                           checkpoint["teacher"]["model.0.conv.unit0.conv.weight"])
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Semi-supervised pieces on hand-made values: EMA update, confidence, ramp-up, multi-scale average,
-the confident pseudo-label loss, the labelled fraction, and one MaskMatch step."""
+the confident pseudo-label loss, the labelled fraction, one MaskMatch step, the pseudo-label figure,
+and DDP's gradients when the student runs twice before one backward."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from PIL import Image
 from torch import nn
 
 from masksup_med.data import DatasetError, DatasetNotFoundError, UnreadableFileError, with_unlabelled
+from masksup_med.figures import PseudoLabelFigureHandler, pseudo_label_image
 from masksup_med.losses import ConfidentPseudoLabelLoss, MaskSupLoss
 from masksup_med.semi import MaskMatchTrainer
 from masksup_med.teacher import (
@@ -226,3 +228,60 @@ def test_best_network_selector_keeps_whichever_network_scores_best(tmp_path):
                                    {"teacher": "val_mean_iou", "student": "val_student_mean_iou"})
     restored.load_state_dict(selector.state_dict())
     assert restored.tags() == selector.tags()
+
+
+def test_pseudo_label_image_shows_the_class_where_confident_and_grey_or_red_elsewhere():
+    binary = torch.tensor([[[0.99, 0.97, 0.5], [0.03, 0.01, 0.965]]])  # 1 channel, 2 x 3
+    assert pseudo_label_image(binary, 0.96).tolist() == [[[1.0, 1.0, 0.5], [0.0, 0.0, 1.0]]]
+    # max(p, 1 - p) >= 0.98: 0.97 and 0.965 (fore) and 0.03 (back) are no longer confident
+    assert pseudo_label_image(binary, 0.98).tolist() == [[[1.0, 0.5, 0.5], [0.5, 0.0, 0.5]]]
+    three = torch.tensor([[[0.9, 0.2]], [[0.05, 0.3]], [[0.05, 0.5]]])  # 3 classes, 1 x 2: class 0 sure, class 2 not
+    shown = pseudo_label_image(three, 0.8)
+    assert shown.shape == (3, 1, 2)
+    assert shown[:, 0, 0].tolist() == [0.0, 0.0, 0.0]  # class 0: black
+    assert shown[:, 0, 1].tolist() == [1.0, 0.0, 0.0]  # not confident: red (grey levels are classes)
+
+
+def test_pseudo_label_figure_rows_repeat_each_round_and_leave_the_student_as_it_was():
+    from monai.transforms import CopyItemsd, RandScaleIntensityd
+
+    from masksup_med.transforms import RandPatchMask
+
+    torch.manual_seed(0)
+    student = UNet(2, 3, 1, channels=(4, 8), strides=(2,), num_res_units=0)
+    teacher = make_teacher(student)
+    g = torch.Generator().manual_seed(1)
+    dataset = [{"image": torch.rand(3, 32, 32, generator=g), "label": torch.ones(1, 32, 32)} for _ in range(3)]
+    strong = [CopyItemsd(keys="image", names="image_strong"),
+              RandScaleIntensityd(keys="image_strong", prob=1.0, factors=0.5)]
+    masker = RandPatchMask(0.5, patch_size=8)
+    handler = PseudoLabelFigureHandler(dataset, teacher, student, strong, masker, "sqlite:///unused.db", "e", "r",
+                                       threshold=0.5, scales=(1.0,), num_images=2)
+    student.train()
+    first, second = handler.rows(torch.device("cpu")), handler.rows(torch.device("cpu"))
+    assert student.training  # put back in training mode
+    assert len(first) == 2
+    assert list(first[0]) == ["image", "label", "pseudo_label", "student_input", "student_pred"]
+    for key in first[0]:
+        assert first[0][key].shape[1:] == (32, 32), key
+        assert all(torch.equal(a[key], b[key]) for a, b in zip(first, second)), key  # reseeded every round
+    assert set(first[0]["pseudo_label"].unique().tolist()) <= {0.0, 1.0}  # threshold 0.5: confident everywhere
+    assert not torch.equal(first[0]["student_input"], first[0]["image"])  # strong view, masked
+    assert strong[1].R is not handler.strong.transforms[1].R  # training's transforms are copies, left alone
+
+
+@pytest.mark.slow  # two processes starting torch
+def test_ddp_averages_gradients_of_a_network_run_twice_before_one_backward():
+    """MaskMatch under DDP runs the student on the labelled batch and on the masked strong view, then one
+    backward: autograd sums both uses of a parameter before DDP's hook reduces it once. (And an epoch
+    length that differs between processes is refused at start, on every process.)"""
+    import torch.multiprocessing as mp
+    from _ddp_worker import free_port, two_forwards_and_a_check
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(two_forwards_and_a_check, args=(2, free_port(), results), nprocs=2, join=True)
+        outcome = dict(results)
+    for difference, refusal in outcome.values():
+        assert difference == pytest.approx(0.0, abs=1e-6)
+        assert refusal.startswith("epoch_length differs between the DDP processes ([3, 4], by rank)")
