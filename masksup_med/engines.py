@@ -89,10 +89,13 @@ class MaskSupTrainer(SupervisedTrainer):
             single_pass = isinstance(self.network, torch.nn.parallel.DistributedDataParallel)
         self.single_pass = single_pass
 
-    def _masked_inputs(self, batchdata: Mapping[str, Any], inputs: torch.Tensor) -> torch.Tensor:
+    def _masked_inputs(
+        self, batchdata: Mapping[str, Any], inputs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The masked copy of the batch and its ``B, *spatial`` holes (None when the pipeline masked it: unknown)."""
         if self.batch_masker is not None:
             plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs  # a batch's metadata is per sample
-            return self.batch_masker.mask_batch(plain)[0]
+            return self.batch_masker.mask_batch(plain)
         if self.masked_key not in batchdata:
             raise KeyError(
                 f"MaskSupTrainer: the batch has no {self.masked_key!r} (keys: {sorted(batchdata)}). Add a masking "
@@ -100,7 +103,7 @@ class MaskSupTrainer(SupervisedTrainer):
                 "transforms, or pass batch_masker=RandFreeFormMask() to mask on the device."
             )
         masked = torch.as_tensor(batchdata[self.masked_key])
-        return masked.to(device=inputs.device, dtype=inputs.dtype, non_blocking=self.non_blocking)
+        return masked.to(device=inputs.device, dtype=inputs.dtype, non_blocking=self.non_blocking), None
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if not self.amp:
@@ -114,15 +117,26 @@ class MaskSupTrainer(SupervisedTrainer):
         overrides this to add its own terms (and adds them into ``total``).
         """
         loss_fn: MaskSupLoss = self.loss_function
-        masked = self._masked_inputs(batchdata, inputs) if loss_fn.uses_masked_pass else None
-        if masked is not None and self.single_pass:
-            pred, pred_masked = self.inferer(torch.cat([inputs, masked]), self.network).chunk(2)
-        else:
-            pred = self.inferer(inputs, self.network)
-            pred_masked = self.inferer(masked, self.network) if masked is not None else None
+        masked, holes = self._masked_inputs(batchdata, inputs) if loss_fn.uses_masked_pass else (None, None)
+        pred, pred_masked = self.forward_passes(inputs, masked, holes)
         self.state.output[CommonKeys.PRED] = pred
         self.fire_event(IterationEvents.FORWARD_COMPLETED)
         return named_terms(loss_fn(pred, pred_masked, targets))
+
+    def forward_passes(
+        self, inputs: torch.Tensor, masked: torch.Tensor | None, holes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The network's logits on the image and on its masked copy (None when there is no masked pass).
+
+        ``holes`` (the masked pixels, ``B, *spatial``; None when unknown) is not needed here; a
+        subclass whose network has more heads than segmentation reads it (MaskMatch's masked image
+        modelling, :class:`~masksup_med.semi.MaskMatchTrainer`).
+        """
+        if masked is not None and self.single_pass:
+            pred, pred_masked = self.inferer(torch.cat([inputs, masked]), self.network).chunk(2)
+            return pred, pred_masked
+        pred = self.inferer(inputs, self.network)
+        return pred, (self.inferer(masked, self.network) if masked is not None else None)
 
     def after_step(self) -> None:
         """Called after each optimiser step (nothing for MaskSup; a teacher's EMA update for semi-supervised)."""

@@ -5,6 +5,11 @@
 ``M_p`` are the network's logits on the image, ``M_pm`` its logits on the masked copy. The task
 similarity term compares probabilities (sigmoid for one-channel / multi-label outputs, softmax for
 multi-class), never argmax, so it stays differentiable; neither side is detached.
+
+The losses of the methods built on MaskSup live here too: MaskMatch's loss on a teacher's confident
+pseudo-labels, and the class-wise masked-image-modelling losses (reconstruction of the masked
+pixels averaged class by class, feature aggregation of masked and visible pixels) with the class
+regions they are split by.
 """
 
 from __future__ import annotations
@@ -17,7 +22,14 @@ from torch import nn
 
 from masksup_med.teacher import confidence_mask
 
-__all__ = ["ConfidentPseudoLabelLoss", "MaskSupLoss", "MaskSupTerms"]
+__all__ = [
+    "ClassWiseReconstructionLoss",
+    "ConfidentPseudoLabelLoss",
+    "FeatureAggregationLoss",
+    "MaskSupLoss",
+    "MaskSupTerms",
+    "class_regions",
+]
 
 
 class MaskSupTerms(NamedTuple):
@@ -133,3 +145,110 @@ class ConfidentPseudoLabelLoss(nn.Module):
             per_pixel = nn.functional.cross_entropy(student_logits, pseudo, reduction="none")[:, None]
         confident = confidence_mask(teacher_probs, self.threshold).to(per_pixel.dtype)
         return (per_pixel * confident).sum() / per_pixel.numel(), confident.mean()
+
+
+def class_regions(maps: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Class regions of a label or of class probabilities, as ``B, K, *spatial`` booleans (one-hot).
+
+    One channel (a binary label or sigmoid probabilities): ``K = 2``, background (``<= threshold``)
+    then foreground (``> threshold``). Several channels (one-hot labels or softmax probabilities):
+    ``K`` = the channels, each pixel in the region of its arg-max channel.
+    """
+    if maps.shape[1] == 1:
+        foreground = maps > threshold
+        return torch.cat([~foreground, foreground], dim=1)
+    index = maps.argmax(dim=1, keepdim=True)
+    return torch.zeros_like(maps, dtype=torch.bool).scatter_(1, index, True)
+
+
+def _per_class_masks(holes: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """``holes`` (``B, *spatial`` or ``B, 1, *spatial``) as ``B, 1, *spatial`` booleans, checked against ``regions``."""
+    if holes.dim() == regions.dim() - 1:
+        holes = holes.unsqueeze(1)
+    if holes.shape[0] != regions.shape[0] or holes.shape[2:] != regions.shape[2:] or holes.shape[1] != 1:
+        raise ValueError(f"holes {tuple(holes.shape)} do not match class regions {tuple(regions.shape)}")
+    return holes.bool()
+
+
+class ClassWiseReconstructionLoss(nn.Module):
+    """Reconstruction error on the masked pixels, averaged within each class region, then over the classes.
+
+    S4MIM's class-wise masked image modelling (arXiv 2411.08756), reduced to its weighting: for each
+    class ``k`` with masked pixels in the batch, the mean per-pixel error over the masked pixels of
+    that class (pooled over the batch); the loss is the mean of these class means. So a small
+    foreground (a polyp, a few glands) weighs as much as the large background, where a plain mean
+    over masked pixels would be dominated by the background. Visible pixels are never counted.
+    A batch without any masked pixel gives 0.
+
+    Args:
+        distance: ``"l1"`` (default: absolute error, as SimMIM and this project's pretraining use on
+            masked pixels; less dominated than squared error by the few pixels that strong colour
+            augmentation pushes far, so the class means stay comparable) or ``"mse"`` (MAE's choice).
+
+    ``forward(reconstruction, target, holes, regions)``: ``reconstruction`` and ``target``
+    ``B, C, *spatial`` (the error is averaged over channels), ``holes`` the masked pixels
+    (``B, *spatial`` or ``B, 1, *spatial``), ``regions`` the ``B, K, *spatial`` class regions
+    (:func:`class_regions` of a label or of a teacher's probabilities).
+    """
+
+    def __init__(self, distance: str = "l1") -> None:
+        super().__init__()
+        if distance not in ("l1", "mse"):
+            raise ValueError(f"distance must be 'l1' or 'mse', got {distance!r}.")
+        self.distance = distance
+
+    def hyperparameters(self) -> dict[str, object]:
+        """Logged with the run."""
+        return {"mim_loss": type(self).__name__, "mim_distance": self.distance}
+
+    def forward(
+        self, reconstruction: torch.Tensor, target: torch.Tensor, holes: torch.Tensor, regions: torch.Tensor
+    ) -> torch.Tensor:
+        """The mean over present classes of each class's mean error on its masked pixels."""
+        if reconstruction.shape != target.shape:
+            raise ValueError(f"reconstruction {tuple(reconstruction.shape)} and target {tuple(target.shape)} differ")
+        holes = _per_class_masks(holes, regions)
+        difference = reconstruction - target
+        error = (difference.abs() if self.distance == "l1" else difference**2).mean(dim=1, keepdim=True)
+        counted = (holes & regions.bool()).to(error.dtype)  # B, K, *spatial
+        dims = [0, *range(2, counted.dim())]
+        sums, counts = (error * counted).sum(dim=dims), counted.sum(dim=dims)
+        present = counts > 0
+        if not bool(present.any()):
+            return error.sum() * 0.0  # nothing masked: zero, still part of the graph
+        return (sums[present] / counts[present]).mean()
+
+
+class FeatureAggregationLoss(nn.Module):
+    """Pull the mean feature of each class's masked pixels towards the mean feature of its visible pixels.
+
+    S4MIM's feature aggregation, kept simple: for each class ``k`` with both masked and visible
+    pixels in the batch, the class's masked-pixel mean feature and visible-pixel mean feature
+    (pooled over the batch) are compared by cosine distance ``1 - cos``; the loss is the mean over
+    such classes. The visible mean is the target and is detached (stop-gradient, as in BYOL /
+    SimSiam): the features of hidden pixels learn to look like those of visible pixels of their
+    class, not the other way round. Cosine, not squared distance, so shrinking the features cannot
+    lower the loss. No class with both kinds of pixels: 0.
+
+    ``forward(features, holes, regions)``: ``features`` ``B, F, *spatial`` at the regions' size.
+    """
+
+    def hyperparameters(self) -> dict[str, object]:
+        """Logged with the run."""
+        return {"mim_feature_loss": type(self).__name__, "mim_feature_distance": "cosine, visible mean detached"}
+
+    def forward(self, features: torch.Tensor, holes: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+        """Mean over classes of ``1 - cos(mean masked feature, mean visible feature)``."""
+        if features.shape[0] != regions.shape[0] or features.shape[2:] != regions.shape[2:]:
+            raise ValueError(f"features {tuple(features.shape)} do not match class regions {tuple(regions.shape)}")
+        holes = _per_class_masks(holes, regions)
+        flat = features.flatten(2)  # B, F, N
+        masked = (holes & regions.bool()).flatten(2).to(flat.dtype)  # B, K, N
+        visible = (~holes & regions.bool()).flatten(2).to(flat.dtype)
+        n_masked, n_visible = masked.sum(dim=(0, 2)), visible.sum(dim=(0, 2))  # K
+        present = (n_masked > 0) & (n_visible > 0)
+        if not bool(present.any()):
+            return features.sum() * 0.0
+        mean_masked = torch.einsum("bfn,bkn->kf", flat, masked)[present] / n_masked[present, None]
+        mean_visible = torch.einsum("bfn,bkn->kf", flat.detach(), visible)[present] / n_visible[present, None]
+        return (1.0 - nn.functional.cosine_similarity(mean_masked, mean_visible, dim=1)).mean()

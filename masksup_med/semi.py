@@ -12,25 +12,41 @@ epochs. After every optimiser step the teacher follows the student.
 
 Choices the MaskMatch paper does not pin down follow its family: Mean Teacher's EMA and sigmoid
 ramp-up, FixMatch / UniMatch's confidence threshold and normalisation over all pixels.
+
+Optionally (``mim_network``, S4MIM-style class-wise masked image modelling, arXiv 2411.08756), both
+masked passes (the labelled batch's masked copy and the student's masked strong view) also
+reconstruct their input, through a head on the network's penultimate features
+(:class:`~masksup_med.mim.ReconstructionHeads`). The reconstruction is scored on the masked pixels
+only, class by class, with the label's classes on labelled images and the teacher's pseudo-label
+on unlabelled ones (:class:`~masksup_med.losses.ClassWiseReconstructionLoss`); an optional term pulls
+the mean feature of each class's masked pixels towards that of its visible pixels
+(:class:`~masksup_med.losses.FeatureAggregationLoss`). The head is dropped after training: the
+validated, checkpointed and registered network is the plain segmentation network.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from monai.data import MetaTensor
 from torch import nn
 
 from masksup_med.engines import MaskSupTrainer, rank_seed
-from masksup_med.losses import ConfidentPseudoLabelLoss
+from masksup_med.losses import (
+    ClassWiseReconstructionLoss,
+    ConfidentPseudoLabelLoss,
+    FeatureAggregationLoss,
+    class_regions,
+)
+from masksup_med.mim import MIMOutputs, ReconstructionHeads
 from masksup_med.runtime import check_same_on_every_process
 from masksup_med.teacher import ema_update, make_teacher, multiscale_probabilities, sigmoid_rampup
 from masksup_med.transforms.base import RandMask
 from masksup_med.transforms.patch import RandPatchMask
 
-__all__ = ["BestNetworkSelector", "MaskMatchTrainer", "SemiKeys"]
+__all__ = ["BestNetworkSelector", "MaskMatchTrainer", "MaskedView", "SemiKeys"]
 
 
 class SemiKeys:
@@ -41,6 +57,17 @@ class SemiKeys:
     UNSUP = "unsup"
     CONFIDENT = "confident_fraction"
     UNSUP_WEIGHT = "unsup_weight"
+    MIM = "mim"
+    MIM_FEATURE = "mim_feature"
+
+
+class MaskedView(NamedTuple):
+    """One masked pass of masked image modelling: what was hidden, what the network made of it, whose class."""
+
+    target: torch.Tensor  # the image before masking, B, C, *spatial
+    holes: torch.Tensor  # the masked pixels, B, *spatial
+    outputs: MIMOutputs  # the pass's segmentation, reconstruction and features
+    regions: torch.Tensor | None = None  # B, K, *spatial class regions (label or pseudo-label)
 
 
 class MaskMatchTrainer(MaskSupTrainer):
@@ -62,9 +89,21 @@ class MaskMatchTrainer(MaskSupTrainer):
         rampup_epochs: epochs over which the weight ramps up (Mean Teacher's sigmoid ramp-up).
         teacher_scales: input scales the teacher's probabilities are averaged over.
         student_masker: masks the strong view on the device (default: 70 % of 16-pixel patches).
+        mim_network: turns on class-wise masked image modelling: a
+            :class:`~masksup_med.mim.ReconstructionHeads` around ``network`` (its ``segmenter`` must be
+            ``network`` itself; the optimiser must update its head). Both masked passes run through it
+            (called directly, not through ``inferer``: a whole-image pass, as SimpleInferer makes).
+            The teacher, validation and the best checkpoint use ``network`` alone. The labelled batch's
+            masked pass needs a ``batch_masker`` (which says which pixels it hid); with a2 = a3 = 0
+            there is no such pass and only unlabelled images are reconstructed.
+        mim_loss: the reconstruction loss (default :class:`~masksup_med.losses.ClassWiseReconstructionLoss`, L1).
+        mim_weight: its weight (constant: the reconstruction target needs no teacher, so no ramp-up).
+        mim_feature_loss: the feature-aggregation loss (default :class:`~masksup_med.losses.FeatureAggregationLoss`).
+        mim_feature_weight: its weight; 0 (default) logs the term without training on it.
 
     ``engine.state.output`` adds ``loss_unsup`` (unweighted), ``unsup_weight`` and
-    ``confident_fraction`` (the share of unlabelled pixels the teacher is confident about).
+    ``confident_fraction`` (the share of unlabelled pixels the teacher is confident about); with
+    ``mim_network`` also ``loss_mim`` and ``loss_mim_feature`` (unweighted).
 
     Under DistributedDataParallel the student's pass is a second forward of the wrapped network
     before the step's one backward (autograd sums both uses of a parameter before DDP averages it);
@@ -84,6 +123,11 @@ class MaskMatchTrainer(MaskSupTrainer):
         rampup_epochs: float = 5.0,
         teacher_scales: Sequence[float] = (0.75, 1.0, 1.25),
         student_masker: RandMask | None = None,
+        mim_network: ReconstructionHeads | None = None,
+        mim_loss: ClassWiseReconstructionLoss | None = None,
+        mim_weight: float = 1.0,
+        mim_feature_loss: FeatureAggregationLoss | None = None,
+        mim_feature_weight: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -101,6 +145,28 @@ class MaskMatchTrainer(MaskSupTrainer):
         self.student_masker.set_random_state(rank_seed())
         self._unlabelled: Iterator | None = None
         check_same_on_every_process("epoch_length", self.state.epoch_length)
+        self.mim_network = mim_network
+        self.mim_loss = mim_loss if mim_loss is not None else ClassWiseReconstructionLoss()
+        self.mim_feature_loss = mim_feature_loss if mim_feature_loss is not None else FeatureAggregationLoss()
+        self.mim_weight, self.mim_feature_weight = float(mim_weight), float(mim_feature_weight)
+        self._mim_views: list[MaskedView] = []
+        if mim_network is not None:
+            self._check_mim_network(mim_network)
+
+    def _check_mim_network(self, mim_network: ReconstructionHeads) -> None:
+        """Refuse at start what would train the head wrongly or not at all."""
+        if min(self.mim_weight, self.mim_feature_weight) < 0:
+            raise ValueError(f"mim_weight and mim_feature_weight must be >= 0, got {self.mim_weight}, "
+                             f"{self.mim_feature_weight}.")
+        if mim_network.segmenter is not self.network:
+            raise ValueError("mim_network must wrap the trainer's network itself (its segmenter is another module).")
+        optimised = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        if not all(id(p) in optimised for p in mim_network.head.parameters()):
+            raise ValueError("the optimiser does not update the reconstruction head: build it from "
+                             "mim_network.parameters() (the network's and the head's).")
+        if self.loss_function.uses_masked_pass and self.batch_masker is None:
+            raise ValueError("masked image modelling on labelled images needs batch_masker (it says which pixels "
+                             "were hidden); a masked copy from the data pipeline does not.")
 
     def next_unlabelled(self) -> dict[str, Any]:
         """The next unlabelled batch, starting the loader over when it runs out.
@@ -137,20 +203,79 @@ class MaskMatchTrainer(MaskSupTrainer):
             )
         return on_device(batch[SemiKeys.WEAK]), on_device(batch[SemiKeys.STRONG])
 
+    def forward_passes(
+        self, inputs: torch.Tensor, masked: torch.Tensor | None, holes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """MaskSup's passes; with masked image modelling the masked one also reconstructs (kept for :meth:`compute_terms`)."""
+        if self.mim_network is None or masked is None:
+            return super().forward_passes(inputs, masked, holes)
+        if holes is None:
+            raise ValueError("masked image modelling needs the masked pixels of the labelled batch: pass batch_masker.")
+        if self.single_pass:
+            both = self.mim_network.outputs(torch.cat([inputs, masked]))
+            pred, seg_masked = both.segmentation.chunk(2)
+            outputs = MIMOutputs(seg_masked, *(part.chunk(2)[1] for part in both[1:]))
+        else:
+            pred = self.inferer(inputs, self.network)
+            outputs = self.mim_network.outputs(masked)
+        self._mim_views.append(MaskedView(_plain(inputs), holes, outputs))
+        return pred, outputs.segmentation
+
     def compute_terms(self, batchdata: dict[str, Any], inputs: torch.Tensor, targets: torch.Tensor) -> dict:
-        """MaskSup's terms on the labelled batch, plus the masked student's term on an unlabelled batch."""
+        """MaskSup's terms on the labelled batch, plus the masked student's term on an unlabelled batch.
+
+        With masked image modelling, also the class-wise reconstruction and feature terms of both masked passes.
+        """
+        self._mim_views = []
+        if self.mim_network is not None:
+            self.mim_network.train()  # the head too (the engine puts only ``network`` in training mode)
         terms = super().compute_terms(batchdata, inputs, targets)
+        labelled = [view._replace(regions=class_regions(_plain(targets))) for view in self._mim_views]
         weak, strong = self._views(self.next_unlabelled())
         activation = getattr(self.loss_function, "activation", "sigmoid")
         teacher_probs = multiscale_probabilities(self.teacher, weak, self.teacher_scales, activation)
-        student_logits = self.inferer(self.student_masker.mask_batch(strong)[0], self.network)
+        masked_strong, holes = self.student_masker.mask_batch(strong)
+        if self.mim_network is None:
+            student_logits = self.inferer(masked_strong, self.network)
+        else:
+            outputs = self.mim_network.outputs(masked_strong)
+            student_logits = outputs.segmentation
+            self._mim_views = [*labelled, MaskedView(strong, holes, outputs, class_regions(teacher_probs))]
         unsup, confident = self.unsup_loss(student_logits.float(), teacher_probs.float())
         weight = self.current_unsup_weight()
         terms[SemiKeys.UNSUP] = unsup
         terms["total"] = terms["total"] + weight * unsup
+        if self.mim_network is not None:
+            mim, feature = self.mim_terms(self._mim_views)
+            terms[SemiKeys.MIM], terms[SemiKeys.MIM_FEATURE] = mim, feature
+            terms["total"] = terms["total"] + self.mim_weight * mim + self.mim_feature_weight * feature
+            self._mim_views = []
         self.state.output[SemiKeys.CONFIDENT] = confident.detach()
         self.state.output[SemiKeys.UNSUP_WEIGHT] = weight
         return terms
+
+    def mim_terms(self, views: Sequence[MaskedView]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reconstruction and feature-aggregation losses of the masked passes, pooled over them.
+
+        The reconstruction target is the image before masking, clipped to [0, 1] (the sigmoid's
+        range; colour augmentation may push a few pixels out). The feature term is computed
+        without gradients when its weight is 0 (logged only).
+        """
+        def cat(parts: list[torch.Tensor]) -> torch.Tensor:
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+        if len({v.regions.shape[1] for v in views}) > 1:
+            raise ValueError("masked image modelling: the labels and the teacher's pseudo-labels give different "
+                             f"numbers of classes ({[v.regions.shape[1] for v in views]}); labels must be binary "
+                             "(one channel) or one-hot, as the network's output.")
+        target = cat([v.target.float().clamp(0.0, 1.0) for v in views])
+        holes = cat([v.holes.reshape(v.holes.shape[0], *v.target.shape[2:]) for v in views])
+        regions = cat([v.regions for v in views])
+        reconstruction = cat([v.outputs.reconstruction.float() for v in views])
+        mim = self.mim_loss(reconstruction, target, holes, regions)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.mim_feature_weight > 0):
+            feature = self.mim_feature_loss(cat([v.outputs.features.float() for v in views]), holes, regions)
+        return mim, feature
 
     def current_ema_momentum(self) -> float:
         """``min(ema_momentum, 1 - 1 / (step + 1))`` at the current iteration (Mean Teacher's warm-up)."""
@@ -159,6 +284,11 @@ class MaskMatchTrainer(MaskSupTrainer):
     def after_step(self) -> None:
         """The teacher follows the student."""
         ema_update(self.teacher, self.network, self.current_ema_momentum())
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """A batch without its per-sample metadata (MetaTensor -> Tensor)."""
+    return tensor.as_tensor() if isinstance(tensor, MetaTensor) else tensor
 
 
 class BestNetworkSelector:

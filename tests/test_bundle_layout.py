@@ -28,7 +28,7 @@ COMMON = BUNDLES / "common" / "configs"
 NAMES = tuple(p.name for p in bundle_dirs(BUNDLES))
 POLYP = ("cvc_clinicdb", "kvasir_seg")
 LINKED = ("evaluate.json", "inference.json", "multi_gpu_train.json", "supervised.json", "semi_train.json",
-          "pretrain.json", "logging.conf")
+          "semi_mim.json", "pretrain.json", "logging.conf")
 
 
 def _expressions(value):

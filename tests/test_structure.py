@@ -10,7 +10,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "masksup_med"
 CORE = ("masksup_med.transforms", "masksup_med.losses", "masksup_med.engines", "masksup_med.handlers",
-        "masksup_med.semi", "masksup_med.teacher", "masksup_med.pretraining", "masksup_med.pretrained")
+        "masksup_med.semi", "masksup_med.teacher", "masksup_med.mim", "masksup_med.pretraining",
+        "masksup_med.pretrained")
 OUTER = ("masksup_med.tracking", "masksup_med.run_tracking", "masksup_med.registry", "masksup_med.model_format",
          "masksup_med.figures", "masksup_med.serving", "masksup_med.cli", "masksup_med.bundles")
 
