@@ -34,6 +34,8 @@ from bundle_runs import (
     add_study_options,
     append_record,
     load_records,
+    mean_std,
+    paired_gains,
     publish,
     run_or_report,
     train_and_evaluate,
@@ -79,7 +81,7 @@ def run_one(arm: str, seed: int, settings: dict[str, Any], dataset_dir: str, wor
 def run_study(args: argparse.Namespace) -> None:
     """Run every (seed, arm) pair not yet recorded for these settings, seed by seed."""
     settings = study_settings(args)
-    done = {(r["arm"], r["seed"]) for r in load_records(args.results) if all(r.get(k) == v for k, v in settings.items())}
+    done = {(r["arm"], r["seed"]) for r in load_records(args.results, settings)}
     for seed in args.seeds:
         for arm in args.arms:
             if (arm, seed) in done:
@@ -90,13 +92,6 @@ def run_study(args: argparse.Namespace) -> None:
             append_record(args.results, record)
             print(f"[ablation] {arm} seed {seed}: val {record['best_val_iou']:.4f}, "
                   f"test mIoU {record['test']['test']['iou']:.4f} ({record['train_seconds']:.0f} s)", flush=True)
-
-
-def mean_std(values: Sequence[float]) -> str:
-    """``mean ± sample std``; the mean alone for a single value (one seed has no spread to show)."""
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
 def ablation_tables(records: list[dict[str, Any]]) -> str:
@@ -112,7 +107,7 @@ def ablation_tables(records: list[dict[str, Any]]) -> str:
         cells += [mean_std([r["test"]["test"][m] for r in rows]) for m in METRICS]
         minutes = statistics.mean(r["train_seconds"] for r in rows) / 60
         lines.append(f"| {arm} | {len(rows)} | " + " | ".join(cells) + f" | {minutes:.1f} |")
-    lines += ["", *paired_gains(records)]
+    lines += ["", "Test mIoU gain over the baseline trained with the same seed:", "", *paired_gains(records, "baseline", list(ARMS))]
     lines += ["", "Per run (test = testA + testB):", "",
               "| arm | seed | best epoch | val mIoU | test mIoU | test Dice | mIoU native | Dice native | testA / testB mIoU | commit |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -124,24 +119,10 @@ def ablation_tables(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def paired_gains(records: list[dict[str, Any]]) -> list[str]:
-    """Markdown lines: each arm's test mIoU minus the baseline's on the same seed, per seed and on average."""
-    baseline = {r["seed"]: r["test"]["test"]["iou"] for r in records if r["arm"] == "baseline"}
-    lines = ["Test mIoU gain over the baseline trained with the same seed:", "",
-             "| arm | seeds paired | gain per seed | mean gain | seeds with a gain |", "|---|---|---|---|---|"]
-    for arm in [a for a in ARMS if a != "baseline"]:
-        gains = {r["seed"]: r["test"]["test"]["iou"] - baseline[r["seed"]] for r in records if r["arm"] == arm and r["seed"] in baseline}
-        if gains:
-            per_seed = ", ".join(f"{gains[s]:+.4f} (seed {s})" for s in sorted(gains))
-            lines.append(f"| {arm} | {len(gains)} | {per_seed} | {statistics.mean(gains.values()):+.4f} | "
-                         f"{sum(g > 0 for g in gains.values())} of {len(gains)} |")
-    return lines
-
-
 def write_report(args: argparse.Namespace) -> str:
     """Put the ablation tables into RESULTS.md and the GLaS bundle's docs; return the Markdown."""
     settings = study_settings(args)
-    records = [r for r in load_records(args.results) if all(r.get(k) == v for k, v in settings.items())]
+    records = load_records(args.results, settings)
     if not records:
         raise SystemExit(f"no finished runs with {settings} in {args.results}")
     example = records[0]["commands"]

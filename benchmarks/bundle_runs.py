@@ -4,14 +4,15 @@ Training is ``python -m monai.bundle run training`` with ``--resume auto`` (a ru
 carries on from its last epoch checkpoint); the bundle keeps the checkpoint with the best
 *validation* mIoU, and only that checkpoint is then scored with the bundle's ``evaluating`` config
 on its test split. Finished runs are kept as JSON lines, one record each, so a study can be
-resumed across sessions by skipping what is recorded. ``ablation.py`` and ``glas_recipes.py``
-are built on this.
+resumed across sessions by skipping what is recorded. ``ablation.py``, ``glas_recipes.py``,
+``semi.py``, ``pretrain.py`` and ``defaults.py`` are built on this.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -26,11 +27,16 @@ from masksup_med.resume import latest_checkpoint
 
 ROOT = BENCHMARKS_DIR.parent
 METRICS = ("iou", "dice", "iou_native", "dice_native")
+LABELLED_ONLY = "benchmarks/recipes/semi/labelled_only.json"  # merged after train.json: train on ``label_fraction`` of the labels
 
 
 def as_cli_overrides(values: dict[str, Any]) -> list[str]:
-    """``--key value`` pairs for ``monai.bundle run``; non-string values are written as JSON."""
-    return [item for key, value in values.items() for item in (f"--{key}", value if isinstance(value, str) else json.dumps(value))]
+    """``--key value`` pairs for ``monai.bundle run``; non-string values are written as JSON, booleans and None
+    as Python's ``True`` / ``False`` / ``None`` (the runner's parser reads JSON's ``false`` as the text "false")."""
+    def text(value: Any) -> str:
+        return value if isinstance(value, str) else repr(value) if value is None or isinstance(value, bool) else json.dumps(value)
+
+    return [item for key, value in values.items() for item in (f"--{key}", text(value))]
 
 
 def training_command(configs: Sequence[str], overrides: list[str]) -> list[str]:
@@ -75,6 +81,20 @@ def best_validation(ckpt_dir: Path) -> tuple[float, int]:
     return float(state["best_metric"]), int(state["best_metric_epoch"])
 
 
+def train(configs: Sequence[str], values: dict[str, Any], output_dir: Path) -> dict[str, Any]:
+    """Train ``configs`` with override ``values`` into ``output_dir``, resuming a half-finished run.
+
+    Returns ``seconds`` (this call's wall time), ``resumed`` (an epoch checkpoint was there to carry
+    on from), ``commit`` and the ``command`` as a user would type it.
+    """
+    command = training_command(configs, as_cli_overrides({**values, "output_dir": str(output_dir)}))
+    local_dir = output_dir if output_dir.is_absolute() else ROOT / output_dir
+    resumed = latest_checkpoint(local_dir / "models", "auto") is not None
+    commit = code_version()
+    seconds = run_logged(command, local_dir / "train.log")
+    return {"seconds": round(seconds, 1), "resumed": resumed, "commit": commit, "command": shown_command(command)}
+
+
 def train_and_evaluate(configs: Sequence[str], evaluate_config: str, values: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     """Train ``configs`` with override ``values`` into ``output_dir``, then score the best-validation checkpoint.
 
@@ -82,12 +102,9 @@ def train_and_evaluate(configs: Sequence[str], evaluate_config: str, values: dic
     group (mean over images), train time, whether it resumed, machine, commit and commands.
     """
     local_dir = output_dir if output_dir.is_absolute() else ROOT / output_dir
-    overrides = as_cli_overrides({**values, "output_dir": str(output_dir)})
-    train_cmd, eval_cmd = training_command(configs, overrides), evaluation_command(configs, evaluate_config, overrides)
-    resumed = latest_checkpoint(local_dir / "models", "auto") is not None
-    commit = code_version()
-    train_seconds = run_logged(train_cmd, local_dir / "train.log")
+    trained = train(configs, values, output_dir)
     best_val, best_epoch = best_validation(local_dir / "models")
+    eval_cmd = evaluation_command(configs, evaluate_config, as_cli_overrides({**values, "output_dir": str(output_dir)}))
     run_logged(eval_cmd, local_dir / "evaluate.log")
     dataset = values.get("dataset") or json.loads((ROOT / configs[0]).read_text(encoding="utf-8"))["dataset"]
     report = local_dir / "eval" / dataset / "test" / "summary.json"  # the evaluate config keeps reports per dataset
@@ -96,19 +113,20 @@ def train_and_evaluate(configs: Sequence[str], evaluate_config: str, values: dic
         "best_val_iou": best_val,
         "best_epoch": best_epoch,
         "test": {group: {m: summary[group][m]["mean"] for m in METRICS} for group in summary},
-        "train_seconds": round(train_seconds, 1),
-        "resumed": resumed,
+        "train_seconds": trained["seconds"],
+        "resumed": trained["resumed"],
         "machine": machine(),
-        "commit": commit,
-        "commands": [shown_command(c) for c in (train_cmd, eval_cmd)],
+        "commit": trained["commit"],
+        "commands": [trained["command"], shown_command(eval_cmd)],
     }
 
 
-def load_records(results: Path) -> list[dict[str, Any]]:
-    """Finished runs recorded so far in the JSON-lines file ``results``."""
+def load_records(results: Path, settings: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Finished runs recorded so far in the JSON-lines file ``results`` (only those with ``settings``, if given)."""
     if not results.exists():
         return []
-    return [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in records if all(r.get(k) == v for k, v in (settings or {}).items())]
 
 
 def append_record(results: Path, record: dict[str, Any]) -> None:
@@ -118,13 +136,19 @@ def append_record(results: Path, record: dict[str, Any]) -> None:
         out.write(json.dumps(record) + "\n")
 
 
-def add_study_options(parser: argparse.ArgumentParser, results_name: str, block: str, markdown: Sequence[Path]) -> None:
-    """Options every study shares: data, where runs and records go, which Markdown gets the ``block``."""
-    parser.add_argument("--dataset-dir", default="../shared/data/glas", help="GLaS folder (relative to the repository root)")
+def add_study_options(parser: argparse.ArgumentParser, results_name: str, block: str, markdown: Sequence[Path] | None,
+                      dataset_dir: str | None = "../shared/data/glas") -> None:
+    """Options every study shares: data, where runs and records go, which Markdown gets the ``block``.
+
+    ``dataset_dir`` or ``markdown`` None: the study fills them in from its other options (e.g. the bundle's).
+    """
+    where = dataset_dir or "the bundle's data in ../shared/data"
+    parser.add_argument("--dataset-dir", default=dataset_dir,
+                        help=f"dataset folder, relative to the repository root (default: {where})")
     parser.add_argument("--work-dir", type=Path, default=Path("benchmarks/runs"),
                         help="run outputs, relative to the repository root (not committed)")
     parser.add_argument("--results", type=Path, default=RESULTS_DIR / results_name)
-    parser.add_argument("--markdown", type=Path, nargs="*", default=list(markdown),
+    parser.add_argument("--markdown", type=Path, nargs="*", default=None if markdown is None else list(markdown),
                         help=f"Markdown files whose '{block}' block the report replaces")
 
 
@@ -142,6 +166,37 @@ def run_or_report(args: argparse.Namespace, run: Callable, report: Callable) -> 
         run(args)
     else:
         report(args)
+
+
+def mean_std(values: Sequence[float]) -> str:
+    """``mean ± sample std``; the mean alone for a single value (one seed has no spread to show)."""
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def paired_gains(records: list[dict[str, Any]], reference: str, arms: Sequence[str],
+                 by: dict[str, str] | None = None) -> list[str]:
+    """Markdown table: each arm's test mIoU minus the ``reference`` arm's on the same seed, per seed and on average.
+
+    ``by``: further record keys a pair must share, each shown as a column (``{"label_fraction": "label fraction"}``).
+    """
+    by = by or {}
+    def key(r: dict[str, Any]) -> tuple:
+        return tuple(r[k] for k in by)
+
+    iou = {(key(r), r["seed"]): r["test"]["test"]["iou"] for r in records if r["arm"] == reference}
+    lines = ["| arm | " + "".join(f"{name} | " for name in by.values()) + "seeds paired | gain per seed | mean gain | seeds with a gain |",
+             "|---|" + "---|" * len(by) + "---|---|---|---|"]
+    for arm in [a for a in arms if a != reference]:
+        for group in sorted({key(r) for r in records if r["arm"] == arm}):
+            gains = {r["seed"]: r["test"]["test"]["iou"] - iou[group, r["seed"]] for r in records
+                     if r["arm"] == arm and key(r) == group and (group, r["seed"]) in iou}
+            if gains:
+                per_seed = ", ".join(f"{gains[s]:+.4f} (seed {s})" for s in sorted(gains))
+                lines.append(f"| {arm} | " + "".join(f"{v} | " for v in group) + f"{len(gains)} | {per_seed} | "
+                             f"{statistics.mean(gains.values()):+.4f} | {sum(g > 0 for g in gains.values())} of {len(gains)} |")
+    return lines
 
 
 def publish(body: str, block: str, markdown: Sequence[Path]) -> str:

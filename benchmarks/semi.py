@@ -30,10 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bundle_runs as study
 from report import RESULTS_MD
 
-LABELLED_ONLY = "benchmarks/recipes/semi/labelled_only.json"
 ARMS: dict[str, list[str]] = {
-    "supervised-only": ["train.json", "supervised.json", LABELLED_ONLY],
-    "masksup": ["train.json", LABELLED_ONLY],
+    "supervised-only": ["train.json", "supervised.json", study.LABELLED_ONLY],
+    "masksup": ["train.json", study.LABELLED_ONLY],
     "semi": ["train.json", "semi_train.json"],
     "full-supervised": ["train.json", "supervised.json"],
 }
@@ -64,7 +63,7 @@ def runs(args: argparse.Namespace) -> list[tuple[str, float, int]]:
 def run_study(args: argparse.Namespace) -> None:
     """Train and evaluate every planned run not recorded yet."""
     settings = study_settings(args)
-    records = [r for r in study.load_records(args.results) if all(r.get(k) == v for k, v in settings.items())]
+    records = study.load_records(args.results, settings)
     done = {(r["arm"], r["label_fraction"], r["seed"]) for r in records}
     for arm, fraction, seed in runs(args):
         if (arm, fraction, seed) in done:
@@ -81,14 +80,10 @@ def run_study(args: argparse.Namespace) -> None:
         print(f"[semi] {arm} {fraction} seed {seed}: test mIoU {outcome['test']['test']['iou']:.4f}", flush=True)
 
 
-def _mean_std(values: Sequence[float]) -> str:
-    return f"{values[0]:.4f}" if len(values) == 1 else f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
-
-
 def report(args: argparse.Namespace) -> str:
     """The study's table (mean ± std over seeds per arm and fraction) into RESULTS.md."""
     settings = study_settings(args)
-    records = [r for r in study.load_records(args.results) if all(r.get(k) == v for k, v in settings.items())]
+    records = study.load_records(args.results, settings)
     if not records:
         raise SystemExit(f"no finished runs with {settings} in {args.results}")
     intro = (f"Bundle `{args.bundle}` on `{args.dataset_dir}`, {args.epochs} epochs, validation every "
@@ -99,8 +94,8 @@ def report(args: argparse.Namespace) -> str:
     for arm in ARMS:
         for fraction in sorted({r["label_fraction"] for r in records if r["arm"] == arm}, reverse=True):
             rows = [r for r in records if r["arm"] == arm and r["label_fraction"] == fraction]
-            cells = [_mean_std([r["best_val_iou"] for r in rows])]
-            cells += [_mean_std([r["test"]["test"][m] for r in rows]) for m in ("iou", "dice", "iou_native")]
+            cells = [study.mean_std([r["best_val_iou"] for r in rows])]
+            cells += [study.mean_std([r["test"]["test"][m] for r in rows]) for m in ("iou", "dice", "iou_native")]
             minutes = statistics.mean(r["train_seconds"] for r in rows) / 60
             lines.append(f"| {arm} | {fraction} | {len(rows)} | " + " | ".join(cells) + f" | {minutes:.1f} |")
     lines += ["", "Each run is these two commands (here the first recorded run):", "", "```", *records[0]["commands"], "```"]

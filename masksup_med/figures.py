@@ -1,5 +1,5 @@
-"""Figures: validation examples per round and learning curves (logged to the MLflow run), per-group scores
-of an evaluation (e.g. per video sequence).
+"""Figures: validation examples per round, semi-supervised pseudo-labels, pretraining reconstructions and
+learning curves (logged to the MLflow run), per-group scores of an evaluation (e.g. per video sequence).
 
 Images are tensors in MONAI's axes (``C, W, H``: readers put the width first); :func:`_as_display`
 turns them into rows of y for ``imshow``, so a figure shows the image upright.
@@ -21,19 +21,21 @@ import torch
 from ignite.engine import Engine, Events
 from monai.transforms import Compose
 
+from masksup_med.pretraining import mask_images, tile_losses, tiles_to_pixels
 from masksup_med.teacher import confidence_mask, multiscale_probabilities
 from masksup_med.tracking import find_run_id
 from masksup_med.transforms.base import RandMask
 
-__all__ = ["LearningCurveHandler", "PseudoLabelFigureHandler", "ValidationFigureHandler", "learning_curve_figure",
-           "per_group_figure", "pseudo_label_image", "validation_figure"]
+__all__ = ["LearningCurveHandler", "PseudoLabelFigureHandler", "ReconstructionFigureHandler", "ValidationFigureHandler",
+           "learning_curve_figure", "per_group_figure", "pseudo_label_image", "validation_figure"]
 
 logger = logging.getLogger(__name__)
 
 
-def _as_display(image: torch.Tensor) -> np.ndarray:
-    """``C, H, W`` tensor in [0, 1] to an ``H, W(, 3)`` array for imshow (MONAI's PIL axes are W, H)."""
-    array = image.detach().float().cpu().clamp(0, 1).numpy()
+def _as_display(image: torch.Tensor, clamp: bool = True) -> np.ndarray:
+    """``C, H, W`` tensor (clamped to [0, 1]) to an ``H, W(, 3)`` array for imshow (MONAI's PIL axes are W, H)."""
+    array = image.detach().float().cpu()
+    array = (array.clamp(0, 1) if clamp else array).numpy()
     array = np.transpose(array, (0, 2, 1))  # PILReader returns W, H: swap back for display
     return array[0] if array.shape[0] == 1 else np.moveaxis(array[:3], 0, -1)
 
@@ -70,18 +72,30 @@ def pseudo_label_image(probabilities: torch.Tensor, threshold: float) -> torch.T
 
 COLUMN_TITLES = {"image": "image", "label": "ground truth", "pred": "prediction", "image_masked": "masked input",
                  "pred_masked": "prediction on masked", "pseudo_label": "teacher pseudo-label\n(grey: not confident)",
-                 "student_input": "student input\n(strong view, masked)", "student_pred": "student prediction"}
+                 "student_input": "student input\n(strong view, masked)", "student_pred": "student prediction",
+                 "reconstruction": "reconstruction", "tile_loss": "L1 per masked tile"}
 
 
-def validation_figure(rows: Sequence[dict[str, torch.Tensor]], title: str) -> plt.Figure:
-    """A grid, one row per example, one column per key of the rows (image, ground truth, prediction, ...)."""
+def validation_figure(rows: Sequence[dict[str, torch.Tensor]], title: str, heatmaps: Sequence[str] = ()) -> plt.Figure:
+    """A grid, one row per example, one column per key of the rows (image, ground truth, prediction, ...).
+
+    Keys in ``heatmaps`` are drawn in colour from 0 to the column's largest value, with a colour bar
+    (NaN: left white); every other key in grey over [0, 1].
+    """
     columns = tuple(rows[0]) if rows else ("image",)
     names = tuple(COLUMN_TITLES.get(key, key.replace("_", " ")) for key in columns)
+    finite = {key: np.concatenate([_as_display(row[key], clamp=False).ravel() for row in rows]) for key in heatmaps
+              if key in columns}
+    top = {key: float(values[np.isfinite(values)].max(initial=0.0)) for key, values in finite.items()}
     fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.4 * len(columns), 2.4 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
         for c, key in enumerate(columns):
             ax = axes[r, c]
-            ax.imshow(_as_display(row[key]), cmap="gray", vmin=0, vmax=1)
+            if key in top:
+                shown = ax.imshow(_as_display(row[key], clamp=False), cmap="viridis", vmin=0, vmax=max(top[key], 1e-6))
+                fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+            else:
+                ax.imshow(_as_display(row[key]), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
@@ -297,6 +311,78 @@ class PseudoLabelFigureHandler(_RunFigureHandler):
         rows = self.rows(next(self.student.parameters()).device)
         title = f"{self.run_name}: teacher pseudo-labels (confidence >= {self.threshold:g}) and the student, epoch {epoch}"
         self._log(validation_figure(rows, title), f"figures/pseudo_labels_epoch_{epoch:04d}.png")
+
+
+class ReconstructionFigureHandler(_RunFigureHandler):
+    """Every ``interval`` epochs of pretraining (and after the last), log image / masked input / reconstruction / tile loss.
+
+    The examples are the first ``num_images`` items of ``dataset`` (preprocessed, not augmented: the
+    same images every time). They are masked as in training, by a copy of the trainer's masker
+    reseeded each time (a selective masker ranks the tiles with the current network), and the
+    network reconstructs them. The last column is the mean L1 error of the reconstruction per masked
+    tile of ``tile_size`` pixels (:func:`~masksup_med.pretraining.tile_losses`), the quantity the
+    selective masker ranks by; visible tiles are blank. Attach to the trainer.
+    """
+
+    def __init__(
+        self,
+        dataset: Sequence[dict],
+        network: torch.nn.Module,
+        masker: object,
+        tile_size: int,
+        tracking_uri: str,
+        experiment_name: str,
+        run_name: str,
+        num_images: int = 3,
+        interval: int = 1,
+        seed: int = 0,
+        enabled: bool = True,
+    ) -> None:
+        super().__init__(tracking_uri, experiment_name, run_name, enabled)
+        self.dataset = dataset
+        self.network = network
+        self.masker = copy.deepcopy(masker)
+        self.tile_size = int(tile_size)
+        self.num_images = num_images
+        self.interval = max(int(interval), 1)
+        self.seed = seed
+
+    def attach(self, engine: Engine) -> None:
+        """Log every ``interval`` epochs of the trainer and when it completes (unless that epoch is logged)."""
+        if self.enabled:
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+            engine.add_event_handler(Events.COMPLETED, self._final)
+
+    @torch.no_grad()
+    def rows(self, device: torch.device) -> list[dict[str, torch.Tensor]]:
+        """The fixed examples, masked, reconstructed by the current network, and the per-tile loss of the masked tiles."""
+        count = min(self.num_images, len(self.dataset))
+        if count == 0:
+            return []
+        images = torch.stack([torch.as_tensor(self.dataset[i]["image"]).float() for i in range(count)]).to(device)
+        self.masker.set_random_state(self.seed)
+        was_training = self.network.training
+        self.network.eval()
+        masked, holes = mask_images(self.masker, images, self.network)
+        reconstruction = self.network(masked).float()
+        self.network.train(was_training)
+        losses = tile_losses((reconstruction - images).abs().mean(dim=1), self.tile_size)
+        hidden = tile_losses(holes.float(), self.tile_size) > 0.5
+        heat = tiles_to_pixels(torch.where(hidden, losses, torch.full_like(losses, float("nan"))), images.shape[2:], self.tile_size)
+        return [{"image": images[i], "image_masked": masked[i], "reconstruction": reconstruction[i], "tile_loss": heat[i][None]}
+                for i in range(count)]
+
+    def __call__(self, engine: Engine) -> None:
+        epoch = engine.state.epoch
+        rows = self.rows(next(self.network.parameters()).device)
+        if not rows:
+            return
+        fig = validation_figure(rows, f"{self.run_name}: masked reconstruction, epoch {epoch}", heatmaps=("tile_loss",))
+        self._log(fig, f"figures/reconstruction_epoch_{epoch:04d}.png")
+
+    def _final(self, engine: Engine) -> None:
+        if engine.state.epoch % self.interval:
+            self(engine)
 
 
 class LearningCurveHandler(_RunFigureHandler):

@@ -30,6 +30,7 @@ from monai.utils import CommonKeys
 from torch import nn
 
 from masksup_med.engines import backward_and_step
+from masksup_med.errors import ConfigError
 from masksup_med.handlers import named_terms
 
 __all__ = [
@@ -37,6 +38,8 @@ __all__ = [
     "ReconstructionTrainer",
     "SelectiveTileMasker",
     "images_only",
+    "mask_images",
+    "pick_masker",
     "select_tiles",
     "tile_losses",
     "tiles_to_pixels",
@@ -105,8 +108,9 @@ class SelectiveTileMasker:
         self.calls = 0
 
     def set_random_state(self, seed: int | None = None) -> SelectiveTileMasker:
-        """Seed the partitions and the random tiles between refreshes."""
+        """Seed the partitions and the random tiles between refreshes; the next batch is ranked."""
         self.R = np.random.RandomState(seed)
+        self.calls = 0
         return self
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -144,6 +148,28 @@ class SelectiveTileMasker:
         self.calls += 1
         holes = tiles_to_pixels(select_tiles(losses, self.ratio), batch.shape[2:], self.tile_size)
         return torch.where(holes[:, None], torch.full_like(batch, self.fill_value), batch), holes
+
+
+def pick_masker(selective_masking: bool | str, selective: Any, random: Any) -> Any:
+    """``selective`` when ``selective_masking`` is true, ``random`` when false (bool, or text from the command line:
+    ``--selective_masking false`` arrives as the text "false")."""
+    text = str(selective_masking).strip().lower()
+    if text in ("true", "1", "yes"):
+        return selective
+    if text in ("false", "0", "no"):
+        return random
+    raise ConfigError(f"selective_masking must be true or false, got {selective_masking!r}.")
+
+
+def mask_images(masker: Any, images: torch.Tensor, network: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked ``images`` and their ``B, H, W`` holes from any masker with ``mask_batch``.
+
+    A :class:`SelectiveTileMasker` ranks the tiles with ``network``; an array masker (e.g.
+    ``RandPatchMask``) masks at random.
+    """
+    if isinstance(masker, SelectiveTileMasker):
+        return masker.mask_batch(images, network)
+    return masker.mask_batch(images)
 
 
 class MaskedReconstructionLoss(nn.Module):
@@ -196,10 +222,7 @@ class ReconstructionTrainer(SupervisedTrainer):
         images = batchdata[CommonKeys.IMAGE]
         images = (images.as_tensor() if isinstance(images, MetaTensor) else torch.as_tensor(images)).to(
             engine.state.device, non_blocking=engine.non_blocking)
-        if isinstance(engine.masker, SelectiveTileMasker):
-            masked, holes = engine.masker.mask_batch(images, engine.network)
-        else:
-            masked, holes = engine.masker.mask_batch(images)
+        masked, holes = mask_images(engine.masker, images, engine.network)
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         with torch.autocast(torch.device(engine.state.device).type, **engine.amp_kwargs, enabled=engine.amp):

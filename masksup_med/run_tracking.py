@@ -35,8 +35,12 @@ class RunTracking:
         artifacts: files logged with the run (e.g. the split, ``datalist.json``).
         evaluator: the validation evaluator: its metrics are logged each round, the figures drawn
             after each round, and its best score tagged on the registered model.
-        figures: keyword arguments of :class:`~masksup_med.figures.ValidationFigureHandler`
-            (``dataset``, ``network``, optional ``masker``, ``num_images``); None: no figures.
+        figures: keyword arguments of ``figure_handler`` (for the default
+            :class:`~masksup_med.figures.ValidationFigureHandler`: ``dataset``, ``network``, optional
+            ``masker``, ``num_images``); None: no figures.
+        figure_handler: the class drawing the figures, attached to the evaluator, or to the trainer
+            when there is none (e.g. :class:`~masksup_med.figures.ReconstructionFigureHandler` for
+            pretraining).
         registration: keyword arguments of :class:`~masksup_med.registry.ModelRegistrationHandler`
             (``checkpoint``, ``config_file``, ``network``, ``name``, ``input_shape``, ``bundle``,
             ``threshold``, ``alias``); None: nothing is registered.
@@ -59,6 +63,7 @@ class RunTracking:
         artifacts: Sequence[str] = (),
         evaluator: Engine | None = None,
         figures: Mapping[str, Any] | None = None,
+        figure_handler: Callable[..., Any] = ValidationFigureHandler,
         registration: Mapping[str, Any] | None = None,
         other_evaluators: Sequence[Engine] = (),
         extra_figures: Sequence[Callable[..., Any]] = (),
@@ -70,6 +75,7 @@ class RunTracking:
         self.artifacts = list(artifacts)
         self.evaluator = evaluator
         self.figures = dict(figures) if figures is not None else None
+        self.figure_handler = figure_handler
         self.registration = dict(registration) if registration is not None else None
         self.other_evaluators = list(other_evaluators)
         self.extra_figures = list(extra_figures)
@@ -93,8 +99,10 @@ class RunTracking:
         on_evaluator = []
         if self.evaluator is not None:
             on_evaluator.append(MLFlowHandler(**self.where, iteration_log=False, epoch_log=True))
-            if self.figures is not None:
-                on_evaluator.append(ValidationFigureHandler(**self.figures, **self.where))
+        if self.figures is not None:
+            figures = self.figure_handler(**self.figures, **self.where)
+            (on_evaluator if self.evaluator is not None else on_trainer).append(figures)
+        if self.evaluator is not None:
             on_evaluator.extend(make(**self.where) for make in self.extra_figures)
         for handler in on_trainer:
             handler.attach(trainer)

@@ -1,20 +1,51 @@
-"""Masked-reconstruction pretraining: tile selection, the selective masker, the loss, pretrained weights."""
+"""Masked-reconstruction pretraining: its data, tile selection, the maskers, the loss, the figures, pretrained weights."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from monai.networks.nets import UNet
+from PIL import Image
 from torch import nn
 
+from masksup_med.figures import ReconstructionFigureHandler
 from masksup_med.pretrained import load_pretrained_weights
 from masksup_med.pretraining import (
     MaskedReconstructionLoss,
     SelectiveTileMasker,
+    images_only,
+    pick_masker,
     select_tiles,
     tile_losses,
     tiles_to_pixels,
 )
+from masksup_med.transforms import RandPatchMask
+
+
+def test_pretraining_data_is_the_training_images_only_without_masks(tmp_path):
+    datalist = {split: [{"image": f"{split}_{i}.png", "label": f"{split}_{i}_anno.png", "id": f"{split}_{i}"} for i in range(3)]
+                for split in ("train", "validation", "test", "testA")}
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    Image.new("RGB", (8, 8)).save(extra / "slide.png")
+    data = images_only(datalist)
+    assert list(data) == ["train"]
+    assert data["train"] == [{"image": f"train_{i}.png", "id": f"train_{i}"} for i in range(3)]  # no label, no held-out image
+    with_extra = images_only(datalist, str(extra))
+    assert [item["id"] for item in with_extra["train"]] == ["train_0", "train_1", "train_2", "unlabelled/slide"]
+    held_out = {item["image"] for split in ("validation", "test", "testA") for item in datalist[split]}
+    assert not held_out & {item["image"] for item in with_extra["train"]}
+
+
+@pytest.mark.parametrize(("value", "expected"), [(True, "selective"), ("true", "selective"), (False, "random"),
+                                                 ("false", "random"), ("False", "random")])
+def test_pick_masker_reads_booleans_and_command_line_text(value, expected):
+    assert pick_masker(value, "selective", "random") == expected
+
+
+def test_pick_masker_refuses_anything_else():
+    with pytest.raises(ValueError, match="selective_masking must be true or false, got 'maybe'"):
+        pick_masker("maybe", "selective", "random")
 
 
 def test_select_tiles_picks_exactly_the_highest_loss_tiles():
@@ -110,3 +141,29 @@ def test_pretrained_weights_that_match_nothing_or_are_missing_are_refused_naming
         load_pretrained_weights(_unet(1), other)
     with pytest.raises(FileNotFoundError, match="missing.pt does not exist"):
         load_pretrained_weights(_unet(1), tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("masker", [SelectiveTileMasker(tile_size=16, ratio=0.5, partitions=3),
+                                    RandPatchMask(patch_size=16, ratio_range=0.5)], ids=["selective", "random"])
+def test_reconstruction_figure_rows_show_masked_tiles_their_loss_and_leave_the_training_masker_alone(masker):
+    network = _unet(3)
+    dataset = [{"image": torch.rand(3, 64, 48, generator=torch.Generator().manual_seed(i))} for i in range(4)]
+    masker.set_random_state(7)
+    before = masker.R.get_state()[1].copy()
+    handler = ReconstructionFigureHandler(dataset, network, masker, tile_size=16, tracking_uri="sqlite:///unused.db",
+                                          experiment_name="e", run_name="r", num_images=2, seed=3)
+    rows = handler.rows(torch.device("cpu"))
+    assert (masker.R.get_state()[1] == before).all()  # the handler masks with its own copy
+    assert [sorted(row) for row in rows] == [["image", "image_masked", "reconstruction", "tile_loss"]] * 2
+    for row, item in zip(rows, dataset):
+        assert torch.equal(row["image"], item["image"]) and row["reconstruction"].shape == (3, 64, 48)
+        hidden = (row["image_masked"] != row["image"]).any(dim=0)
+        heat = row["tile_loss"][0]
+        assert heat.shape == (64, 48) and hidden.float().mean().item() == pytest.approx(0.5, abs=0.1)
+        assert torch.isfinite(heat[hidden]).all() and (heat[hidden] >= 0).all()
+        assert torch.isnan(heat[~(tiles_to_pixels(tile_losses(hidden[None].float(), 16) > 0.5, (64, 48), 16)[0])]).all()
+    again = handler.rows(torch.device("cpu"))  # reseeded every time: the same masks each epoch
+    assert all(torch.equal(a["image_masked"], b["image_masked"]) for a, b in zip(rows, again))
+    expected = tile_losses((rows[0]["reconstruction"] - rows[0]["image"]).abs().mean(dim=0)[None], 16)[0]
+    tiles = rows[0]["tile_loss"][0, ::16, ::16]
+    assert torch.allclose(tiles[~torch.isnan(tiles)], expected[~torch.isnan(tiles)])

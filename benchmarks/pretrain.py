@@ -1,0 +1,187 @@
+"""Self-supervised pretraining study: does masked-reconstruction pretraining help, and does selective masking beat random?
+
+Arms, on one bundle and its real data, each fine-tuned at a label fraction (the same seeded labelled
+subset in every arm):
+
+    none        the bundle's training from scratch on the labelled part          (train [+ labelled_only])
+    random      pretrain.json with random tiles (RandPatchMask), then fine-tune    (selective_masking false)
+    selective   pretrain.json with selective masking (SelectiveTileMasker), then   (selective_masking true)
+                fine-tune
+
+Both pretraining arms get the same budget (``--pretrain-epochs``), on every training-split image
+without its mask (``masksup_med.pretraining.images_only``: validation and test images are never
+seen). A pretraining run is shared by every fine-tuning run with the same bundle, arm, seed,
+pretraining epochs and image size; it resumes with ``--resume auto`` when killed halfway and
+records its time in ``pretrain_run.json`` next to its output. Fine-tuning is the bundle's training
+started from ``--pretrained_weights <pretraining>/models/pretrained.pt``: checkpoint picked on
+*validation*, scored once on test (``bundle_runs.py``). Finished runs go to
+``results/pretrain.jsonl`` and are skipped next time::
+
+    python benchmarks/pretrain.py run --seeds 0 1 2                     # GLaS, fractions 0.25 and 1.0
+    python benchmarks/pretrain.py run --bundle kvasir_seg --arms none selective
+    python benchmarks/pretrain.py report --bundle glas                   # RESULTS.md and the bundle's docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bundle_runs as study
+from defaults import STUDIES
+from report import RESULTS_MD, write_json
+
+ARMS: dict[str, bool | None] = {"none": None, "random": False, "selective": True}  # arm -> selective_masking
+RUN_FILE = "pretrain_run.json"  # written into a pretraining's output folder once it has finished
+
+
+def study_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What every run of one study shares (a record only counts for the same settings)."""
+    return {"bundle": args.bundle, "dataset_dir": args.dataset_dir, "epochs": args.epochs,
+            "pretrain_epochs": args.pretrain_epochs, "selective_partitions": args.selective_partitions,
+            "val_interval": args.val_interval, "image_size": list(args.image_size)}
+
+
+def pretrain_configs(bundle: str) -> list[str]:
+    """``train.json`` with ``pretrain.json`` merged over it."""
+    return [STUDIES[bundle].train_config, f"bundles/{bundle}/configs/pretrain.json"]
+
+
+def finetune_configs(bundle: str, fraction: float) -> list[str]:
+    """The bundle's training, on ``fraction`` of the labels below 1 (``labelled_only.json``, as in ``semi.py``)."""
+    return [STUDIES[bundle].train_config, *([study.LABELLED_ONLY] if fraction < 1 else [])]
+
+
+def pretrain(args: argparse.Namespace, arm: str, seed: int) -> dict[str, Any]:
+    """Run (or resume, or reuse) the pretraining of ``arm`` with ``seed``; return its record.
+
+    The record (``values``, ``seconds``, ``resumed``, ``commit``, ``command``, ``weights``) is kept in
+    the output folder, so every fine-tuning run with the same bundle, arm, seed, epochs and image
+    size reuses it; one written with other values is refused, naming the folder.
+    """
+    width, height = args.image_size
+    out = args.work_dir / f"pretrain-{args.bundle}-{arm}-e{args.pretrain_epochs}-{width}x{height}-seed{seed}"
+    local = out if out.is_absolute() else study.ROOT / out
+    values = {"dataset_dir": args.dataset_dir, "seed": seed, "max_epochs": args.pretrain_epochs,
+              "val_interval": args.val_interval, "image_size": list(args.image_size), "selective_masking": ARMS[arm]}
+    if args.selective_partitions is not None and ARMS[arm]:
+        values["selective_partitions"] = args.selective_partitions
+    if (local / RUN_FILE).is_file():
+        record = json.loads((local / RUN_FILE).read_text(encoding="utf-8"))
+        if record["values"] != values:
+            raise SystemExit(f"{local / RUN_FILE} was pretrained with {record['values']}, not {values}; "
+                             "move it away or choose another --work-dir")
+        print(f"[pretrain] {arm} pretraining, seed {seed}: done before, reused ({out})", flush=True)
+        return record
+    print(f"[pretrain] {arm} pretraining, seed {seed}: {args.pretrain_epochs} epochs into {out}", flush=True)
+    outcome = study.train(pretrain_configs(args.bundle), values, out)
+    record = {"values": values, **outcome, "weights": str(out / "models" / "pretrained.pt")}
+    write_json(local / RUN_FILE, record)
+    return record
+
+
+def runs(args: argparse.Namespace) -> list[tuple[str, float, int]]:
+    """Every (arm, label fraction, seed), seed by seed."""
+    return [(arm, fraction, seed) for seed in args.seeds for fraction in args.fractions for arm in args.arms]
+
+
+def run_study(args: argparse.Namespace) -> None:
+    """Pretrain (once per arm and seed) and fine-tune every planned run not recorded yet."""
+    settings = study_settings(args)
+    done = {(r["arm"], r["label_fraction"], r["seed"]) for r in study.load_records(args.results, settings)}
+    for arm, fraction, seed in runs(args):
+        if (arm, fraction, seed) in done:
+            print(f"[pretrain] {arm} {fraction} seed {seed}: recorded, skipped", flush=True)
+            continue
+        values = {"dataset_dir": args.dataset_dir, "seed": seed, "max_epochs": args.epochs,
+                  "val_interval": args.val_interval, "image_size": list(args.image_size)}
+        if fraction < 1:
+            values["label_fraction"] = fraction
+        pretrained = None if ARMS[arm] is None else pretrain(args, arm, seed)
+        if pretrained is not None:
+            values["pretrained_weights"] = pretrained["weights"]
+        width, height = args.image_size
+        out = args.work_dir / (f"finetune-{args.bundle}-{arm}-e{args.epochs}-{width}x{height}-f{fraction}-seed{seed}"
+                               + (f"-pretrain{args.pretrain_epochs}" if pretrained is not None else ""))
+        print(f"[pretrain] {arm} {fraction} seed {seed}: fine-tuning", flush=True)
+        outcome = study.train_and_evaluate(finetune_configs(args.bundle, fraction), STUDIES[args.bundle].evaluate_config,
+                                           values, out)
+        record = {"arm": arm, "label_fraction": fraction, "seed": seed, **settings, **outcome}
+        if pretrained is not None:
+            record["pretrain"] = {k: pretrained[k] for k in ("seconds", "resumed", "commit", "weights")}
+            record["commands"] = [pretrained["command"], *record["commands"]]
+        study.append_record(args.results, record)
+        print(f"[pretrain] {arm} {fraction} seed {seed}: test mIoU {outcome['test']['test']['iou']:.4f}", flush=True)
+
+
+def pretrain_tables(records: list[dict[str, Any]]) -> str:
+    """Markdown: mean ± std over seeds per (arm, fraction), then the gain over ``none`` paired by seed."""
+    lines = [("| arm | label fraction | seeds | val mIoU (selection) | test mIoU | test Dice | test mIoU native | "
+              "pretrain min/run | fine-tune min/run |"),
+             "|---|---|---|---|---|---|---|---|---|"]
+    for arm in ARMS:
+        for fraction in sorted({r["label_fraction"] for r in records if r["arm"] == arm}):
+            rows = [r for r in records if r["arm"] == arm and r["label_fraction"] == fraction]
+            cells = [study.mean_std([r["best_val_iou"] for r in rows])]
+            cells += [study.mean_std([r["test"]["test"][m] for r in rows]) for m in ("iou", "dice", "iou_native")]
+            pretrain_min = (f"{statistics.mean(r['pretrain']['seconds'] for r in rows) / 60:.1f}"
+                            if all("pretrain" in r for r in rows) else "—")
+            lines.append(f"| {arm} | {fraction} | {len(rows)} | " + " | ".join(cells) + f" | {pretrain_min} | "
+                         f"{statistics.mean(r['train_seconds'] for r in rows) / 60:.1f} |")
+    lines += ["", "Test mIoU gain over `none` (no pretraining) with the same seed and label fraction:", "",
+              *study.paired_gains(records, "none", list(ARMS), by={"label_fraction": "label fraction"})]
+    return "\n".join(lines)
+
+
+def report(args: argparse.Namespace) -> str:
+    """The study's tables into the ``pretrain-<bundle>`` block of RESULTS.md and of the bundle's docs."""
+    settings = study_settings(args)
+    records = study.load_records(args.results, settings)
+    if not records:
+        raise SystemExit(f"no finished runs with {settings} in {args.results}")
+    example = next((r for r in records if "pretrain" in r), records[0])
+    intro = (f"Bundle `{args.bundle}` on `{args.dataset_dir}`, {args.image_size[0]}x{args.image_size[1]}: pretraining "
+             f"{args.pretrain_epochs} epochs on the training images without masks (validation and test images unseen), "
+             f"fine-tuning {args.epochs} epochs with validation every {args.val_interval}; model selected on validation. "
+             "Mean ± sample std over seeds; mIoU is per-image foreground IoU averaged over images.")
+    body = "\n".join([
+        intro, "", pretrain_tables(records), "",
+        (f"Reproduce: `python benchmarks/pretrain.py run --bundle {args.bundle}` and `... report`. "
+         f"A run is these commands (pretrain, fine-tune, evaluate; here `{example['arm']}`, label fraction "
+         f"{example['label_fraction']}, seed {example['seed']}):"),
+        "", "```", *example["commands"], "```",
+    ])
+    return study.publish(body, f"pretrain-{args.bundle}", args.markdown)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command line of the pretraining study."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=("run", "report"))
+    parser.add_argument("--bundle", default="glas", choices=sorted(STUDIES))
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    parser.add_argument("--fractions", nargs="+", type=float, default=[0.25, 1.0])
+    parser.add_argument("--pretrain-epochs", type=int, default=30, help="pretraining epochs, the same for both masking arms")
+    parser.add_argument("--selective-partitions", type=int, default=None,
+                        help="selective masking's forward passes per ranking (default: pretrain.json's)")
+    study.add_schedule_options(parser, "fine-tuning epochs per run")
+    study.add_study_options(parser, "pretrain.jsonl", "pretrain-<bundle>", None, dataset_dir=None)
+    args = parser.parse_args(argv)
+    args.dataset_dir = args.dataset_dir or STUDIES[args.bundle].dataset_dir
+    if args.markdown is None:
+        args.markdown = [RESULTS_MD, STUDIES[args.bundle].docs]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    study.run_or_report(parse_args(argv), run_study, report)
+
+
+if __name__ == "__main__":
+    main()
