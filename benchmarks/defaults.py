@@ -29,6 +29,7 @@ from bundle_runs import (
     as_cli_overrides,
     evaluation_command,
     load_records,
+    mean_std,
     publish,
     run_logged,
     shown_command,
@@ -104,10 +105,6 @@ def run_study(args: argparse.Namespace) -> None:
                   f"test mIoU {record['test']['test']['iou']:.4f} ({record['train_seconds'] / 60:.1f} min)", flush=True)
 
 
-def _mean_std(values: list[float]) -> str:
-    return f"{statistics.fmean(values):.4f}" + (f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else "")
-
-
 def defaults_table(records: list[dict[str, Any]]) -> str:
     """Markdown: per bundle the mean ± std over seeds, then one row per run, then the commands."""
     lines = [
@@ -121,10 +118,10 @@ def defaults_table(records: list[dict[str, Any]]) -> str:
     for bundle in bundles:
         runs = [r for r in records if r["bundle"] == bundle]
         elsewhere = ", ".join(
-            f"{target['dataset']} {_mean_std([e['iou'] for r in runs for e in r['elsewhere'] if e['dataset'] == target['dataset']])} ({target['images']})"
+            f"{target['dataset']} {mean_std([e['iou'] for r in runs for e in r['elsewhere'] if e['dataset'] == target['dataset']])} ({target['images']})"
             for target in runs[0]["elsewhere"]) or "—"
-        lines.append(f"| {bundle} | {len(runs)} | {_mean_std([r['best_val_iou'] for r in runs])} | "
-                     + " | ".join(_mean_std([r["test"]["test"][m] for r in runs]) for m in ("iou", "dice", "iou_native"))
+        lines.append(f"| {bundle} | {len(runs)} | {mean_std([r['best_val_iou'] for r in runs])} | "
+                     + " | ".join(mean_std([r["test"]["test"][m] for r in runs]) for m in ("iou", "dice", "iou_native"))
                      + f" | {elsewhere} | {statistics.fmean(r['train_seconds'] for r in runs) / 60:.1f} |")
     lines += ["", "| bundle | seed | best epoch | val mIoU | test mIoU | test Dice | per test group mIoU | other dataset mIoU / Dice | train min | commit |",
               "|---|---|---|---|---|---|---|---|---|---|"]
