@@ -166,6 +166,11 @@ class _RunFigureHandler:
             self._run_id = find_run_id(self.tracking_uri, self.experiment_name, self.run_name)
         return self._run_id
 
+    def attach(self, engine: Engine) -> None:
+        """Log at ``Events.EPOCH_COMPLETED`` of ``engine`` (the evaluator: after each validation round)."""
+        if self.enabled:
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
     def _log(self, fig: plt.Figure, artifact_file: str) -> None:
         try:
             run_id = self.run_id
@@ -203,11 +208,6 @@ class ValidationFigureHandler(_RunFigureHandler):
         self.masker = copy.deepcopy(masker) if masker is not None else None
         self.num_images = num_images
         self.seed = seed
-
-    def attach(self, engine: Engine) -> None:
-        """Log at ``Events.EPOCH_COMPLETED`` of the evaluator."""
-        if self.enabled:
-            engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     @torch.no_grad()
     def rows(self, device: torch.device) -> list[dict[str, torch.Tensor]]:
@@ -277,11 +277,6 @@ class PseudoLabelFigureHandler(_RunFigureHandler):
         self.activation = activation
         self.num_images = num_images
         self.seed = seed
-
-    def attach(self, engine: Engine) -> None:
-        """Log at ``Events.EPOCH_COMPLETED`` of the evaluator."""
-        if self.enabled:
-            engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     @torch.no_grad()
     def rows(self, device: torch.device) -> list[dict[str, torch.Tensor]]:

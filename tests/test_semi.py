@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _semi_batches import semi_batches
 from ignite.engine import Events
 from monai.networks.nets import UNet
 from PIL import Image
@@ -153,16 +154,6 @@ def test_unlabelled_dir_is_read_checked_and_missing_or_empty_is_named(tmp_path):
         with_unlabelled(_datalist(), 1.0, seed=0, unlabelled_dir=folder)
 
 
-def _batches(n, seed, labelled=True):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        image = torch.rand(2, 3, 32, 32, generator=g)
-        batch = {"image": image, "image_strong": (image * 1.2).clamp(0, 1)}
-        if labelled:
-            batch["label"] = (image[:, :1] > 0.5).float()
-        out.append(batch)
-    return out
 
 
 def test_maskmatch_step_trains_the_student_and_moves_the_teacher_by_ema():
@@ -171,9 +162,9 @@ def test_maskmatch_step_trains_the_student_and_moves_the_teacher_by_ema():
     teacher = make_teacher(net)
     before_teacher = [p.clone() for p in teacher.parameters()]
     trainer = MaskMatchTrainer(
-        device="cpu", max_epochs=1, train_data_loader=_batches(3, 0), network=net,
+        device="cpu", max_epochs=1, train_data_loader=semi_batches(3, 0), network=net,
         optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=MaskSupLoss(a2=0.0, a3=0.0),
-        unlabelled_loader=_batches(2, 1, labelled=False), teacher=teacher, ema_momentum=0.5,
+        unlabelled_loader=semi_batches(2, 1, labelled=False), teacher=teacher, ema_momentum=0.5,
         unsup_loss=ConfidentPseudoLabelLoss(threshold=0.5), rampup_epochs=0, teacher_scales=(1.0,), decollate=False,
     )
     momenta = []
@@ -193,9 +184,9 @@ def test_maskmatch_step_trains_the_student_and_moves_the_teacher_by_ema():
 
 def test_ema_momentum_warms_up_as_in_mean_teacher():
     net = UNet(2, 3, 1, channels=(4, 8), strides=(2,), num_res_units=0)
-    trainer = MaskMatchTrainer(device="cpu", max_epochs=1, train_data_loader=_batches(1, 0), network=net,
+    trainer = MaskMatchTrainer(device="cpu", max_epochs=1, train_data_loader=semi_batches(1, 0), network=net,
                                optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=MaskSupLoss(),
-                               unlabelled_loader=_batches(1, 1, labelled=False), ema_momentum=0.99)
+                               unlabelled_loader=semi_batches(1, 1, labelled=False), ema_momentum=0.99)
     seen = {}
     for step in (1, 9, 99, 500):
         trainer.state.iteration = step

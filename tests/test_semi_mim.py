@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _semi_batches import semi_batches
 from monai.networks.nets import UNet
 from torch import nn
 
@@ -145,23 +146,13 @@ def test_heads_refuse_a_network_without_a_sequential_model():
         ReconstructionHeads(nn.Conv2d(3, 1, 3))
 
 
-def _batches(n, seed, labelled=True):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        image = torch.rand(2, 3, 32, 32, generator=g)
-        batch = {"image": image, "image_strong": (image * 1.2).clamp(0, 1)}
-        if labelled:
-            batch["label"] = (image[:, :1] > 0.5).float()
-        out.append(batch)
-    return out
 
 
 def _trainer(net, heads, optimizer=None, **kwargs):
     return MaskMatchTrainer(
-        device="cpu", max_epochs=1, train_data_loader=_batches(2, 0), network=net,
+        device="cpu", max_epochs=1, train_data_loader=semi_batches(2, 0), network=net,
         optimizer=optimizer or torch.optim.SGD(heads.parameters(), lr=0.1), loss_function=MaskSupLoss(),
-        batch_masker=RandPatchMask(0.5, patch_size=8), unlabelled_loader=_batches(2, 1, labelled=False),
+        batch_masker=RandPatchMask(0.5, patch_size=8), unlabelled_loader=semi_batches(2, 1, labelled=False),
         rampup_epochs=0, teacher_scales=(1.0,), decollate=False, mim_network=heads, **kwargs,
     )
 
@@ -191,9 +182,9 @@ def test_maskmatch_refuses_a_mim_network_it_would_not_train_properly():
     with pytest.raises(ValueError, match="must wrap the trainer's network"):
         _trainer(net, ReconstructionHeads(_unet()), optimizer=torch.optim.SGD(heads.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="needs batch_masker"):
-        MaskMatchTrainer(device="cpu", max_epochs=1, train_data_loader=_batches(1, 0), network=net,
+        MaskMatchTrainer(device="cpu", max_epochs=1, train_data_loader=semi_batches(1, 0), network=net,
                          optimizer=torch.optim.SGD(heads.parameters(), lr=0.1), loss_function=MaskSupLoss(),
-                         unlabelled_loader=_batches(1, 1, labelled=False), mim_network=heads)
+                         unlabelled_loader=semi_batches(1, 1, labelled=False), mim_network=heads)
 
 
 @pytest.mark.slow
