@@ -27,6 +27,9 @@ from masksup_med.resume import latest_checkpoint
 
 ROOT = BENCHMARKS_DIR.parent
 METRICS = ("iou", "dice", "iou_native", "dice_native")
+# The bundles' defaults a study's records were made on: a study keeps only records with this tag. Change
+# it whenever the shipped defaults change (learning-rate schedule, masking, augmentation, batch size).
+BUNDLE_DEFAULTS = "issue14"
 LABELLED_ONLY = "benchmarks/recipes/semi/labelled_only.json"  # merged after train.json: train on ``label_fraction`` of the labels
 
 

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bundle_runs import (
     METRICS,
     ROOT,
+    add_study_options,
     append_record,
     as_cli_overrides,
     evaluation_command,
@@ -66,6 +67,21 @@ STUDIES = {
     "kvasir_seg": BundleStudy("kvasir_seg", "../shared/data/kvasir-seg",
                               cross=[("cvc-clinicdb", "../shared/data/cvc-clinicdb-sample")]),
 }
+
+
+def add_bundle_study_options(parser: argparse.ArgumentParser, results_name: str, block: str) -> None:
+    """``--bundle`` (one of ``STUDIES``) and the shared study options, with the bundle's data and docs as defaults."""
+    parser.add_argument("--bundle", default="glas", choices=sorted(STUDIES))
+    add_study_options(parser, results_name, block, None, dataset_dir=None)
+
+
+def bundle_study_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; an unset ``--dataset-dir`` or ``--markdown`` becomes the bundle's data, RESULTS.md and docs."""
+    args = parser.parse_args(argv)
+    args.dataset_dir = args.dataset_dir or STUDIES[args.bundle].dataset_dir
+    if args.markdown is None:
+        args.markdown = [RESULTS_MD, STUDIES[args.bundle].docs]
+    return args
 
 
 def score_elsewhere(study: BundleStudy, output_dir: Path, dataset: str, dataset_dir: str) -> dict[str, Any]:

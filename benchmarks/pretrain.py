@@ -34,8 +34,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bundle_runs as study
-from defaults import STUDIES
-from report import RESULTS_MD, write_json
+from defaults import STUDIES, add_bundle_study_options, bundle_study_args
+from report import write_json
 
 ARMS: dict[str, bool | None] = {"none": None, "random": False, "selective": True}  # arm -> selective_masking
 RUN_FILE = "pretrain_run.json"  # written into a pretraining's output folder once it has finished
@@ -43,8 +43,8 @@ RUN_FILE = "pretrain_run.json"  # written into a pretraining's output folder onc
 
 def study_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What every run of one study shares (a record only counts for the same settings)."""
-    return {"bundle": args.bundle, "dataset_dir": args.dataset_dir, "epochs": args.epochs,
-            "pretrain_epochs": args.pretrain_epochs, "selective_partitions": args.selective_partitions,
+    return {"bundle": args.bundle, "dataset_dir": args.dataset_dir, "defaults": study.BUNDLE_DEFAULTS,
+            "epochs": args.epochs, "pretrain_epochs": args.pretrain_epochs, "selective_partitions": args.selective_partitions,
             "val_interval": args.val_interval, "image_size": list(args.image_size)}
 
 
@@ -164,19 +164,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command line of the pretraining study."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=("run", "report"))
-    parser.add_argument("--bundle", default="glas", choices=sorted(STUDIES))
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.25, 1.0])
     parser.add_argument("--pretrain-epochs", type=int, default=30, help="pretraining epochs, the same for both masking arms")
     parser.add_argument("--selective-partitions", type=int, default=None,
                         help="selective masking's forward passes per ranking (default: pretrain.json's)")
     study.add_schedule_options(parser, "fine-tuning epochs per run")
-    study.add_study_options(parser, "pretrain.jsonl", "pretrain-<bundle>", None, dataset_dir=None)
-    args = parser.parse_args(argv)
-    args.dataset_dir = args.dataset_dir or STUDIES[args.bundle].dataset_dir
-    if args.markdown is None:
-        args.markdown = [RESULTS_MD, STUDIES[args.bundle].docs]
-    return args
+    add_bundle_study_options(parser, "pretrain.jsonl", "pretrain-<bundle>")
+    return bundle_study_args(parser, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -5,7 +5,11 @@ Arms, on one bundle and its real data, each at a label fraction (the same seeded
     supervised-only   MONAI's plain SupervisedTrainer on the labelled part   (train + supervised + labelled_only)
     masksup           MaskSup on the labelled part                           (train + labelled_only)
     semi              MaskMatch: MaskSup + masked student on the unlabelled  (train + semi_train)
+    semi-mim          semi + S4MIM-style class-wise masked image modelling   (train + semi_train + semi_mim)
     full-supervised   plain supervised training on every label (fraction 1, the reference)
+
+Every arm starts from the bundle's shipped defaults (``bundle_runs.BUNDLE_DEFAULTS`` names them; a
+record made on other defaults does not count) with the study's own epochs and image size.
 
 Each (arm, fraction, seed) trains with ``python -m monai.bundle run training``, keeps the checkpoint
 with the best *validation* mIoU (validation and test stay labelled; the semi-supervised arm selects
@@ -13,8 +17,8 @@ its EMA teacher), scores it on the test split, and is recorded in ``results/semi
 like ``ablation.py``)::
 
     python benchmarks/semi.py run --fractions 0.25 0.125 --seeds 0 1 2
-    python benchmarks/semi.py run --bundle cvc_clinicdb --dataset-dir ../shared/data/cvc-clinicdb-sample
-    python benchmarks/semi.py report
+    python benchmarks/semi.py run --bundle kvasir_seg
+    python benchmarks/semi.py report --bundle glas       # RESULTS.md and the bundle's docs
 """
 
 from __future__ import annotations
@@ -28,12 +32,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bundle_runs as study
-from report import RESULTS_MD
+from defaults import STUDIES, add_bundle_study_options, bundle_study_args
 
 ARMS: dict[str, list[str]] = {
     "supervised-only": ["train.json", "supervised.json", study.LABELLED_ONLY],
     "masksup": ["train.json", study.LABELLED_ONLY],
     "semi": ["train.json", "semi_train.json"],
+    "semi-mim": ["train.json", "semi_train.json", "semi_mim.json"],
     "full-supervised": ["train.json", "supervised.json"],
 }
 
@@ -45,8 +50,8 @@ def configs(bundle: str, arm: str) -> list[str]:
 
 def study_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What every run of one study shares (a record only counts for the same settings)."""
-    return {"bundle": args.bundle, "dataset_dir": args.dataset_dir, "epochs": args.epochs,
-            "val_interval": args.val_interval, "image_size": list(args.image_size)}
+    return {"bundle": args.bundle, "dataset_dir": args.dataset_dir, "defaults": study.BUNDLE_DEFAULTS,
+            "epochs": args.epochs, "val_interval": args.val_interval, "image_size": list(args.image_size)}
 
 
 def runs(args: argparse.Namespace) -> list[tuple[str, float, int]]:
@@ -73,9 +78,11 @@ def run_study(args: argparse.Namespace) -> None:
                   "val_interval": args.val_interval, "image_size": list(args.image_size)}
         if arm != "full-supervised":
             values["label_fraction"] = fraction
-        out = args.work_dir / f"semi-{args.bundle}-{arm}-f{fraction}-seed{seed}"
+        width, height = args.image_size
+        out = args.work_dir / (f"semi-{args.bundle}-{study.BUNDLE_DEFAULTS}-{arm}-e{args.epochs}-{width}x{height}"
+                               f"-f{fraction}-seed{seed}")
         print(f"[semi] {arm} {fraction} seed {seed}: training", flush=True)
-        outcome = study.train_and_evaluate(configs(args.bundle, arm), f"bundles/{args.bundle}/configs/evaluate.json", values, out)
+        outcome = study.train_and_evaluate(configs(args.bundle, arm), STUDIES[args.bundle].evaluate_config, values, out)
         study.append_record(args.results, {"arm": arm, "label_fraction": fraction, "seed": seed, **settings, **outcome})
         print(f"[semi] {arm} {fraction} seed {seed}: test mIoU {outcome['test']['test']['iou']:.4f}", flush=True)
 
@@ -106,12 +113,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command line of the semi-supervised study."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=("run", "report"))
-    parser.add_argument("--bundle", default="glas", choices=("glas", "cvc_clinicdb"))
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.25, 0.125])
     study.add_schedule_options(parser)
-    study.add_study_options(parser, "semi.jsonl", "semi-<bundle>", [RESULTS_MD])
-    return parser.parse_args(argv)
+    add_bundle_study_options(parser, "semi.jsonl", "semi-<bundle>")
+    return bundle_study_args(parser, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -15,9 +15,11 @@ from mlflow.tracking import MlflowClient
 from masksup_med.data import make_glas_demo
 from masksup_med.tracking import resolve_tracking_uri
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS = REPO / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 import ablation
+import bundle_runs
 import defaults
 import glas_recipes
 import speed
@@ -185,9 +187,20 @@ def test_semi_study_runs_records_and_reports(tmp_path):
     records = [json.loads(line) for line in results.read_text().splitlines()]
     assert [(r["arm"], r["label_fraction"]) for r in records] == [("semi", 0.5), ("full-supervised", 1.0)]
     assert "semi_train.json" in records[0]["commands"][0] and "--label_fraction 0.5" in records[0]["commands"][0]
+    assert {r["defaults"] for r in records} == {bundle_runs.BUNDLE_DEFAULTS}
     semi.main(["report", *common, "--markdown", str(md)])
     block = _block(md.read_text(), "semi-glas")
     assert "| semi | 0.5 | 1 |" in block and "| full-supervised | 1.0 | 1 |" in block
+
+
+@pytest.mark.parametrize("bundle", ["glas", "kvasir_seg"])
+def test_every_semi_arm_merges_existing_bundle_configs_with_mim_last(bundle):
+    import semi
+
+    for arm in semi.ARMS:
+        assert all((REPO / path).is_file() for path in semi.configs(bundle, arm)), arm
+    assert semi.configs(bundle, "semi-mim")[-2:] == [f"bundles/{bundle}/configs/semi_train.json",
+                                                     f"bundles/{bundle}/configs/semi_mim.json"]
 
 
 def _pretrain_record(arm: str, fraction: float, seed: int, test_iou: float) -> dict:
