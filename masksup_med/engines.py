@@ -55,9 +55,10 @@ class MaskSupTrainer(SupervisedTrainer):
             transforms, so ``set_determinism`` makes a run's masks reproducible.
 
         single_pass: run the network once on the image and masked batches concatenated, instead of
-            twice. Needed under DistributedDataParallel (one forward per backward); BatchNorm then
-            normalises over both halves together, a small departure from the published two passes.
-            ``None`` (default): on exactly when the network is wrapped in DistributedDataParallel.
+            the published two passes (one batch may use a GPU better); BatchNorm then normalises over
+            both halves together, so the objective changes slightly. Off by default, also under
+            DistributedDataParallel: DDP reduces the gradients of two forwards before one backward
+            like any others (tested with two processes), so a DDP run trains what a single process does.
 
     With ``a2 = a3 = 0`` the masked pass is skipped and the iteration is plain supervised
     training with ``seg_loss`` (the ablation baseline), through the same code.
@@ -71,7 +72,7 @@ class MaskSupTrainer(SupervisedTrainer):
         *args: Any,
         masked_key: str = MaskSupKeys.IMAGE_MASKED,
         batch_masker: RandMask | None = None,
-        single_pass: bool | None = None,
+        single_pass: bool = False,
         **kwargs: Any,
     ) -> None:
         if kwargs.get("accumulation_steps", 1) != 1:
@@ -85,8 +86,6 @@ class MaskSupTrainer(SupervisedTrainer):
         if batch_masker is not None:
             batch_masker.set_random_state(rank_seed())
         self.batch_masker = batch_masker
-        if single_pass is None:
-            single_pass = isinstance(self.network, torch.nn.parallel.DistributedDataParallel)
         self.single_pass = single_pass
 
     def _masked_inputs(

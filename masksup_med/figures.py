@@ -182,7 +182,34 @@ class _RunFigureHandler:
             plt.close(fig)
 
 
-class ValidationFigureHandler(_RunFigureHandler):
+class _ExampleFigureHandler(_RunFigureHandler):
+    """Shared part of the figures drawn from fixed examples: the first ``num_images`` items of ``dataset``.
+
+    ``seed`` reseeds the handler's own copies of random transforms before each figure, so figures
+    are comparable over a run and training's random streams are left alone.
+    """
+
+    def __init__(
+        self,
+        dataset: Sequence[dict],
+        tracking_uri: str,
+        experiment_name: str,
+        run_name: str,
+        num_images: int = 3,
+        seed: int = 0,
+        enabled: bool = True,
+    ) -> None:
+        super().__init__(tracking_uri, experiment_name, run_name, enabled)
+        self.dataset = dataset
+        self.num_images = num_images
+        self.seed = seed
+
+    def examples(self) -> list[dict]:
+        """The fixed examples (fewer when the dataset is smaller)."""
+        return [self.dataset[i] for i in range(min(self.num_images, len(self.dataset)))]
+
+
+class ValidationFigureHandler(_ExampleFigureHandler):
     """After each validation round, log image / truth / prediction (and masked input / prediction on it).
 
     The examples are the first ``num_images`` items of the (preprocessed, unshuffled) validation
@@ -202,12 +229,9 @@ class ValidationFigureHandler(_RunFigureHandler):
         seed: int = 0,
         enabled: bool = True,
     ) -> None:
-        super().__init__(tracking_uri, experiment_name, run_name, enabled)
-        self.dataset = dataset
+        super().__init__(dataset, tracking_uri, experiment_name, run_name, num_images, seed, enabled)
         self.network = network
         self.masker = copy.deepcopy(masker) if masker is not None else None
-        self.num_images = num_images
-        self.seed = seed
 
     @torch.no_grad()
     def rows(self, device: torch.device) -> list[dict[str, torch.Tensor]]:
@@ -217,8 +241,7 @@ class ValidationFigureHandler(_RunFigureHandler):
         was_training = self.network.training
         self.network.eval()
         rows = []
-        for index in range(min(self.num_images, len(self.dataset))):
-            item = self.dataset[index]
+        for item in self.examples():
             image = torch.as_tensor(item["image"]).float()
             inputs = [image] if self.masker is None else [image, torch.as_tensor(self.masker(image))]
             preds = _masks(self.network(torch.stack(inputs).to(device)))
@@ -236,7 +259,7 @@ class ValidationFigureHandler(_RunFigureHandler):
         self._log(fig, f"figures/validation_epoch_{epoch:04d}.png")
 
 
-class PseudoLabelFigureHandler(_RunFigureHandler):
+class PseudoLabelFigureHandler(_ExampleFigureHandler):
     """After each validation round, what the semi-supervised student learns from, next to the ground truth.
 
     For the first ``num_images`` validation items (which have ground truth), one row: the image, its
@@ -266,8 +289,7 @@ class PseudoLabelFigureHandler(_RunFigureHandler):
         seed: int = 0,
         enabled: bool = True,
     ) -> None:
-        super().__init__(tracking_uri, experiment_name, run_name, enabled)
-        self.dataset = dataset
+        super().__init__(dataset, tracking_uri, experiment_name, run_name, num_images, seed, enabled)
         self.teacher = teacher
         self.student = student
         self.strong = Compose(copy.deepcopy(strong if isinstance(strong, Sequence) else [strong]))
@@ -275,13 +297,11 @@ class PseudoLabelFigureHandler(_RunFigureHandler):
         self.threshold = float(threshold)
         self.scales = tuple(scales)
         self.activation = activation
-        self.num_images = num_images
-        self.seed = seed
 
     @torch.no_grad()
     def rows(self, device: torch.device) -> list[dict[str, torch.Tensor]]:
         """Image, ground truth, pseudo-label, student input and student prediction for each example."""
-        items = [self.dataset[i] for i in range(min(self.num_images, len(self.dataset)))]
+        items = self.examples()
         if not items:
             return []
         self.strong.set_random_state(self.seed)
@@ -308,7 +328,7 @@ class PseudoLabelFigureHandler(_RunFigureHandler):
         self._log(validation_figure(rows, title), f"figures/pseudo_labels_epoch_{epoch:04d}.png")
 
 
-class ReconstructionFigureHandler(_RunFigureHandler):
+class ReconstructionFigureHandler(_ExampleFigureHandler):
     """Every ``interval`` epochs of pretraining (and after the last), log image / masked input / reconstruction / tile loss.
 
     The examples are the first ``num_images`` items of ``dataset`` (preprocessed, not augmented: the
@@ -333,14 +353,11 @@ class ReconstructionFigureHandler(_RunFigureHandler):
         seed: int = 0,
         enabled: bool = True,
     ) -> None:
-        super().__init__(tracking_uri, experiment_name, run_name, enabled)
-        self.dataset = dataset
+        super().__init__(dataset, tracking_uri, experiment_name, run_name, num_images, seed, enabled)
         self.network = network
         self.masker = copy.deepcopy(masker)
         self.tile_size = int(tile_size)
-        self.num_images = num_images
         self.interval = max(int(interval), 1)
-        self.seed = seed
 
     def attach(self, engine: Engine) -> None:
         """Log every ``interval`` epochs of the trainer and when it completes (unless that epoch is logged)."""
@@ -351,10 +368,10 @@ class ReconstructionFigureHandler(_RunFigureHandler):
     @torch.no_grad()
     def rows(self, device: torch.device) -> list[dict[str, torch.Tensor]]:
         """The fixed examples, masked, reconstructed by the current network, and the per-tile loss of the masked tiles."""
-        count = min(self.num_images, len(self.dataset))
-        if count == 0:
+        items = self.examples()
+        if not items:
             return []
-        images = torch.stack([torch.as_tensor(self.dataset[i]["image"]).float() for i in range(count)]).to(device)
+        images = torch.stack([torch.as_tensor(item["image"]).float() for item in items]).to(device)
         self.masker.set_random_state(self.seed)
         was_training = self.network.training
         self.network.eval()
@@ -365,7 +382,7 @@ class ReconstructionFigureHandler(_RunFigureHandler):
         hidden = tile_losses(holes.float(), self.tile_size) > 0.5
         heat = tiles_to_pixels(torch.where(hidden, losses, torch.full_like(losses, float("nan"))), images.shape[2:], self.tile_size)
         return [{"image": images[i], "image_masked": masked[i], "reconstruction": reconstruction[i], "tile_loss": heat[i][None]}
-                for i in range(count)]
+                for i in range(len(items))]
 
     def __call__(self, engine: Engine) -> None:
         epoch = engine.state.epoch

@@ -105,7 +105,7 @@ class MaskMatchTrainer(MaskSupTrainer):
     ``confident_fraction`` (the share of unlabelled pixels the teacher is confident about); with
     ``mim_network`` also ``loss_mim`` and ``loss_mim_feature`` (unweighted).
 
-    Under DistributedDataParallel the student's pass is a second forward of the wrapped network
+    Under DistributedDataParallel the student's pass is one more forward of the wrapped network
     before the step's one backward (autograd sums both uses of a parameter before DDP averages it);
     the teacher follows the network inside the wrapper. Every process must take the same number of
     steps, so an ``epoch_length`` that differs between them fails here, and the unlabelled loader
