@@ -74,6 +74,23 @@ def test_replace_block_creates_missing_file(tmp_path):
 
 
 @pytest.mark.slow  # about 30-60 s: most of it the memory measurement's fresh interpreter
+def test_pretrain_speed_times_every_masking_arm_and_writes_its_block(tmp_path):
+    import pretrain_speed
+
+    out, md = tmp_path / "pretrain_speed.json", tmp_path / "RESULTS.md"
+    md.write_text("# Results\n")
+    argv = ["--image-size", "32", "32", "--batch-size", "2", "--rounds", "2", "--refresh-every", "3",
+            "--device", "cpu", "--output", str(out), "--markdown", str(md)]
+    pretrain_speed.main(argv)
+    data = json.loads(out.read_text())
+    assert list(data["arms"]) == ["random", "selective", "selective-every-3"]
+    assert data["arms"]["random"]["ratio_to_random"] == 1.0
+    assert all(math.isfinite(arm["step_s"]) and arm["step_s"] > 0 for arm in data["arms"].values())
+    assert data["settings"]["partitions"] == 10 and data["settings"]["image_size"] == [32, 32]
+    block = _block(md.read_text(), "pretrain-speed")
+    assert "| selective-every-3 |" in block and "python benchmarks/pretrain_speed.py --image-size 32 32" in block
+
+
 def test_speed_benchmark_smoke(tmp_path, capsys):
     out, md = tmp_path / "speed.json", tmp_path / "RESULTS.md"
     md.write_text("# Results\n\nhand-written notes\n")

@@ -1,0 +1,137 @@
+"""What selective masking costs per pretraining step, against random tiles, on the shipped pretraining recipe.
+
+The network, optimiser, loss and both maskers come from the GLaS bundle's ``train.json`` with
+``pretrain.json`` merged over it (top-level ids only), and every step is the shipped
+``ReconstructionTrainer._iteration`` on one synthetic batch (masking, forward, L1 + MS-SSIM-style
+loss, backward, optimiser step). Arms, interleaved round by round after a warm-up (medians):
+
+    random            ``RandPatchMask`` tiles (``selective_masking false``)
+    selective         ``SelectiveTileMasker`` ranking tiles at every step (``selective_refresh_every 1``,
+                      the default): ``selective_partitions`` extra forward passes without gradients
+    selective-every-N the same, ranking every N-th step and masking random tiles in between
+
+Each arm's step time and its ratio to the random arm (median of per-round ratios) are printed and
+written to ``results/pretrain_speed.json`` and the ``pretrain-speed`` block of RESULTS.md::
+
+    python benchmarks/pretrain_speed.py                        # the bundle's image size and batch size
+    python benchmarks/pretrain_speed.py --image-size 64 64 --batch-size 2 --rounds 2 --markdown none
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.bundle import ConfigParser
+from monai.data import list_data_collate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import RESULTS_DIR, RESULTS_MD, machine, replace_block, write_json
+from speed import ROOT, interleaved, make_samples, paired_ratio
+
+from masksup_med.pretraining import ReconstructionTrainer
+from masksup_med.runtime import select_device
+
+CONFIGS = ("bundles/glas/configs/train.json", "bundles/glas/configs/pretrain.json")
+
+
+def pretrain_parser(**overrides: Any) -> ConfigParser:
+    """The GLaS pretraining config (``train.json`` + ``pretrain.json``) with top-level ``overrides``."""
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / name) for name in CONFIGS])
+    parser.update(overrides)
+    return parser
+
+
+def build_trainer(parser: ConfigParser, masker_id: str, device: torch.device, **masker_overrides: Any) -> ReconstructionTrainer:
+    """The recipe's network, optimiser and loss in a ReconstructionTrainer with the masker ``masker_id`` (seeded)."""
+    torch.manual_seed(0)
+    masker = parser.get_parsed_content(masker_id, instantiate=True)
+    for name, value in masker_overrides.items():
+        setattr(masker, name, value)
+    return ReconstructionTrainer(
+        device=device,
+        max_epochs=1,
+        train_data_loader=[None],  # never iterated: the benchmark calls _iteration on its own batch
+        network=parser.get_parsed_content("network"),
+        optimizer=parser.get_parsed_content("optimizer"),
+        loss_function=parser.get_parsed_content("loss"),
+        masker=masker,
+    )
+
+
+def measure(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Median step time of each arm and its ratio to random tiles."""
+    parser = pretrain_parser()
+    width, height = args.image_size or parser.get_parsed_content("image_size")
+    batch_size = args.batch_size or parser.get_parsed_content("batch_size")
+    partitions = parser.get_parsed_content("selective_partitions")
+    batch = list_data_collate(make_samples(batch_size, (width, height)))
+    every = f"selective-every-{args.refresh_every}"
+    trainers = {
+        "random": build_trainer(parser, "random_tile_masker", device),
+        "selective": build_trainer(parser, "selective_tile_masker", device, refresh_every=1),
+        every: build_trainer(parser, "selective_tile_masker", device, refresh_every=args.refresh_every),
+    }
+    # one timed call of an arm is `steps` steps, so each call of the every-N arm holds exactly one ranking
+    steps_per_call = {name: args.refresh_every if name == every else 1 for name in trainers}
+
+    def steps(name: str) -> None:
+        trainer = trainers[name]
+        for _ in range(steps_per_call[name]):
+            trainer._iteration(trainer, dict(batch))
+
+    calls = interleaved({name: functools.partial(steps, name) for name in trainers}, args.rounds, device)
+    times = {name: [t / steps_per_call[name] for t in ts] for name, ts in calls.items()}
+    arms = {name: {"step_s": statistics.median(ts), "ratio_to_random": paired_ratio(times, name, "random")}
+            for name, ts in times.items()}
+    return {"settings": {"image_size": [width, height], "batch_size": batch_size, "partitions": partitions,
+                         "refresh_every": args.refresh_every, "rounds": args.rounds, "device": str(device)},
+            "arms": arms, "machine": machine()}
+
+
+def markdown_body(result: dict[str, Any], command: str) -> str:
+    """The RESULTS.md block: one row per arm."""
+    s = result["settings"]
+    intro = (f"GLaS pretraining recipe, {s['image_size'][0]}x{s['image_size'][1]}, batch {s['batch_size']}, "
+             f"{s['partitions']} partitions, {s['rounds']} rounds on {s['device']}; medians.")
+    lines = [intro, "",
+             "| masking | step (s) | x random tiles |", "|---|---|---|"]
+    for name, arm in result["arms"].items():
+        lines.append(f"| {name} | {arm['step_s']:.3f} | {arm['ratio_to_random']:.2f} |")
+    return "\n".join([*lines, "", "```", command, "```"])
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command line of the pretraining step benchmark."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image-size", nargs=2, type=int, metavar=("W", "H"), help="default: the bundle's image_size")
+    parser.add_argument("--batch-size", type=int, help="default: the bundle's batch_size")
+    parser.add_argument("--refresh-every", type=int, default=4, help="N of the selective-every-N arm")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per arm")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "pretrain_speed.json")
+    parser.add_argument("--markdown", default=str(RESULTS_MD), help="Markdown file whose block is replaced, or none")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    result = measure(args, select_device(args.device))
+    for name, arm in result["arms"].items():
+        print(f"{name:>20}: {arm['step_s']:.3f} s/step, {arm['ratio_to_random']:.2f}x random tiles")
+    write_json(args.output, result)
+    if args.markdown != "none":
+        command = "python benchmarks/pretrain_speed.py" + (f" {' '.join(argv)}" if argv else "")
+        replace_block(Path(args.markdown), "pretrain-speed", markdown_body(result, command))
+    return result
+
+
+if __name__ == "__main__":
+    main()
