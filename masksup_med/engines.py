@@ -58,7 +58,7 @@ class MaskSupTrainer(SupervisedTrainer):
             the published two passes (one batch may use a GPU better); BatchNorm then normalises over
             both halves together, so the objective changes slightly. Off by default, also under
             DistributedDataParallel: DDP reduces the gradients of two forwards before one backward
-            like any others (tested with two processes), so a DDP run trains what a single process does.
+            like any others (tested with two processes), so each process runs the published two passes.
 
     With ``a2 = a3 = 0`` the masked pass is skipped and the iteration is plain supervised
     training with ``seg_loss`` (the ablation baseline), through the same code.

@@ -171,6 +171,16 @@ class _RunFigureHandler:
         if self.enabled:
             engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
+    def _draw_and_log(self, draw: Callable[[], plt.Figure | None], artifact_file: str) -> None:
+        """Log the figure ``draw()`` returns (nothing when it returns None); an error only logs a warning."""
+        try:
+            fig = draw()
+        except Exception as e:  # noqa: BLE001 - a figure is never worth a failed training run
+            logger.warning(f"could not draw figure {artifact_file}: {type(e).__name__}: {e}")
+            return
+        if fig is not None:
+            self._log(fig, artifact_file)
+
     def _log(self, fig: plt.Figure, artifact_file: str) -> None:
         try:
             run_id = self.run_id
@@ -241,22 +251,27 @@ class ValidationFigureHandler(_ExampleFigureHandler):
         was_training = self.network.training
         self.network.eval()
         rows = []
-        for item in self.examples():
-            image = torch.as_tensor(item["image"]).float()
-            inputs = [image] if self.masker is None else [image, torch.as_tensor(self.masker(image))]
-            preds = _masks(self.network(torch.stack(inputs).to(device)))
-            row = {"image": image, "label": torch.as_tensor(item["label"]).float(), "pred": preds[0]}
-            if self.masker is not None:
-                row.update({"image_masked": inputs[1], "pred_masked": preds[1]})
-            rows.append(row)
-        self.network.train(was_training)
+        try:
+            for item in self.examples():
+                image = torch.as_tensor(item["image"]).float()
+                inputs = [image] if self.masker is None else [image, torch.as_tensor(self.masker(image))]
+                preds = _masks(self.network(torch.stack(inputs).to(device)))
+                row = {"image": image, "label": torch.as_tensor(item["label"]).float(), "pred": preds[0]}
+                if self.masker is not None:
+                    row.update({"image_masked": inputs[1], "pred_masked": preds[1]})
+                rows.append(row)
+        finally:
+            self.network.train(was_training)
         return rows
 
     def __call__(self, engine: Engine) -> None:
         epoch = engine.state.epoch
-        device = next(self.network.parameters()).device
-        fig = validation_figure(self.rows(device), f"{self.run_name}: validation examples, epoch {epoch}")
-        self._log(fig, f"figures/validation_epoch_{epoch:04d}.png")
+
+        def draw() -> plt.Figure | None:
+            rows = self.rows(next(self.network.parameters()).device)
+            return validation_figure(rows, f"{self.run_name}: validation examples, epoch {epoch}") if rows else None
+
+        self._draw_and_log(draw, f"figures/validation_epoch_{epoch:04d}.png")
 
 
 class PseudoLabelFigureHandler(_ExampleFigureHandler):
@@ -323,9 +338,13 @@ class PseudoLabelFigureHandler(_ExampleFigureHandler):
 
     def __call__(self, engine: Engine) -> None:
         epoch = engine.state.epoch
-        rows = self.rows(next(self.student.parameters()).device)
         title = f"{self.run_name}: teacher pseudo-labels (confidence >= {self.threshold:g}) and the student, epoch {epoch}"
-        self._log(validation_figure(rows, title), f"figures/pseudo_labels_epoch_{epoch:04d}.png")
+
+        def draw() -> plt.Figure | None:
+            rows = self.rows(next(self.student.parameters()).device)
+            return validation_figure(rows, title) if rows else None
+
+        self._draw_and_log(draw, f"figures/pseudo_labels_epoch_{epoch:04d}.png")
 
 
 class ReconstructionFigureHandler(_ExampleFigureHandler):
@@ -375,9 +394,11 @@ class ReconstructionFigureHandler(_ExampleFigureHandler):
         self.masker.set_random_state(self.seed)
         was_training = self.network.training
         self.network.eval()
-        masked, holes = mask_images(self.masker, images, self.network)
-        reconstruction = self.network(masked).float()
-        self.network.train(was_training)
+        try:
+            masked, holes = mask_images(self.masker, images, self.network)
+            reconstruction = self.network(masked).float()
+        finally:
+            self.network.train(was_training)
         losses = tile_losses((reconstruction - images).abs().mean(dim=1), self.tile_size)
         hidden = tile_losses(holes.float(), self.tile_size) > 0.5
         heat = tiles_to_pixels(torch.where(hidden, losses, torch.full_like(losses, float("nan"))), images.shape[2:], self.tile_size)
@@ -386,11 +407,13 @@ class ReconstructionFigureHandler(_ExampleFigureHandler):
 
     def __call__(self, engine: Engine) -> None:
         epoch = engine.state.epoch
-        rows = self.rows(next(self.network.parameters()).device)
-        if not rows:
-            return
-        fig = validation_figure(rows, f"{self.run_name}: masked reconstruction, epoch {epoch}", heatmaps=("tile_loss",))
-        self._log(fig, f"figures/reconstruction_epoch_{epoch:04d}.png")
+
+        def draw() -> plt.Figure | None:
+            rows = self.rows(next(self.network.parameters()).device)
+            title = f"{self.run_name}: masked reconstruction, epoch {epoch}"
+            return validation_figure(rows, title, heatmaps=("tile_loss",)) if rows else None
+
+        self._draw_and_log(draw, f"figures/reconstruction_epoch_{epoch:04d}.png")
 
     def _final(self, engine: Engine) -> None:
         if engine.state.epoch % self.interval:

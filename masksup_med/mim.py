@@ -68,6 +68,9 @@ class ReconstructionHeads(nn.Module):
 
     def __init__(self, segmenter: nn.Module, image_channels: int = 3, hidden_channels: int = 16) -> None:
         super().__init__()
+        if isinstance(segmenter, nn.parallel.DistributedDataParallel):
+            raise TypeError("masked image modelling (semi_mim.json) does not run under DistributedDataParallel yet "
+                            "(the heads read the network's own layers, which DDP hides): train it in one process.")
         model = getattr(segmenter, "model", None)
         if not isinstance(model, nn.Sequential) or len(model) < 2:
             raise TypeError(

@@ -29,9 +29,9 @@ from monai.metrics import compute_ms_ssim
 from monai.utils import CommonKeys
 from torch import nn
 
-from masksup_med.engines import backward_and_step
-from masksup_med.errors import ConfigError
+from masksup_med.engines import backward_and_step, rank_seed
 from masksup_med.handlers import named_terms
+from masksup_med.overrides import config_flag
 
 __all__ = [
     "MaskedReconstructionLoss",
@@ -153,12 +153,7 @@ class SelectiveTileMasker:
 def pick_masker(selective_masking: bool | str, selective: Any, random: Any) -> Any:
     """``selective`` when ``selective_masking`` is true, ``random`` when false (bool, or text from the command line:
     ``--selective_masking false`` arrives as the text "false")."""
-    text = str(selective_masking).strip().lower()
-    if text in ("true", "1", "yes"):
-        return selective
-    if text in ("false", "0", "no"):
-        return random
-    raise ConfigError(f"selective_masking must be true or false, got {selective_masking!r}.")
+    return selective if config_flag(selective_masking, "selective_masking") else random
 
 
 def mask_images(masker: Any, images: torch.Tensor, network: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,7 +211,7 @@ class ReconstructionTrainer(SupervisedTrainer):
     def __init__(self, *args: Any, masker: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.masker = masker
-        self.masker.set_random_state(int(torch.randint(0, 2**31 - 1, (1,)).item()))
+        self.masker.set_random_state(rank_seed())  # DDP: each process masks other tiles
 
     def _iteration(self, engine: ReconstructionTrainer, batchdata: dict[str, Any]) -> dict:  # type: ignore[override]
         images = batchdata[CommonKeys.IMAGE]

@@ -110,6 +110,7 @@ class MaskMatchTrainer(MaskSupTrainer):
     the teacher follows the network inside the wrapper. Every process must take the same number of
     steps, so an ``epoch_length`` that differs between them fails here, and the unlabelled loader
     should have a DistributedSampler (``semi_train.json`` gives it one when ``distributed``).
+    ``mim_network`` does not run under DDP yet: it is refused at start.
     """
 
     def __init__(
@@ -138,6 +139,11 @@ class MaskMatchTrainer(MaskSupTrainer):
         self.teacher.eval()
         self.ema_momentum = float(ema_momentum)
         self.unsup_loss = unsup_loss if unsup_loss is not None else ConfidentPseudoLabelLoss()
+        supervised_activation = getattr(self.loss_function, "activation", self.unsup_loss.activation)
+        if supervised_activation != self.unsup_loss.activation:
+            raise ValueError(f"the supervised loss uses activation {supervised_activation!r} but unsup_loss uses "
+                             f"{self.unsup_loss.activation!r}: the teacher's pseudo-labels would not match the "
+                             "student's loss. Set both (loss#activation and unsup_loss#activation) alike.")
         self.unsup_weight = float(unsup_weight)
         self.rampup_epochs = float(rampup_epochs)
         self.teacher_scales = tuple(float(s) for s in teacher_scales)
@@ -155,6 +161,9 @@ class MaskMatchTrainer(MaskSupTrainer):
 
     def _check_mim_network(self, mim_network: ReconstructionHeads) -> None:
         """Refuse at start what would train the head wrongly or not at all."""
+        if isinstance(self.network, nn.parallel.DistributedDataParallel):
+            raise TypeError("masked image modelling (mim_network, semi_mim.json) does not run under "
+                            "DistributedDataParallel yet: train it in one process.")
         if min(self.mim_weight, self.mim_feature_weight) < 0:
             raise ValueError(f"mim_weight and mim_feature_weight must be >= 0, got {self.mim_weight}, "
                              f"{self.mim_feature_weight}.")
@@ -232,8 +241,7 @@ class MaskMatchTrainer(MaskSupTrainer):
         terms = super().compute_terms(batchdata, inputs, targets)
         labelled = [view._replace(regions=class_regions(_plain(targets))) for view in self._mim_views]
         weak, strong = self._views(self.next_unlabelled())
-        activation = getattr(self.loss_function, "activation", "sigmoid")
-        teacher_probs = multiscale_probabilities(self.teacher, weak, self.teacher_scales, activation)
+        teacher_probs = multiscale_probabilities(self.teacher, weak, self.teacher_scales, self.unsup_loss.activation)
         masked_strong, holes = self.student_masker.mask_batch(strong)
         if self.mim_network is None:
             student_logits = self.inferer(masked_strong, self.network)

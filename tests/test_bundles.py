@@ -87,7 +87,7 @@ def demo_images(folder: Path, count: int = 2) -> list[Path]:
                   and "Ground Truth" not in str(p) and p.parent.name != "masks")[:count]
 
 
-@pytest.fixture(scope="module", params=list(CASES))
+@pytest.fixture(scope="module", params=[pytest.param(name, marks=pytest.mark.xdist_group(f"bundle-{name}")) for name in CASES])
 def case(request) -> BundleCase:
     return CASES[request.param]
 

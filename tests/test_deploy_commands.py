@@ -31,6 +31,7 @@ from masksup_med.cli import main
 from masksup_med.data import make_glas_demo
 from masksup_med.serving import decode_image, sniff_suffix
 
+pytestmark = pytest.mark.xdist_group("servers")  # with the MLflow tests: one PostgreSQL server per run
 REPO = Path(__file__).resolve().parents[1]
 HEALTHCHECK = REPO / "docker" / "healthcheck.py"
 LOOPBACK = "127.0.0.1"

@@ -22,7 +22,7 @@ from servers import (
 
 from masksup_med.registry import using_store
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("servers")]  # one PostgreSQL and MLflow server per run
 
 EXPERIMENT = "masksup-infra"
 MODEL_NAME = "masksup-infra-conv"

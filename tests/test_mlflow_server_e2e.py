@@ -26,7 +26,7 @@ from servers import LOOPBACK, NO_TELEMETRY_ENV, check_model_page, free_port, por
 from masksup_med.model_format import load_model
 from masksup_med.registry import using_store
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("servers")]  # one PostgreSQL and MLflow server per run
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_CONFIG = REPO / "bundles" / "glas" / "configs" / "train.json"

@@ -38,7 +38,7 @@ def test_pretraining_data_is_the_training_images_only_without_masks(tmp_path):
 
 
 @pytest.mark.parametrize(("value", "expected"), [(True, "selective"), ("true", "selective"), (False, "random"),
-                                                 ("false", "random"), ("False", "random")])
+                                                 ("false", "random"), ("False", "random"), ("none", "random")])
 def test_pick_masker_reads_booleans_and_command_line_text(value, expected):
     assert pick_masker(value, "selective", "random") == expected
 
@@ -141,6 +141,27 @@ def test_pretrained_weights_that_match_nothing_or_are_missing_are_refused_naming
         load_pretrained_weights(_unet(1), other)
     with pytest.raises(FileNotFoundError, match="missing.pt does not exist"):
         load_pretrained_weights(_unet(1), tmp_path / "missing.pt")
+
+
+def test_a_figure_that_cannot_be_drawn_warns_and_leaves_training_and_the_network_mode_alone(caplog):
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    network = Broken()
+    network.train()
+    dataset = [{"image": torch.rand(3, 32, 32)}]
+    handler = ReconstructionFigureHandler(dataset, network, RandPatchMask(patch_size=16, ratio_range=0.5), tile_size=16,
+                                          tracking_uri="sqlite:///unused.db", experiment_name="e", run_name="r")
+    engine = type("Engine", (), {"state": type("State", (), {"epoch": 3})()})()
+    with caplog.at_level("WARNING"):
+        handler.__call__(engine)  # must not raise
+    assert "could not draw figure figures/reconstruction_epoch_0003.png: RuntimeError: boom" in caplog.text
+    assert network.training and handler.logged == []
 
 
 @pytest.mark.parametrize("masker", [SelectiveTileMasker(tile_size=16, ratio=0.5, partitions=3),

@@ -256,3 +256,11 @@ def test_a_changed_file_replaces_its_cache_entry_instead_of_adding_one(demo, tmp
     os.utime(changed, ns=(0, 0))
     check_training_data(datalist, "glas", cache_file=cache)
     assert len(json.loads(cache.read_text())) == 6
+
+
+def test_cache_entries_of_another_cache_version_are_dropped(demo, tmp_path):
+    cache = tmp_path / "cache.json"
+    cache.write_text(json.dumps({"v1|glas|old.bmp|12|34": ["stale"], "unversioned": {}}))
+    check_training_data(split_glas(demo), "glas", cache_file=cache)
+    keys = list(json.loads(cache.read_text()))
+    assert keys and all(key.startswith("v2|glas|") for key in keys)

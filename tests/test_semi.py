@@ -182,6 +182,14 @@ def test_maskmatch_step_trains_the_student_and_moves_the_teacher_by_ema():
         assert not changed or not torch.equal(t, s)  # following the student, not a copy of it
 
 
+def test_a_teacher_activation_other_than_the_student_loss_one_is_refused_at_start():
+    net = UNet(2, 3, 1, channels=(4, 8), strides=(2,), num_res_units=0)
+    with pytest.raises(ValueError, match="activation 'softmax' but unsup_loss uses 'sigmoid'"):
+        MaskMatchTrainer(device="cpu", max_epochs=1, train_data_loader=semi_batches(1, 0), network=net,
+                         optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=MaskSupLoss(activation="softmax"),
+                         unlabelled_loader=semi_batches(1, 1, labelled=False))
+
+
 def test_ema_momentum_warms_up_as_in_mean_teacher():
     net = UNet(2, 3, 1, channels=(4, 8), strides=(2,), num_res_units=0)
     trainer = MaskMatchTrainer(device="cpu", max_epochs=1, train_data_loader=semi_batches(1, 0), network=net,

@@ -146,6 +146,18 @@ def test_heads_refuse_a_network_without_a_sequential_model():
         ReconstructionHeads(nn.Conv2d(3, 1, 3))
 
 
+def test_heads_refuse_a_ddp_network_saying_to_train_in_one_process(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        wrapped = nn.parallel.DistributedDataParallel(_unet(out_channels=1))
+        with pytest.raises(TypeError, match="does not run under DistributedDataParallel yet.*train it in one process"):
+            ReconstructionHeads(wrapped)
+    finally:
+        dist.destroy_process_group()
+
+
 
 
 def _trainer(net, heads, optimizer=None, **kwargs):

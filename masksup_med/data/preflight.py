@@ -25,7 +25,7 @@ __all__ = ["CACHE_ENV", "SPLITS_READ_BY_TRAINING", "check_training_data", "defau
 CACHE_ENV = "MASKSUP_MED_CACHE_DIR"
 SPLITS_READ_BY_TRAINING = ("train", "validation", "unlabelled")
 MAX_LISTED = 15
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # a cache written with another version is dropped when read
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,10 @@ def _load_cache(path: Path) -> dict[str, dict]:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    return cache if isinstance(cache, dict) else {}
+    if not isinstance(cache, dict):
+        return {}
+    current = f"v{_CACHE_VERSION}|"
+    return {key: value for key, value in cache.items() if key.startswith(current)}
 
 
 def _save_cache(path: Path, cache: dict[str, dict]) -> None:
