@@ -49,12 +49,14 @@ def pretrain_parser(**overrides: Any) -> ConfigParser:
     return parser
 
 
-def build_trainer(parser: ConfigParser, masker_id: str, device: torch.device, **masker_overrides: Any) -> ReconstructionTrainer:
-    """The recipe's network, optimiser and loss in a ReconstructionTrainer with the masker ``masker_id`` (seeded)."""
+def build_trainer(masker_id: str, device: torch.device, **overrides: Any) -> ReconstructionTrainer:
+    """The recipe's network, optimiser and loss in a ReconstructionTrainer with the masker ``masker_id`` (seeded).
+
+    Each trainer is parsed from its own config, so no two share a network, optimiser or masker.
+    """
     torch.manual_seed(0)
-    masker = parser.get_parsed_content(masker_id, instantiate=True)
-    for name, value in masker_overrides.items():
-        setattr(masker, name, value)
+    parser = pretrain_parser(**overrides)
+    masker = parser.get_parsed_content(masker_id)
     return ReconstructionTrainer(
         device=device,
         max_epochs=1,
@@ -75,9 +77,9 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     batch = list_data_collate(make_samples(batch_size, (width, height)))
     every = f"selective-every-{args.refresh_every}"
     trainers = {
-        "random": build_trainer(parser, "random_tile_masker", device),
-        "selective": build_trainer(parser, "selective_tile_masker", device, refresh_every=1),
-        every: build_trainer(parser, "selective_tile_masker", device, refresh_every=args.refresh_every),
+        "random": build_trainer("random_tile_masker", device),
+        "selective": build_trainer("selective_tile_masker", device, selective_refresh_every=1),
+        every: build_trainer("selective_tile_masker", device, selective_refresh_every=args.refresh_every),
     }
     # one timed call of an arm is `steps` steps, so each call of the every-N arm holds exactly one ranking
     steps_per_call = {name: args.refresh_every if name == every else 1 for name in trainers}
