@@ -39,12 +39,12 @@ class MIMOutputs(NamedTuple):
     features: torch.Tensor  # the penultimate features, resized to the input size (the head's input)
 
 
-def _feature_channels(block: nn.Module) -> int:
-    """The input channels of ``block``: those of its first convolution."""
+def _first_conv(block: nn.Module) -> nn.modules.conv._ConvNd:
+    """The first convolution in ``block`` (its input channels and dimensionality are the block's)."""
     for module in block.modules():
         if isinstance(module, nn.modules.conv._ConvNd):
-            return int(module.in_channels)
-    raise TypeError(f"cannot tell the input channels of {type(block).__name__}: it holds no convolution")
+            return module
+    raise TypeError(f"cannot tell the input channels or dimensions of {type(block).__name__}: it holds no convolution")
 
 
 class ReconstructionHeads(nn.Module):
@@ -77,12 +77,12 @@ class ReconstructionHeads(nn.Module):
                 f"ReconstructionHeads needs a network whose forward is its nn.Sequential 'model' (MONAI's UNet, "
                 f"AttentionUnet), to read its penultimate features; got {type(segmenter).__name__}."
             )
-        spatial_dims = _spatial_dims(model)
+        spatial_dims = len(_first_conv(model).kernel_size)
         self.segmenter = segmenter
         self.image_channels = int(image_channels)
         self.spatial_dims = spatial_dims
         self.head = nn.Sequential(
-            Convolution(spatial_dims, _feature_channels(model[-1]), hidden_channels, kernel_size=3,
+            Convolution(spatial_dims, int(_first_conv(model[-1]).in_channels), hidden_channels, kernel_size=3,
                         act="prelu", norm="batch"),
             Convolution(spatial_dims, hidden_channels, self.image_channels, kernel_size=1, conv_only=True),
         )
@@ -116,11 +116,3 @@ class ReconstructionHeads(nn.Module):
             mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
             features = F.interpolate(features, size=x.shape[2:], mode=mode, align_corners=False)
         return seg, self.head(features), features
-
-
-def _spatial_dims(model: nn.Sequential) -> int:
-    """2 or 3: the dimensionality of the first convolution in ``model``."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.conv._ConvNd):
-            return len(module.kernel_size)
-    raise TypeError("cannot tell the spatial dimensions of a network without convolutions")
