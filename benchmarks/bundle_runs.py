@@ -179,22 +179,27 @@ def mean_std(values: Sequence[float]) -> str:
 
 
 def paired_gains(records: list[dict[str, Any]], reference: str, arms: Sequence[str],
-                 by: dict[str, str] | None = None) -> list[str]:
+                 by: dict[str, str] | None = None, match: Sequence[str] | None = None) -> list[str]:
     """Markdown table: each arm's test mIoU minus the ``reference`` arm's on the same seed, per seed and on average.
 
-    ``by``: further record keys a pair must share, each shown as a column (``{"label_fraction": "label fraction"}``).
+    ``by``: further record keys that group the arms, each shown as a column (``{"label_fraction": "label
+    fraction"}``). ``match``: those of them the reference run must share too (default: all of ``by``;
+    ``()`` pairs every group with the reference on the seed alone, e.g. with a full-label reference).
     """
     by = by or {}
-    def key(r: dict[str, Any]) -> tuple:
-        return tuple(r[k] for k in by)
+    match = list(by) if match is None else list(match)
 
-    iou = {(key(r), r["seed"]): r["test"]["test"]["iou"] for r in records if r["arm"] == reference}
+    def key(r: dict[str, Any], keys: Sequence[str]) -> tuple:
+        return tuple(r[k] for k in keys)
+
+    iou = {(key(r, match), r["seed"]): r["test"]["test"]["iou"] for r in records if r["arm"] == reference}
     lines = ["| arm | " + "".join(f"{name} | " for name in by.values()) + "seeds paired | gain per seed | mean gain | seeds with a gain |",
              "|---|" + "---|" * len(by) + "---|---|---|---|"]
     for arm in [a for a in arms if a != reference]:
-        for group in sorted({key(r) for r in records if r["arm"] == arm}):
-            gains = {r["seed"]: r["test"]["test"]["iou"] - iou[group, r["seed"]] for r in records
-                     if r["arm"] == arm and key(r) == group and (group, r["seed"]) in iou}
+        for group in sorted({key(r, by) for r in records if r["arm"] == arm}):
+            rows = [r for r in records if r["arm"] == arm and key(r, by) == group]
+            gains = {r["seed"]: r["test"]["test"]["iou"] - iou[key(r, match), r["seed"]] for r in rows
+                     if (key(r, match), r["seed"]) in iou}
             if gains:
                 per_seed = ", ".join(f"{gains[s]:+.4f} (seed {s})" for s in sorted(gains))
                 lines.append(f"| {arm} | " + "".join(f"{v} | " for v in group) + f"{len(gains)} | {per_seed} | "

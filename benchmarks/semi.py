@@ -105,6 +105,12 @@ def report(args: argparse.Namespace) -> str:
             cells += [study.mean_std([r["test"]["test"][m] for r in rows]) for m in ("iou", "dice", "iou_native")]
             minutes = statistics.mean(r["train_seconds"] for r in rows) / 60
             lines.append(f"| {arm} | {fraction} | {len(rows)} | " + " | ".join(cells) + f" | {minutes:.1f} |")
+    fraction = {"label_fraction": "label fraction"}
+    arms = [arm for arm in ARMS if arm != "full-supervised"]
+    lines += ["", "Test mIoU gain over supervised-only at the same label fraction, same seed (goal at 1/4: >= +0.05):",
+              "", *study.paired_gains(records, "supervised-only", arms, by=fraction)]
+    lines += ["", "Test mIoU minus full-label supervised training with the same seed (goal at 1/4: >= -0.03):",
+              "", *study.paired_gains(records, "full-supervised", arms, by=fraction, match=())]
     lines += ["", "Each run is these two commands (here the first recorded run):", "", "```", *records[0]["commands"], "```"]
     return study.publish("\n".join(lines), f"semi-{args.bundle}", args.markdown)
 

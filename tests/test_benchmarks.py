@@ -160,6 +160,22 @@ def _ablation_record(arm: str, seed: int, test_iou: float) -> dict:
             "test": {"test": test, "testA": test, "testB": test}}
 
 
+def test_semi_gains_pair_by_fraction_and_seed_and_the_full_label_gap_by_seed_alone():
+    def record(arm, fraction, seed, iou):
+        return {**_ablation_record(arm, seed, iou), "label_fraction": fraction}
+
+    records = [record("supervised-only", 0.25, 0, 0.60), record("supervised-only", 0.25, 1, 0.62),
+               record("supervised-only", 0.125, 0, 0.50), record("semi", 0.25, 0, 0.66), record("semi", 0.25, 1, 0.61),
+               record("semi", 0.125, 0, 0.58), record("full-supervised", 1.0, 0, 0.70), record("full-supervised", 1.0, 1, 0.72)]
+    fraction = {"label_fraction": "label fraction"}
+    over_supervised = "\n".join(bundle_runs.paired_gains(records, "supervised-only", ["supervised-only", "semi"], by=fraction))
+    assert "| semi | 0.125 | 1 | +0.0800 (seed 0) | +0.0800 | 1 of 1 |" in over_supervised
+    assert "| semi | 0.25 | 2 | +0.0600 (seed 0), -0.0100 (seed 1) | +0.0250 | 1 of 2 |" in over_supervised
+    to_full = "\n".join(bundle_runs.paired_gains(records, "full-supervised", ["semi"], by=fraction, match=()))
+    assert "| semi | 0.125 | 1 | -0.1200 (seed 0) |" in to_full
+    assert "| semi | 0.25 | 2 | -0.0400 (seed 0), -0.1100 (seed 1) | -0.0750 | 0 of 2 |" in to_full
+
+
 def test_ablation_tables_report_spread_and_gains_paired_by_seed():
     records = [_ablation_record("baseline", 0, 0.60), _ablation_record("baseline", 1, 0.64),
                _ablation_record("full-heavy", 0, 0.65), _ablation_record("full-heavy", 1, 0.63),
