@@ -66,7 +66,7 @@ def pretrain(args: argparse.Namespace, arm: str, seed: int) -> dict[str, Any]:
     size reuses it; one written with other values is refused, naming the folder.
     """
     width, height = args.image_size
-    out = args.work_dir / f"pretrain-{args.bundle}-{arm}-e{args.pretrain_epochs}-{width}x{height}-seed{seed}"
+    out = args.work_dir / f"pretrain-{args.bundle}-{study.BUNDLE_DEFAULTS}-{arm}-e{args.pretrain_epochs}-{width}x{height}-seed{seed}"
     local = out if out.is_absolute() else study.ROOT / out
     values = {"dataset_dir": args.dataset_dir, "seed": seed, "max_epochs": args.pretrain_epochs,
               "val_interval": args.val_interval, "image_size": list(args.image_size), "selective_masking": ARMS[arm]}
@@ -107,7 +107,7 @@ def run_study(args: argparse.Namespace) -> None:
         if pretrained is not None:
             values["pretrained_weights"] = pretrained["weights"]
         width, height = args.image_size
-        out = args.work_dir / (f"finetune-{args.bundle}-{arm}-e{args.epochs}-{width}x{height}-f{fraction}-seed{seed}"
+        out = args.work_dir / (f"finetune-{args.bundle}-{study.BUNDLE_DEFAULTS}-{arm}-e{args.epochs}-{width}x{height}-f{fraction}-seed{seed}"
                                + (f"-pretrain{args.pretrain_epochs}" if pretrained is not None else ""))
         print(f"[pretrain] {arm} {fraction} seed {seed}: fine-tuning", flush=True)
         outcome = study.train_and_evaluate(finetune_configs(args.bundle, fraction), STUDIES[args.bundle].evaluate_config,

@@ -261,7 +261,7 @@ def test_pretraining_is_shared_and_refused_when_made_with_other_settings(tmp_pat
 
     args = pretrain.parse_args(["run", "--work-dir", str(tmp_path), "--pretrain-epochs", "2", "--image-size", "32", "32"])
     assert args.dataset_dir == "../shared/data/glas" and args.markdown[-1].parts[-3:] == ("glas", "docs", "README.md")
-    run_dir = tmp_path / "pretrain-glas-selective-e2-32x32-seed1"
+    run_dir = tmp_path / f"pretrain-glas-{bundle_runs.BUNDLE_DEFAULTS}-selective-e2-32x32-seed1"
     run_dir.mkdir()
     values = {"dataset_dir": "../shared/data/glas", "seed": 1, "max_epochs": 2, "val_interval": 3, "image_size": [32, 32],
               "selective_masking": True}
@@ -289,13 +289,13 @@ def test_pretrain_study_pretrains_fine_tunes_records_and_reports(tmp_path):
 
     (record,) = [json.loads(line) for line in results.read_text().splitlines()]
     assert (record["arm"], record["label_fraction"], record["seed"], record["pretrain_epochs"]) == ("selective", 0.25, 0, 1)
-    weights = runs / "pretrain-glas-selective-e1-32x32-seed0" / "models" / "pretrained.pt"
+    weights = runs / f"pretrain-glas-{bundle_runs.BUNDLE_DEFAULTS}-selective-e1-32x32-seed0" / "models" / "pretrained.pt"
     assert weights.is_file() and record["pretrain"]["weights"] == str(weights) and record["pretrain"]["seconds"] > 0
     pretrain_cmd, train_cmd, eval_cmd = record["commands"]
     assert "pretrain.json" in pretrain_cmd and "--selective_masking True" in pretrain_cmd and "--max_epochs 1" in pretrain_cmd
     assert "labelled_only.json" in train_cmd and "--label_fraction 0.25" in train_cmd
     assert f"--pretrained_weights {weights}" in train_cmd and "evaluating" in eval_cmd
-    finetune_log = (runs / "finetune-glas-selective-e1-32x32-f0.25-seed0-pretrain1" / "train.log").read_text()
+    finetune_log = (runs / f"finetune-glas-{bundle_runs.BUNDLE_DEFAULTS}-selective-e1-32x32-f0.25-seed0-pretrain1" / "train.log").read_text()
     assert f"pretrained weights from {weights}" in finetune_log
     assert 0 <= record["test"]["test"]["iou"] <= 1 and record["best_epoch"] == 1
 
