@@ -14,21 +14,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.data import PILReader
 from monai.transforms import Activationsd, AsDiscreted, CopyItemsd, Invertd, Transform
 from PIL import Image
 
 from masksup_med.data.errors import DatasetNotFoundError, UnreadableFileError
-from masksup_med.data.readers import PIL_SUFFIXES, TIFF_SUFFIXES, TiffReader, read_array
+from masksup_med.data.readers import PIL_SUFFIXES, TIFF_SUFFIXES, AnyImageReader, read_array
 
 __all__ = ["OverlayWriter", "image_readers", "list_images", "native_mask_postprocessing", "overlay"]
 
 logger = logging.getLogger(__name__)
 
 
-def image_readers() -> list:
-    """``reader`` argument of ``LoadImaged`` for any supported image file: Pillow formats, then TIFF."""
-    return [PILReader(), TiffReader()]
+def image_readers() -> AnyImageReader:
+    """``reader`` argument of ``LoadImaged`` for any supported image file (TIFF or a Pillow format)."""
+    return AnyImageReader()
 
 
 def native_mask_postprocessing(preprocessing: Transform, threshold: float = 0.5) -> list[Transform]:

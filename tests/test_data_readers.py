@@ -10,6 +10,7 @@ from _datasets import rgb, save, truncate
 from monai.transforms import LoadImaged
 
 from masksup_med.data import TiffReader, UnreadableFileError, loader_reader, read_array
+from masksup_med.data.readers import AnyImageReader
 from masksup_med.transforms import ForegroundMask, ForegroundMaskd
 
 
@@ -37,8 +38,20 @@ def test_planar_tiff_reads_like_contiguous(tmp_path):
 def test_loader_reader_by_extension():
     assert isinstance(loader_reader([{"image": "a.tif", "label": "a.TIFF"}]), TiffReader)
     assert loader_reader([{"image": "a.png", "label": "a.jpg"}]) == "PILReader"
-    mixed = loader_reader([{"image": "a.png", "label": "a.tif"}])
-    assert isinstance(mixed[-1], TiffReader)  # MONAI tries the last reader first
+    assert isinstance(loader_reader([{"image": "a.png", "label": "a.tif"}]), AnyImageReader)
+
+
+def test_any_image_reader_reads_each_format_with_its_own_reader_and_logs_no_failed_attempt(tmp_path, caplog):
+    array = rgb(30, 40)
+    paths = [save(array, tmp_path / name) for name in ("x.png", "x.bmp", "x.tif")]
+    with caplog.at_level("INFO"):
+        loaded = [_load(path, AnyImageReader()) for path in paths]
+    assert "unable to load" not in caplog.text
+    for image in loaded:
+        assert image.shape == (3, 40, 30)
+        assert torch.equal(image.as_tensor(), loaded[0].as_tensor())
+    assert [image.meta.get("format") for image in loaded] == ["PNG", "BMP", "TIFF"]
+    assert not AnyImageReader().verify_suffix("notes.txt")
 
 
 def test_read_array_names_broken_tiff(tmp_path):

@@ -87,6 +87,33 @@ def _read_tiff(path: Path) -> np.ndarray:
     return array
 
 
+class AnyImageReader(ImageReader):
+    """Read any supported image file with the reader its suffix calls for: ``TiffReader`` for TIFF,
+    MONAI's ``PILReader`` for PNG, JPEG and BMP.
+
+    For folders of mixed formats. Given a list of readers instead, ``LoadImaged`` tries them in turn,
+    and each file the first one cannot decode costs a failed read and an INFO line in the log.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._tiff, self._pil = TiffReader(), PILReader()
+
+    def verify_suffix(self, filename: Sequence[os.PathLike | str] | os.PathLike | str) -> bool:
+        """True when every file name ends in a supported suffix."""
+        return is_supported_format(filename, [suffix.lstrip(".") for suffix in PIL_SUFFIXES + TIFF_SUFFIXES])
+
+    def read(self, data, **kwargs):
+        """Decode with ``TiffReader`` when every file is a TIFF, with ``PILReader`` otherwise."""
+        reader = self._tiff if self._tiff.verify_suffix(data) else self._pil
+        return reader.read(data, **kwargs)
+
+    def get_data(self, img) -> tuple[np.ndarray, dict]:
+        """Return (array, metadata) from whichever reader decoded ``img`` (TIFF pages come as arrays)."""
+        first = img[0] if isinstance(img, list) else img
+        return (self._tiff if isinstance(first, np.ndarray) else self._pil).get_data(img)
+
+
 def reader_for(path: str | os.PathLike) -> ImageReader:
     """Return a reader instance for ``path`` chosen by its extension."""
     suffix = Path(path).suffix.lower()
@@ -100,13 +127,13 @@ def reader_for(path: str | os.PathLike) -> ImageReader:
 def loader_reader(items: list[dict], keys: Sequence[str] = ("image", "label")):
     """Return the ``reader`` argument of ``LoadImaged`` for the files of a datalist.
 
-    All TIFF: a ``TiffReader``; none: ``"PILReader"``; a mix: both, ``TiffReader`` tried first.
+    All TIFF: a ``TiffReader``; none: ``"PILReader"``; a mix: an ``AnyImageReader``.
     """
     tiff = {Path(item[k]).suffix.lower() in TIFF_SUFFIXES for item in items for k in keys if k in item}
     if tiff == {True}:
         return TiffReader()
     if True in tiff:
-        return [PILReader(), TiffReader()]
+        return AnyImageReader()
     return "PILReader"
 
 
