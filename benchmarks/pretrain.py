@@ -48,6 +48,16 @@ def study_settings(args: argparse.Namespace) -> dict[str, Any]:
             "val_interval": args.val_interval, "image_size": list(args.image_size)}
 
 
+def study_options(args: argparse.Namespace) -> str:
+    """The command-line options that select this study's records (:func:`study_settings`), as the report's reproduce line."""
+    options = (f"--bundle {args.bundle} --dataset-dir {args.dataset_dir} --seeds {' '.join(map(str, args.seeds))} "
+               f"--pretrain-epochs {args.pretrain_epochs} --epochs {args.epochs} --val-interval {args.val_interval} "
+               f"--image-size {args.image_size[0]} {args.image_size[1]}")
+    if args.selective_partitions is not None:
+        options += f" --selective-partitions {args.selective_partitions}"
+    return options
+
+
 def pretrain_configs(bundle: str) -> list[str]:
     """``train.json`` with ``pretrain.json`` merged over it."""
     return [STUDIES[bundle].train_config, f"bundles/{bundle}/configs/pretrain.json"]
@@ -152,7 +162,8 @@ def report(args: argparse.Namespace) -> str:
              "Mean ± sample std over seeds; mIoU is per-image foreground IoU averaged over images.")
     body = "\n".join([
         intro, "", pretrain_tables(records), "",
-        (f"Reproduce: `python benchmarks/pretrain.py run --bundle {args.bundle}` and `... report`. "
+        (f"Reproduce: `python benchmarks/pretrain.py run {study_options(args)}`, then `report` with the same "
+         "options. "
          f"A run is these commands (pretrain, fine-tune, evaluate; here `{example['arm']}`, label fraction "
          f"{example['label_fraction']}, seed {example['seed']}):"),
         "", "```", *example["commands"], "```",

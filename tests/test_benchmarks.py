@@ -303,3 +303,5 @@ def test_pretrain_study_pretrains_fine_tunes_records_and_reports(tmp_path):
     block = _block(md.read_text(), "pretrain-glas")
     assert "| selective | 0.25 | 1 |" in block and "pretraining 1 epochs" in block
     assert all(command in block for command in record["commands"])
+    assert "pretrain.py run --bundle glas" in block and "--pretrain-epochs 1 --epochs 1 --val-interval 1 --image-size 32 32" in block
+    assert "--selective-partitions 2" in block
