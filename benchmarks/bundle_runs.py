@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from report import BENCHMARKS_DIR, RESULTS_DIR, code_version, machine, replace_block
 
-from masksup_med.resume import latest_checkpoint
+from masksup_med.run.resume import latest_checkpoint
 
 ROOT = BENCHMARKS_DIR.parent
 METRICS = ("iou", "dice", "iou_native", "dice_native")

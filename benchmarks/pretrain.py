@@ -9,7 +9,7 @@ subset in every arm):
                 fine-tune
 
 Both pretraining arms get the same budget (``--pretrain-epochs``), on every training-split image
-without its mask (``masksup_med.pretraining.images_only``: validation and test images are never
+without its mask (``masksup_med.data.pretraining_images``: validation and test images are never
 seen). A pretraining run is shared by every fine-tuning run with the same bundle, arm, seed,
 pretraining epochs and image size; it resumes with ``--resume auto`` when killed halfway and
 records its time in ``pretrain_run.json`` next to its output. Fine-tuning is the bundle's training

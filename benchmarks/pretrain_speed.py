@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import RESULTS_DIR, RESULTS_MD, machine, replace_block, write_json
 from speed import ROOT, interleaved, make_samples, paired_ratio
 
-from masksup_med.pretraining import ReconstructionTrainer
-from masksup_med.runtime import select_device
+from masksup_med.methods.pretraining import ReconstructionTrainer
+from masksup_med.run.runtime import select_device
 
 CONFIGS = ("bundles/glas/configs/train.json", "bundles/glas/configs/pretrain.json")
 

@@ -59,8 +59,8 @@ from ablation import ARMS, TRAIN_CONFIG
 from bundle_runs import shown_command
 from report import BENCHMARKS_DIR, RESULTS_DIR, RESULTS_MD, machine, replace_block, write_json
 
-from masksup_med.engines import MaskSupTrainer
-from masksup_med.runtime import keep_freed_memory, select_device
+from masksup_med.methods.masksup import MaskSupTrainer
+from masksup_med.run.runtime import keep_freed_memory, select_device
 from masksup_med.transforms import RandFreeFormMaskd
 
 ROOT = BENCHMARKS_DIR.parent

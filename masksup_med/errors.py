@@ -1,6 +1,6 @@
 """Errors a user can fix: a path, a value, a server to start, a folder in use.
 
-Their messages say what is wrong and what to do. :mod:`masksup_med.error_report` prints them as the
+Their messages say what is wrong and what to do. :mod:`masksup_med.run.error_report` prints them as the
 last lines of a failed run instead of a traceback.
 """
 

@@ -24,9 +24,9 @@ from ignite.engine import Engine, Events
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 
 from masksup_med.data.splits import natural_key
-from masksup_med.figures import per_group_figure
+from masksup_med.tracking.figures import per_group_figure
 
-__all__ = ["SegmentationReport", "format_table", "image_scores", "registered_version", "summarize"]
+__all__ = ["SegmentationReportHandler", "format_table", "image_scores", "registered_version", "summarize"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def registered_version(model_source: str, tracking_uri: str | None) -> tuple[str
     return name, version
 
 
-class SegmentationReport:
+class SegmentationReportHandler:
     """Evaluator handler: score every image, then write the CSV / JSON report and print the table.
 
     Reads ``pred`` / ``label`` (network resolution) from the decollated output and

@@ -2,7 +2,7 @@
 
 The input side (readers for every supported format, grey to RGB) and the output side (probabilities,
 inverted back to each image's own size, thresholded) are written once here; the configs and
-:mod:`masksup_med.serving` call the same functions. Also: list the images of a folder, write overlays.
+:mod:`masksup_med.serving.model` call the same functions. Also: list the images of a folder, write overlays.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from PIL import Image
 from masksup_med.data.errors import DatasetNotFoundError, UnreadableFileError
 from masksup_med.data.readers import PIL_SUFFIXES, TIFF_SUFFIXES, AnyImageReader, read_array
 
-__all__ = ["OverlayWriter", "image_readers", "list_images", "native_mask_postprocessing", "overlay"]
+__all__ = ["OverlayHandler", "image_readers", "list_images", "native_mask_postprocessing", "overlay"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def overlay(image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (
     return rgb.clip(0, 255).astype(np.uint8)
 
 
-class OverlayWriter:
+class OverlayHandler:
     """Evaluator handler writing ``<stem>_overlay.png``: the input image with the predicted mask tinted.
 
     Reads ``image_native`` (the loaded image, before scaling and resizing) from the batch and

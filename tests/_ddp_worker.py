@@ -1,5 +1,5 @@
 """A worker for tests/test_semi.py's two-process DDP check, in a module of its own so that the
-spawned processes import only torch, MONAI's UNet and masksup_med.runtime (not the test module's
+spawned processes import only torch, MONAI's UNet and masksup_med.run.runtime (not the test module's
 heavier imports)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from monai.networks.nets import UNet
 from torch import nn
 
 from masksup_med.errors import ConfigError
-from masksup_med.runtime import check_same_on_every_process
+from masksup_med.run.runtime import check_same_on_every_process
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from masksup_med.data import make_glas_demo
-from masksup_med.tracking import resolve_tracking_uri
+from masksup_med.tracking.store import resolve_tracking_uri
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = REPO / "benchmarks"

@@ -32,7 +32,7 @@ from PIL import Image
 
 from masksup_med.bundles import bundle_dirs
 from masksup_med.data import make_cvc_clinicdb_demo, make_glas_demo, make_kvasir_seg_demo, read_array
-from masksup_med.model_format import build_network, load_model, network_definition
+from masksup_med.tracking.model_format import build_network, load_model, network_definition
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "glas" / "configs"
@@ -395,7 +395,7 @@ def test_image_size_the_network_cannot_take_fails_at_start_with_a_size_that_work
 def test_check_image_size_accepts_multiples_and_networks_without_strides():
     from monai.networks.nets import UNet
 
-    from masksup_med.runtime import check_image_size
+    from masksup_med.run.runtime import check_image_size
 
     unet = UNet(2, 3, 1, channels=(4, 8, 16), strides=(2, (2, 4)))  # downsamples by 4 along H, 8 along W
     check_image_size([36, 96], unet)
@@ -408,7 +408,7 @@ def test_check_image_size_accepts_multiples_and_networks_without_strides():
 def test_rotation_by_90_degrees_is_refused_for_unequal_sides_and_off_in_the_glas_bundle():
     from monai.transforms import RandFlipd, RandRotate90, RandRotate90d
 
-    from masksup_med.runtime import check_augmentation_keeps_size
+    from masksup_med.run.runtime import check_augmentation_keeps_size
 
     rotate = RandRotate90d(["image", "label"], prob=0.5)
     check_augmentation_keeps_size([RandFlipd("image", prob=0.5), rotate], [256, 256])
@@ -568,8 +568,8 @@ def test_a_landscape_image_stays_landscape_and_upright_from_file_to_network_to_m
     """image_size is [width, height]: the CVC-ClinicDB bundle's default input of a 96 x 48 image with a red
     top-right corner is 320 wide and 240 high with the corner at (last x, first y); the mask written back
     has the image's own size with the corner in the same place; the figures show it upright."""
-    from masksup_med.figures import _as_display
-    from masksup_med.serving import decode_image
+    from masksup_med.tracking.figures import _as_display
+    from masksup_med.serving.model import decode_image
 
     height, width = 48, 96
     picture = np.full((height, width, 3), 128, np.uint8)

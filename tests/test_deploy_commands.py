@@ -26,10 +26,10 @@ import tifffile
 from PIL import Image
 from servers import free_port, job_env, masksup_command, masksup_server
 
-from masksup_med import cli_deploy
+from masksup_med.cli import deploy
 from masksup_med.cli import main
 from masksup_med.data import make_glas_demo
-from masksup_med.serving import decode_image, sniff_suffix
+from masksup_med.serving.model import decode_image, sniff_suffix
 
 pytestmark = pytest.mark.xdist_group("servers")  # with the MLflow tests: one PostgreSQL server per run
 REPO = Path(__file__).resolve().parents[1]

@@ -16,8 +16,8 @@ from monai.transforms import Compose
 from monai.utils import set_determinism
 from torch import nn
 
-from masksup_med.engines import MaskSupKeys, MaskSupTrainer, loss_terms
-from masksup_med.losses import MaskSupLoss
+from masksup_med.methods.masksup import MaskSupKeys, MaskSupTrainer, loss_terms
+from masksup_med.methods.losses import MaskSupLoss
 from masksup_med.transforms import RandFreeFormMask, RandFreeFormMaskd, RandMaskBank, RandPatchMask
 
 TERMS = ("loss", "loss_seg", "loss_context", "loss_tasksim")
@@ -292,10 +292,10 @@ class _LossWithAreaTerm(MaskSupLoss):
 
 
 def test_extra_named_loss_term_reaches_the_output_and_the_epoch_averages():
-    from masksup_med.handlers import LossTermAverages
+    from masksup_med.methods.handlers import LossTermAveragesHandler
 
     trainer = _trainer(_net(), _loader(_data()), loss=_LossWithAreaTerm(), max_epochs=2)
-    averages = LossTermAverages()
+    averages = LossTermAveragesHandler()
     per_epoch: list[dict] = []
     averages.attach(trainer)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: per_epoch.append(dict(e.state.metrics)))
@@ -308,19 +308,19 @@ def test_extra_named_loss_term_reaches_the_output_and_the_epoch_averages():
 
 
 def test_loss_term_averages_work_for_monai_plain_supervised_trainer():
-    from masksup_med.handlers import LossTermAverages
+    from masksup_med.methods.handlers import LossTermAveragesHandler
 
     net = _net()
     trainer = SupervisedTrainer(device="cpu", max_epochs=1, train_data_loader=_loader(_data(), masking=False),
                                 network=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
                                 loss_function=torch.nn.BCEWithLogitsLoss())
-    LossTermAverages().attach(trainer)
+    LossTermAveragesHandler().attach(trainer)
     trainer.run()
     assert set(trainer.state.metrics) == {"train_loss"} and math.isfinite(trainer.state.metrics["train_loss"])
 
 
 def test_named_terms_requires_a_total():
-    from masksup_med.handlers import named_terms
+    from masksup_med.methods.handlers import named_terms
 
     assert set(named_terms(torch.tensor(1.0))) == {"total"}
     with pytest.raises(KeyError, match="'total'"):
@@ -357,7 +357,7 @@ def test_bf16_autocast_step_on_cpu_matches_fp32_within_tolerance():
 def test_final_validation_runs_when_the_schedule_skipped_the_last_epoch(max_epochs, interval, rounds):
     from monai.handlers import ValidationHandler
 
-    from masksup_med.handlers import FinalValidation
+    from masksup_med.methods.handlers import FinalValidationHandler
 
     validated: list[int] = []
     from monai.engines import SupervisedEvaluator
@@ -366,6 +366,6 @@ def test_final_validation_runs_when_the_schedule_skipped_the_last_epoch(max_epoc
     validator.run = lambda epoch: validated.append(epoch)  # records when it is asked to validate
     trainer = _trainer(_net(), _loader(_data(n=2)), max_epochs=max_epochs)
     ValidationHandler(interval=interval, validator=validator, epoch_level=True).attach(trainer)
-    FinalValidation(validator, interval).attach(trainer)
+    FinalValidationHandler(validator, interval).attach(trainer)
     trainer.run()
     assert validated == rounds

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from masksup_med.evaluation import SegmentationReport
+from masksup_med.evaluation import SegmentationReportHandler
 
 
 def _engine(sequences: list) -> SimpleNamespace:
@@ -28,7 +28,7 @@ def _engine(sequences: list) -> SimpleNamespace:
 
 
 def test_images_of_video_sequences_are_summarised_and_drawn_per_sequence(tmp_path, capsys):
-    report = SegmentationReport(tmp_path, "test", "model.pt")
+    report = SegmentationReportHandler(tmp_path, "test", "model.pt")
     report.score_batch(_engine([3, 3, 7, 12]))
     summary = report.report()
     with open(tmp_path / "per_image.csv", newline="", encoding="utf-8") as f:
@@ -46,7 +46,7 @@ def test_images_of_video_sequences_are_summarised_and_drawn_per_sequence(tmp_pat
 
 @pytest.mark.parametrize("sequences", [[None, None], [1, None]], ids=["none", "unknown"])
 def test_images_without_sequences_get_no_sequence_summary(tmp_path, sequences):
-    report = SegmentationReport(tmp_path, "test", "model.pt")
+    report = SegmentationReportHandler(tmp_path, "test", "model.pt")
     report.score_batch(_engine(sequences))
     summary = report.report()
     assert ("per_sequence" in summary) == any(s is not None for s in sequences)

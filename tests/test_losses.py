@@ -7,7 +7,7 @@ import torch
 from monai.losses import DiceCELoss
 from torch import nn
 
-from masksup_med.losses import MaskSupLoss, MaskSupTerms
+from masksup_med.methods.losses import MaskSupLoss, MaskSupTerms
 
 
 def _bce_with_logits(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from servers import (
     require,
 )
 
-from masksup_med.registry import using_store
+from masksup_med.tracking.registry import using_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("servers")]  # one PostgreSQL and MLflow server per run
 

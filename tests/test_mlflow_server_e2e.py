@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 from servers import LOOPBACK, NO_TELEMETRY_ENV, check_model_page, free_port, port_open
 
-from masksup_med.model_format import load_model
-from masksup_med.registry import using_store
+from masksup_med.tracking.model_format import load_model
+from masksup_med.tracking.registry import using_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("servers")]  # one PostgreSQL and MLflow server per run
 

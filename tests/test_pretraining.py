@@ -8,12 +8,12 @@ from monai.networks.nets import UNet
 from PIL import Image
 from torch import nn
 
-from masksup_med.figures import ReconstructionFigureHandler
-from masksup_med.pretrained import load_pretrained_weights
-from masksup_med.pretraining import (
+from masksup_med.data import pretraining_images
+from masksup_med.tracking.figures import ReconstructionFigureHandler
+from masksup_med.run.pretrained import load_pretrained_weights
+from masksup_med.methods.pretraining import (
     MaskedReconstructionLoss,
     SelectiveTileMasker,
-    images_only,
     pick_masker,
     select_tiles,
     tile_losses,
@@ -28,10 +28,10 @@ def test_pretraining_data_is_the_training_images_only_without_masks(tmp_path):
     extra = tmp_path / "extra"
     extra.mkdir()
     Image.new("RGB", (8, 8)).save(extra / "slide.png")
-    data = images_only(datalist)
+    data = pretraining_images(datalist)
     assert list(data) == ["train"]
     assert data["train"] == [{"image": f"train_{i}.png", "id": f"train_{i}"} for i in range(3)]  # no label, no held-out image
-    with_extra = images_only(datalist, str(extra))
+    with_extra = pretraining_images(datalist, str(extra))
     assert [item["id"] for item in with_extra["train"]] == ["train_0", "train_1", "train_2", "unlabelled/slide"]
     held_out = {item["image"] for split in ("validation", "test", "testA") for item in datalist[split]}
     assert not held_out & {item["image"] for item in with_extra["train"]}

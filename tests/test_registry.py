@@ -17,15 +17,15 @@ from ignite.engine import Engine
 from monai.networks.nets import UNet
 
 from masksup_med.cli import main
-from masksup_med.model_format import UnsafeModelError, load_model, network_definition
-from masksup_med.registry import (
+from masksup_med.tracking.model_format import UnsafeModelError, load_model, network_definition
+from masksup_med.tracking.registry import (
     ModelRegistrationHandler,
     load_network,
     manual_register_command,
     register_checkpoint,
     using_store,
 )
-from masksup_med.tracking import check_tracking_server, resolve_tracking_uri, run_params
+from masksup_med.tracking.store import check_tracking_server, resolve_tracking_uri, run_params
 
 REPO = Path(__file__).resolve().parents[1]
 GLAS_TRAIN = REPO / "bundles" / "glas" / "configs" / "train.json"
@@ -268,7 +268,7 @@ def test_registry_cli_without_tracking_store_explains(monkeypatch):
 
 
 def test_run_params_log_split_options_key_by_key():
-    from masksup_med.losses import MaskSupLoss
+    from masksup_med.methods.losses import MaskSupLoss
     from masksup_med.transforms import RandFreeFormMaskd
 
     network = UNet(2, 3, 1, channels=(4, 8), strides=(2,))
@@ -293,13 +293,13 @@ def test_moving_the_alias_to_a_version_that_validated_worse_says_so(checkpoint, 
     same_data = {"dataset": "glas", "dataset_dir": "/data/glas"}
     register_checkpoint(path, TINY_UNET, "masksup-test", sqlite_uri, (3, 32, 32),
                         tags={**same_data, "best_val_mean_iou": "0.894"}, config_file=GLAS_TRAIN)
-    with caplog.at_level(logging.WARNING, logger="masksup_med.registry"):
+    with caplog.at_level(logging.WARNING, logger="masksup_med.tracking.registry"):
         register_checkpoint(path, TINY_UNET, "masksup-test", sqlite_uri, (3, 32, 32),
                             tags={**same_data, "best_val_mean_iou": "0.866"}, config_file=GLAS_TRAIN)
     assert "moves from version 1 (best_val_mean_iou 0.8940) to version 2 (best_val_mean_iou 0.8660)" in caplog.text
     assert "masksup-med registry promote masksup-test 1 --alias candidate" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="masksup_med.registry"):  # better, or other data: no warning
+    with caplog.at_level(logging.WARNING, logger="masksup_med.tracking.registry"):  # better, or other data: no warning
         register_checkpoint(path, TINY_UNET, "masksup-test", sqlite_uri, (3, 32, 32),
                             tags={**same_data, "best_val_mean_iou": "0.9"}, config_file=GLAS_TRAIN)
         register_checkpoint(path, TINY_UNET, "masksup-test", sqlite_uri, (3, 32, 32),

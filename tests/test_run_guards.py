@@ -24,10 +24,10 @@ from PIL import Image
 from masksup_med.data import DatasetError, check_dataset, check_training_data, make_glas_demo, split_glas
 from masksup_med.data.checks import CheckReport
 from masksup_med.errors import ConfigError, OutputDirError
-from masksup_med.output_dir import LOCK_NAME, acquire_lock, claim, release_lock
-from masksup_med.overrides import check_overrides
-from masksup_med.resume import latest_checkpoint, resume_mode
-from masksup_med.run_tracking import RunTracking
+from masksup_med.run.output_dir import LOCK_NAME, acquire_lock, claim, release_lock
+from masksup_med.run.overrides import check_overrides
+from masksup_med.run.resume import latest_checkpoint, resume_mode
+from masksup_med.tracking.run import RunTrackingHandler
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "bundles" / "glas" / "configs" / "train.json")
@@ -68,7 +68,7 @@ def test_a_lock_held_on_another_host_is_not_taken_over(tmp_path):
 
 
 def test_the_lock_goes_when_its_process_exits(tmp_path):
-    code = f"from masksup_med.output_dir import acquire_lock; acquire_lock({str(tmp_path)!r}); print('held')"
+    code = f"from masksup_med.run.output_dir import acquire_lock; acquire_lock({str(tmp_path)!r}); print('held')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "held"
     assert not (tmp_path / LOCK_NAME).exists()
@@ -194,7 +194,7 @@ def test_a_run_that_fails_midway_is_marked_failed_in_mlflow(tmp_path):
         return {"loss": 1.0}
 
     trainer = Engine(step)
-    tracking = RunTracking(uri, "guards", "failing-run")
+    tracking = RunTrackingHandler(uri, "guards", "failing-run")
     tracking.attach(trainer)
     StatsHandler(iteration_log=False).attach(trainer)  # re-raises, as in the bundles
     trainer.set_data([0, 1, 2])

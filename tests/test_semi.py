@@ -16,11 +16,10 @@ from PIL import Image
 from torch import nn
 
 from masksup_med.data import DatasetError, DatasetNotFoundError, UnreadableFileError, with_unlabelled
-from masksup_med.figures import PseudoLabelFigureHandler, pseudo_label_image
-from masksup_med.losses import ConfidentPseudoLabelLoss, MaskSupLoss
-from masksup_med.semi import MaskMatchTrainer
-from masksup_med.teacher import (
-    confidence_mask,
+from masksup_med.tracking.figures import PseudoLabelFigureHandler, pseudo_label_image
+from masksup_med.methods.losses import ConfidentPseudoLabelLoss, MaskSupLoss, confidence_mask
+from masksup_med.methods.maskmatch import MaskMatchTrainer
+from masksup_med.methods.teacher import (
     ema_update,
     make_teacher,
     multiscale_probabilities,
@@ -205,7 +204,7 @@ def test_ema_momentum_warms_up_as_in_mean_teacher():
 def test_best_network_selector_keeps_whichever_network_scores_best(tmp_path):
     from types import SimpleNamespace
 
-    from masksup_med.semi import BestNetworkSelector
+    from masksup_med.methods.maskmatch import BestNetworkSelectionHandler
 
     teacher, student = nn.Linear(2, 1), nn.Linear(2, 1)
     with torch.no_grad():
@@ -213,7 +212,7 @@ def test_best_network_selector_keeps_whichever_network_scores_best(tmp_path):
         student.weight.fill_(2.0)
     evaluators = {name: SimpleNamespace(state=SimpleNamespace(metrics={}, epoch=0)) for name in ("teacher", "student")}
     path = tmp_path / "models" / "model.pt"
-    selector = BestNetworkSelector(str(path), evaluators, {"teacher": teacher, "student": student},
+    selector = BestNetworkSelectionHandler(str(path), evaluators, {"teacher": teacher, "student": student},
                                    {"teacher": "val_mean_iou", "student": "val_student_mean_iou"})
 
     def round_(name, metric, score, epoch):
@@ -224,7 +223,7 @@ def test_best_network_selector_keeps_whichever_network_scores_best(tmp_path):
     assert not round_("teacher", "val_mean_iou", 0.45, 2)  # better than its own best, not than the student's
     assert torch.load(path, weights_only=True)["weight"].flatten().tolist() == [2.0, 2.0]
     assert selector.tags() == {"selected_network": "student", "best_val_mean_iou": "0.5000", "best_epoch": "1"}
-    restored = BestNetworkSelector(str(path), evaluators, {"teacher": teacher, "student": student},
+    restored = BestNetworkSelectionHandler(str(path), evaluators, {"teacher": teacher, "student": student},
                                    {"teacher": "val_mean_iou", "student": "val_student_mean_iou"})
     restored.load_state_dict(selector.state_dict())
     assert restored.tags() == selector.tags()

@@ -9,9 +9,9 @@ from _semi_batches import semi_batches
 from monai.networks.nets import UNet
 from torch import nn
 
-from masksup_med.losses import ClassWiseReconstructionLoss, FeatureAggregationLoss, MaskSupLoss, class_regions
-from masksup_med.mim import ReconstructionHeads
-from masksup_med.semi import MaskMatchTrainer
+from masksup_med.methods.losses import ClassWiseReconstructionLoss, FeatureAggregationLoss, MaskSupLoss, class_regions
+from masksup_med.methods.mim import ReconstructionHeads
+from masksup_med.methods.maskmatch import MaskMatchTrainer
 from masksup_med.transforms import RandPatchMask
 
 
@@ -205,7 +205,7 @@ def test_semi_mim_config_trains_logs_the_mim_terms_and_registers_a_one_channel_m
     import mlflow
     from test_bundles import CASES, CONFIGS, TRAIN_CONFIG, run_bundle, run_training
 
-    from masksup_med.model_format import load_model
+    from masksup_med.tracking.model_format import load_model
 
     demo = CASES["glas"].make_demo(tmp_path / "demo")
     out = tmp_path / "out"

@@ -27,10 +27,10 @@ from PIL import Image
 from servers import LOOPBACK, free_port, job_env, masksup_command, masksup_server
 
 from masksup_med.cli import main
-from masksup_med.model_format import build_network
-from masksup_med.registry import register_checkpoint
-from masksup_med.serving_app import clean_error
-from masksup_med.serving_limits import RequestRejected, ServingLimits, image_header
+from masksup_med.tracking.model_format import build_network
+from masksup_med.tracking.registry import register_checkpoint
+from masksup_med.serving.app import clean_error
+from masksup_med.serving.limits import RequestRejected, ServingLimits, image_header
 
 TINY_UNET = {"_target_": "UNet", "spatial_dims": 2, "in_channels": 3, "out_channels": 1, "channels": [4, 8],
              "strides": [2], "num_res_units": 0}
@@ -277,7 +277,7 @@ def test_serving_limits_travel_in_a_model_config():
 
 
 def test_a_file_that_does_not_decode_is_refused_without_the_temporary_path():
-    from masksup_med.serving import decode_image
+    from masksup_med.serving.model import decode_image
 
     truncated = encoded(picture())[:60]  # a valid header, then nothing
     with pytest.raises(RequestRejected, match="does not decode") as refused:

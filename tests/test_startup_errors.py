@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from masksup_med.data import make_glas_demo
-from masksup_med.output_dir import LOCK_NAME
+from masksup_med.run.output_dir import LOCK_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "glas" / "configs"

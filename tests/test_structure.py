@@ -1,5 +1,5 @@
-"""The package's structure: no import loops, the core imports nothing of tracking, CLI or serving,
-and training never loads the demo-data generator."""
+"""The package's structure: layers by folder, no import loops, the core imports nothing of tracking, CLI
+or serving, and training never loads the demo-data generator."""
 
 from __future__ import annotations
 
@@ -9,11 +9,26 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "masksup_med"
-CORE = ("masksup_med.transforms", "masksup_med.losses", "masksup_med.engines", "masksup_med.handlers",
-        "masksup_med.semi", "masksup_med.teacher", "masksup_med.mim", "masksup_med.pretraining",
-        "masksup_med.pretrained")
-OUTER = ("masksup_med.tracking", "masksup_med.run_tracking", "masksup_med.registry", "masksup_med.model_format",
-         "masksup_med.figures", "masksup_med.serving", "masksup_med.cli", "masksup_med.bundles")
+
+# The layers, by folder: what each part of the package may import besides itself and the package root
+# (``__version__``). A new module takes the layer of the folder it goes in; a new top-level module or
+# folder must be given its line here.
+LAYERS: dict[str, set[str]] = {
+    "errors": set(),
+    "bundles": set(),
+    "transforms": set(),
+    "run": {"errors"},
+    "data": {"errors", "transforms"},
+    "methods": {"errors", "transforms", "run"},
+    "inference": {"errors", "transforms", "data"},
+    "tracking": {"errors", "transforms", "run", "methods"},
+    "evaluation": {"errors", "transforms", "data", "tracking"},
+    "serving": {"errors", "transforms", "run", "data", "inference", "tracking"},
+    "cli": {"errors", "transforms", "run", "data", "methods", "inference", "tracking", "evaluation", "serving"},
+    "__main__": {"cli"},
+}
+CORE = ("transforms", "methods")
+OUTER = ("tracking", "serving", "cli")
 
 
 def _module_name(path: Path) -> str:
@@ -44,11 +59,53 @@ def _graph(top_level_only: bool) -> dict[str, set[str]]:
     return {_module_name(p): _imports(p, top_level_only) for p in PACKAGE.rglob("*.py")}
 
 
+def _layer(module: str) -> str:
+    """The part of the package ``module`` belongs to: its folder, or its own name at the top level."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def layering_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every import in ``graph`` that reaches a layer its module's layer may not import."""
+    found = []
+    for module, imported in sorted(graph.items()):
+        layer = _layer(module)
+        if layer == "":
+            continue  # the package root (__version__) imports nothing of its own
+        if layer not in LAYERS:
+            found.append(f"{module}: its folder or name {layer!r} has no line in LAYERS")
+            continue
+        for name in sorted(imported):
+            other = _layer(name)
+            if other not in ("", layer) and other not in LAYERS[layer]:
+                found.append(f"{module} imports {name} ({other!r} is not below {layer!r})")
+    return found
+
+
+def test_every_module_imports_only_from_the_layers_below_it():
+    assert layering_violations(_graph(top_level_only=False)) == []
+
+
+def test_a_module_importing_from_a_layer_above_it_is_caught():
+    graph = _graph(top_level_only=False)
+    graph["masksup_med.methods.losses"] = graph["masksup_med.methods.losses"] | {"masksup_med.tracking.store"}
+    graph["masksup_med.newmodule"] = set()
+    assert layering_violations(graph) == [
+        "masksup_med.methods.losses imports masksup_med.tracking.store ('tracking' is not below 'methods')",
+        "masksup_med.newmodule: its folder or name 'newmodule' has no line in LAYERS",
+    ]
+
+
 def test_core_imports_nothing_from_tracking_cli_or_serving():
     for module, imported in _graph(top_level_only=False).items():
-        if module.startswith(CORE):
-            outer = {name for name in imported if name.startswith(OUTER)}
+        if _layer(module) in CORE:
+            outer = {name for name in imported if _layer(name) in OUTER}
             assert not outer, f"{module} imports {sorted(outer)}"
+
+
+def test_the_package_top_level_holds_at_most_six_modules():
+    modules = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(modules) <= 6, modules
 
 
 def test_no_import_loops_at_module_level():
@@ -73,8 +130,8 @@ def test_no_import_loops_at_module_level():
 def test_training_path_does_not_load_the_demo_data_generator():
     code = (
         "import sys\n"
-        "import masksup_med.data, masksup_med.engines, masksup_med.run_tracking, masksup_med.resume\n"
-        "import masksup_med.runtime, masksup_med.evaluation, masksup_med.inference\n"
+        "import masksup_med.data, masksup_med.methods.masksup, masksup_med.tracking.run, masksup_med.run.resume\n"
+        "import masksup_med.run.runtime, masksup_med.evaluation, masksup_med.inference\n"
         "masksup_med.data.get_dataset('glas')\n"
         "print('masksup_med.data.synthetic' in sys.modules)\n"
     )

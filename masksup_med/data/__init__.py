@@ -22,7 +22,8 @@ from .splits import carve_validation, read_datalist, split_groups, write_datalis
 _LAZY = {"TiffReader": "readers", "loader_reader": "readers", "read_array": "readers",
          "check_dataset": "checks", "CheckReport": "checks", "check_training_data": "preflight",
          "make_glas_demo": "synthetic", "make_cvc_clinicdb_demo": "synthetic", "make_kvasir_seg_demo": "synthetic",
-         "with_unlabelled": "unlabelled", "list_unlabelled_images": "unlabelled"}
+         "with_unlabelled": "unlabelled", "list_unlabelled_images": "unlabelled",
+         "pretraining_images": "unlabelled"}
 
 
 def __getattr__(name: str):
@@ -54,6 +55,7 @@ __all__ = [
     "make_cvc_clinicdb_demo",
     "make_glas_demo",
     "make_kvasir_seg_demo",
+    "pretraining_images",
     "read_array",
     "read_datalist",
     "split_cvc_clinicdb",

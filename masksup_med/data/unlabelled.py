@@ -18,7 +18,7 @@ from .errors import DatasetError, DatasetNotFoundError
 from .pairing import is_stray, require_folder
 from .splits import natural_key
 
-__all__ = ["list_unlabelled_images", "with_unlabelled"]
+__all__ = ["list_unlabelled_images", "pretraining_images", "with_unlabelled"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -75,3 +75,13 @@ def with_unlabelled(
             "training needs a label_fraction below 1 or an unlabelled_dir."
         )
     return {**{k: v for k, v in datalist.items() if k != "train"}, "train": labelled, "unlabelled": unlabelled}
+
+
+def pretraining_images(datalist: dict[str, list[dict]], unlabelled_dir: str | None = None) -> dict[str, list[dict]]:
+    """Pretraining data: the training images without their masks, plus every image of ``unlabelled_dir``.
+
+    Validation and test images are left out: pretraining never sees a held-out image.
+    """
+    train = [{"image": item["image"], "id": item["id"]} for item in datalist["train"]]
+    extra = list_unlabelled_images(unlabelled_dir) if unlabelled_dir not in (None, "") else []
+    return {"train": train + extra}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from masksup_med.losses import MaskSupLoss
+from masksup_med.methods.losses import MaskSupLoss
 
 
 class AreaMaskSupLoss(MaskSupLoss):

@@ -71,7 +71,7 @@ class RequestRejected(MlflowException, ValueError):
     """A request the endpoint refuses: HTTP ``status`` and a message for the client, never a stack trace.
 
     An ``MlflowException`` so that MLflow's scoring server answers it as JSON; ``masksup_status`` and
-    ``masksup_message`` travel in that JSON, untouched, to :mod:`masksup_med.serving_app`.
+    ``masksup_message`` travel in that JSON, untouched, to :mod:`masksup_med.serving.app`.
     """
 
     def __init__(self, message: str, status: int = 400) -> None:

@@ -182,7 +182,7 @@ def load_model(source: str | Path, device: torch.device | str = "cpu", tracking_
     if Path(source).is_dir():
         network = _read_model_dir(Path(source), source)
     else:
-        from masksup_med.tracking import using_store
+        from masksup_med.tracking.store import using_store
 
         with tempfile.TemporaryDirectory(prefix="masksup-model-") as tmp, using_store(tracking_uri):
             local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp)

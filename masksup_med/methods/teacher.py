@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["confidence_mask", "ema_update", "make_teacher", "multiscale_probabilities", "sigmoid_rampup"]
+__all__ = ["ema_update", "make_teacher", "multiscale_probabilities", "sigmoid_rampup"]
 
 
 def make_teacher(student: nn.Module) -> nn.Module:
@@ -53,19 +53,6 @@ def sigmoid_rampup(epoch: float, length: float) -> float:
         return 1.0
     t = min(max(float(epoch) / float(length), 0.0), 1.0)
     return math.exp(-5.0 * (1.0 - t) ** 2)
-
-
-def confidence_mask(probabilities: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Pixels whose predicted class has probability >= ``threshold``.
-
-    One channel (sigmoid): ``max(p, 1 - p)``; several channels (softmax): the largest channel.
-    Returns a ``B, 1, *spatial`` boolean tensor.
-    """
-    if probabilities.shape[1] == 1:
-        confidence = torch.maximum(probabilities, 1.0 - probabilities)
-    else:
-        confidence = probabilities.amax(dim=1, keepdim=True)
-    return confidence >= threshold
 
 
 @torch.no_grad()

@@ -20,7 +20,6 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from masksup_med.teacher import confidence_mask
 
 __all__ = [
     "ClassWiseReconstructionLoss",
@@ -29,7 +28,21 @@ __all__ = [
     "MaskSupLoss",
     "MaskSupTerms",
     "class_regions",
+    "confidence_mask",
 ]
+
+
+def confidence_mask(probabilities: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Pixels whose predicted class has probability >= ``threshold``.
+
+    One channel (sigmoid): ``max(p, 1 - p)``; several channels (softmax): the largest channel.
+    Returns a ``B, 1, *spatial`` boolean tensor.
+    """
+    if probabilities.shape[1] == 1:
+        confidence = torch.maximum(probabilities, 1.0 - probabilities)
+    else:
+        confidence = probabilities.amax(dim=1, keepdim=True)
+    return confidence >= threshold
 
 
 class MaskSupTerms(NamedTuple):

@@ -18,7 +18,7 @@ from ignite.engine import Engine
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from masksup_med.errors import ConfigError
-from masksup_med.overrides import config_flag
+from masksup_med.run.overrides import config_flag
 
 __all__ = ["BestMetricState", "attach_handlers", "check_checkpoint_holds", "latest_checkpoint", "resume_mode"]
 

@@ -1,6 +1,6 @@
 """Serve a registered segmentation model over REST: images in, masks out.
 
-The registered model (:mod:`masksup_med.model_format`: tensor in, logits out) knows nothing about
+The registered model (:mod:`masksup_med.tracking.model_format`: tensor in, logits out) knows nothing about
 image files. :func:`build_serving_model` writes an MLflow pyfunc model whose loader is this module
 (:func:`_load_pyfunc`, :class:`MaskSupSegmenter`): it wraps the registered network with the bundle's
 own preprocessing, so that MLflow's scoring server (``/ping``, ``/invocations``) takes image files and
@@ -14,7 +14,7 @@ answers with masks:
   the input image's own size), ``width``, ``height`` and ``foreground_fraction``. The server wraps
   them as ``{"predictions": [{"mask": …, "width": …, "height": …, "foreground_fraction": …}]}``.
 
-Each image's header is checked against the serving limits (:mod:`masksup_med.serving_limits`)
+Each image's header is checked against the serving limits (:mod:`masksup_med.serving.limits`)
 before it is decoded, then it goes through the same code as the bundle's inference config: read
 with the project's readers (so TIFFs work), channel first, grey to RGB
 (:class:`~masksup_med.transforms.EnsureRGB`), the config's ``resizing`` transforms (intensity 0..255
@@ -25,8 +25,8 @@ size, threshold). The training size is the registered model's input shape (``C, 
 
 The served folder holds no pickle: ``MLmodel`` names this module as the loader, ``data/`` holds the
 registered model's files (weights and network definition, read by
-:func:`masksup_med.model_format.load_model`) and the local bundle's ``train.json``.
-``masksup-med serve`` writes it in a temporary folder and runs :mod:`masksup_med.serving_app` on it.
+:func:`masksup_med.tracking.model_format.load_model`) and the local bundle's ``train.json``.
+``masksup-med serve`` writes it in a temporary folder and runs :mod:`masksup_med.serving.app` on it.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from masksup_med.serving_limits import RequestRejected, ServingLimits, image_header, sniff_suffix
+from masksup_med.serving.limits import RequestRejected, ServingLimits, image_header, sniff_suffix
 
 __all__ = [
     "MaskSupSegmenter",
@@ -158,8 +158,8 @@ class MaskSupSegmenter:
         from monai.transforms import Compose
 
         from masksup_med.inference import native_mask_postprocessing
-        from masksup_med.model_format import load_model
-        from masksup_med.runtime import select_device
+        from masksup_med.tracking.model_format import load_model
+        from masksup_med.run.runtime import select_device
 
         config = dict(config or {})
         data_path = Path(data_path)
@@ -246,8 +246,8 @@ def build_serving_model(
     bundle's ``train.json``. ``threshold`` None: the registered model's. Returns ``path``.
     """
     from masksup_med import __version__
-    from masksup_med.model_format import flavor_config, load_model
-    from masksup_med.tracking import using_store
+    from masksup_med.tracking.model_format import flavor_config, load_model
+    from masksup_med.tracking.store import using_store
 
     path = Path(path)
     staging = Path(tempfile.mkdtemp(prefix="masksup-serve-stage-"))

@@ -1,7 +1,7 @@
 """MLflow model registry: register a trained checkpoint, load a registered model.
 
 Registration never touches the checkpoint on disk: its weights are logged with the definition that
-rebuilds their network (:mod:`masksup_med.model_format`: no pickled code), a signature and tags
+rebuilds their network (:mod:`masksup_med.tracking.model_format`: no pickled code), a signature and tags
 (bundle, input shape, threshold, the run's scores), then registered. When it fails, the error says
 how to register the same checkpoint again by hand with ``masksup-med registry register``.
 """
@@ -21,10 +21,10 @@ from ignite.engine import Engine, Events
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import Model, infer_signature
 
-from masksup_med import model_format
-from masksup_med.model_format import build_network, load_model, network_definition
-from masksup_med.overrides import bundle_run_config
-from masksup_med.tracking import find_run_id, using_store
+from masksup_med.tracking import model_format
+from masksup_med.tracking.model_format import build_network, load_model, network_definition
+from masksup_med.run.overrides import bundle_run_config
+from masksup_med.tracking.store import find_run_id, using_store
 
 __all__ = [
     "ModelRegistrationHandler",
@@ -59,7 +59,7 @@ def load_network(
     source: str | Path, network: torch.nn.Module, device: torch.device | str, tracking_uri: str | None = None
 ) -> torch.nn.Module:
     """The network to evaluate or run: ``models:/NAME@ALIAS`` (or ``/VERSION``) from the MLflow registry
-    (through :func:`masksup_med.model_format.load_model`: weights and definition, no pickled code),
+    (through :func:`masksup_med.tracking.model_format.load_model`: weights and definition, no pickled code),
     otherwise a checkpoint file loaded into the configured ``network``. Returned in eval mode on ``device``."""
     if str(source).startswith(("models:/", "runs:/")):
         return load_model(str(source), torch.device(device), tracking_uri)
@@ -92,12 +92,12 @@ def register_checkpoint(
 ) -> ModelVersion:
     """Log the weights in ``checkpoint`` with the definition that rebuilds their network, and register them.
 
-    The version holds no pickled code (see :mod:`masksup_med.model_format`); its tags say the bundle,
+    The version holds no pickled code (see :mod:`masksup_med.tracking.model_format`); its tags say the bundle,
     the input shape and the threshold, besides ``tags``.
 
     Args:
         checkpoint: a state dict saved by MONAI's CheckpointSaver (``{"model": ...}`` or a bare state dict).
-        network_def: the network definition, plain JSON (see :func:`~masksup_med.model_format.network_definition`).
+        network_def: the network definition, plain JSON (see :func:`~masksup_med.tracking.model_format.network_definition`).
         name: registered model name, e.g. ``masksup-glas``.
         tracking_uri: MLflow tracking URI (SQLite file or server).
         input_shape: one input sample ``C, *spatial`` used for the signature.

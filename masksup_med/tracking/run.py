@@ -1,10 +1,10 @@
 """A training run's MLflow record, wired to the trainer by one handler.
 
-A bundle config declares :class:`RunTracking` once in the trainer's handlers, with the store, the
+A bundle config declares :class:`RunTrackingHandler` once in the trainer's handlers, with the store, the
 experiment and the run name; it attaches MONAI's ``MLFlowHandler`` (parameters, every loss term,
 validation metrics, the split file), the validation figures, the learning curves and the model
 registration, all pointed at the same run. It is method-agnostic: the loss terms are whatever the
-trainer writes (:mod:`masksup_med.handlers`), the figures show a masked view only when given a masker.
+trainer writes (:mod:`masksup_med.methods.handlers`), the figures show a masked view only when given a masker.
 """
 
 from __future__ import annotations
@@ -16,32 +16,32 @@ from typing import Any
 from ignite.engine import Engine
 from monai.handlers import MLFlowHandler
 
-from masksup_med.figures import LearningCurveHandler, ValidationFigureHandler
-from masksup_med.handlers import loss_terms
-from masksup_med.registry import ModelRegistrationHandler
+from masksup_med.tracking.figures import LearningCurveHandler, ValidationFigureHandler
+from masksup_med.methods.handlers import loss_terms
+from masksup_med.tracking.registry import ModelRegistrationHandler
 
-__all__ = ["RunTracking"]
+__all__ = ["RunTrackingHandler"]
 
 logger = logging.getLogger(__name__)
 
 
-class RunTracking:
+class RunTrackingHandler:
     """Attach everything a training run records in MLflow to the trainer (and its validator).
 
     Args:
         tracking_uri, experiment_name, run_name: where the run is recorded (given once, here).
-        params: run parameters (see :func:`masksup_med.tracking.run_params`); also the registered
+        params: run parameters (see :func:`masksup_med.tracking.store.run_params`); also the registered
             model version's tags.
         artifacts: files logged with the run (e.g. the split, ``datalist.json``).
         evaluator: the validation evaluator: its metrics are logged each round, the figures drawn
             after each round, and its best score tagged on the registered model.
         figures: keyword arguments of ``figure_handler`` (for the default
-            :class:`~masksup_med.figures.ValidationFigureHandler`: ``dataset``, ``network``, optional
+            :class:`~masksup_med.tracking.figures.ValidationFigureHandler`: ``dataset``, ``network``, optional
             ``masker``, ``num_images``); None: no figures.
         figure_handler: the class drawing the figures, attached to the evaluator, or to the trainer
-            when there is none (e.g. :class:`~masksup_med.figures.ReconstructionFigureHandler` for
+            when there is none (e.g. :class:`~masksup_med.tracking.figures.ReconstructionFigureHandler` for
             pretraining).
-        registration: keyword arguments of :class:`~masksup_med.registry.ModelRegistrationHandler`
+        registration: keyword arguments of :class:`~masksup_med.tracking.registry.ModelRegistrationHandler`
             (``checkpoint``, ``config_file``, ``network``, ``name``, ``input_shape``, ``bundle``,
             ``threshold``, ``alias``); None: nothing is registered.
         other_evaluators: further evaluators whose metrics are logged each round (e.g. the student's
@@ -49,7 +49,7 @@ class RunTracking:
         extra_figures: more figure handlers for ``evaluator``, each given as a callable (in a config, an
             item with ``"_mode_": "callable"``) that takes ``tracking_uri``, ``experiment_name`` and
             ``run_name`` and returns the handler, so it logs to this run (e.g. the semi-supervised
-            pseudo-label figures, :class:`~masksup_med.figures.PseudoLabelFigureHandler`).
+            pseudo-label figures, :class:`~masksup_med.tracking.figures.PseudoLabelFigureHandler`).
         output_transform: what the trainer's output logs per iteration (default: every loss term).
         enabled: False (e.g. on processes other than rank 0 under DDP) attaches nothing.
     """

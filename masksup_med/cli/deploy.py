@@ -3,8 +3,8 @@
 ``train``, ``evaluate`` and ``predict`` run a MONAI bundle as a subprocess of this Python
 (``python -m monai.bundle run …``) and return its exit code; bundle overrides (``--max_epochs 2``,
 ``--image_size "[128,128]"``, …) are passed through verbatim. ``serve`` wraps a registered model
-with the bundle's preprocessing (:mod:`masksup_med.serving`) and runs MLflow's scoring server app on it,
-behind request limits (:mod:`masksup_med.serving_app`). ``predict`` and ``serve`` find a registered
+with the bundle's preprocessing (:mod:`masksup_med.serving.model`) and runs MLflow's scoring server app on it,
+behind request limits (:mod:`masksup_med.serving.app`). ``predict`` and ``serve`` find a registered
 model's store as training wrote it and its bundle from the version's ``bundle`` tag.
 
 Bundles are looked up under a bundles root: ``--bundles-dir``, else ``$MASKSUP_BUNDLES_DIR``, else
@@ -149,7 +149,7 @@ def _store(folder: Path, overrides: Sequence[str], tracking_uri: str | None = No
     store in the bundle's ``output_dir`` (from the overrides, else the bundle's ``train.json``)."""
     import json
 
-    from masksup_med.tracking import resolve_tracking_uri
+    from masksup_med.tracking.store import resolve_tracking_uri
 
     if tracking_uri:
         return tracking_uri
@@ -166,8 +166,8 @@ def _model_image_size(source: str, store: str) -> list[int] | None:
     """
     if not source.startswith(("models:/", "runs:/")):
         return None
-    from masksup_med.serving import model_input_size
-    from masksup_med.tracking import using_store
+    from masksup_med.serving.model import model_input_size
+    from masksup_med.tracking.store import using_store
 
     try:
         with using_store(store):
@@ -205,7 +205,7 @@ def bundle_for_model(args: argparse.Namespace, store: str | None) -> str:
         return args.bundle
     registered = bool(store) and str(args.model).startswith("models:/")
     if registered:
-        from masksup_med.registry import registered_bundle
+        from masksup_med.tracking.registry import registered_bundle
 
         try:
             tagged = registered_bundle(args.model, store)
@@ -245,9 +245,9 @@ def _predict(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
-    from masksup_med.serving import build_serving_model
-    from masksup_med.serving_app import server_command
-    from masksup_med.serving_limits import ServingLimits
+    from masksup_med.serving.model import build_serving_model
+    from masksup_med.serving.app import server_command
+    from masksup_med.serving.limits import ServingLimits
 
     try:
         limits = ServingLimits(args.max_body_bytes, args.max_pixels, args.max_image_bytes)
@@ -297,7 +297,7 @@ def _bundle_options(parser: argparse.ArgumentParser) -> None:
 
 def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     """Add ``train``, ``evaluate``, ``predict`` and ``serve``."""
-    from masksup_med.serving_limits import ServingLimits
+    from masksup_med.serving.limits import ServingLimits
 
     passthrough = ("bundle overrides, passed verbatim to `python -m monai.bundle run` "
                    "(e.g. --dataset_dir /data/glas --output_dir /outputs/glas --max_epochs 50)")

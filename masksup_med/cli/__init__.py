@@ -11,9 +11,9 @@ import sys
 from collections.abc import Sequence
 
 from masksup_med import __version__
-from masksup_med.cli_data import add_data_commands
-from masksup_med.cli_deploy import add_deploy_commands
-from masksup_med.cli_registry import add_registry_commands
+from masksup_med.cli.data import add_data_commands
+from masksup_med.cli.deploy import add_deploy_commands
+from masksup_med.cli.registry import add_registry_commands
 from masksup_med.errors import UserError
 
 

@@ -1,7 +1,7 @@
 """The MaskSup training iteration on MONAI's ignite-based :class:`~monai.engines.SupervisedTrainer`.
 
 Each iteration runs the one network twice, on the image and on its masked copy, and optimises
-:class:`~masksup_med.losses.MaskSupLoss`. Validation and inference use MONAI's plain evaluators and
+:class:`~masksup_med.methods.losses.MaskSupLoss`. Validation and inference use MONAI's plain evaluators and
 inferers: nothing of the masking remains after training.
 """
 
@@ -18,12 +18,12 @@ from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys
 
-from masksup_med.handlers import LossTermAverages, loss_terms, named_terms
-from masksup_med.losses import MaskSupLoss
+from masksup_med.methods.handlers import LossTermAveragesHandler, loss_terms, named_terms
+from masksup_med.methods.losses import MaskSupLoss
 from masksup_med.transforms.base import RandMask
 
-# the generic loss-term handlers live in masksup_med.handlers; re-exported for MaskSup users
-__all__ = ["LossTermAverages", "MaskSupKeys", "MaskSupTrainer", "backward_and_step", "loss_terms",
+# the generic loss-term handlers live in masksup_med.methods.handlers; re-exported for MaskSup users
+__all__ = ["LossTermAveragesHandler", "MaskSupKeys", "MaskSupTrainer", "backward_and_step", "loss_terms",
            "rank_seed"]
 
 
@@ -42,7 +42,7 @@ class MaskSupTrainer(SupervisedTrainer):
     """SupervisedTrainer whose iteration optimises the MaskSup objective.
 
     Takes every argument of :class:`~monai.engines.SupervisedTrainer`, with ``loss_function`` a
-    :class:`~masksup_med.losses.MaskSupLoss`, plus:
+    :class:`~masksup_med.methods.losses.MaskSupLoss`, plus:
 
     Args:
         masked_key: batch key holding the masked copy of the image (written by a masking
@@ -64,7 +64,7 @@ class MaskSupTrainer(SupervisedTrainer):
     training with ``seg_loss`` (the ablation baseline), through the same code.
     ``engine.state.output`` holds ``image``, ``label``, ``pred``, ``loss`` (the total), and every
     other term the loss returns as ``loss_<name>`` (detached): ``loss_seg``, ``loss_context`` and
-    ``loss_tasksim`` for :class:`~masksup_med.losses.MaskSupLoss`, plus whatever a subclass adds.
+    ``loss_tasksim`` for :class:`~masksup_med.methods.losses.MaskSupLoss`, plus whatever a subclass adds.
     """
 
     def __init__(
@@ -129,7 +129,7 @@ class MaskSupTrainer(SupervisedTrainer):
 
         ``holes`` (the masked pixels, ``B, *spatial``; None when unknown) is not needed here; a
         subclass whose network has more heads than segmentation reads it (MaskMatch's masked image
-        modelling, :class:`~masksup_med.semi.MaskMatchTrainer`).
+        modelling, :class:`~masksup_med.methods.maskmatch.MaskMatchTrainer`).
         """
         if masked is not None and self.single_pass:
             pred, pred_masked = self.inferer(torch.cat([inputs, masked]), self.network).chunk(2)

@@ -1,13 +1,13 @@
 """Semi-supervised masked learning (MaskMatch): MaskSup on labelled images, a masked student on unlabelled ones.
 
 Each step of :class:`MaskMatchTrainer` takes a labelled batch, scored with the MaskSup loss as in
-:class:`~masksup_med.engines.MaskSupTrainer` (which it extends: same iteration, one more term), and
+:class:`~masksup_med.methods.masksup.MaskSupTrainer` (which it extends: same iteration, one more term), and
 an unlabelled batch in two views of the same geometry: ``image`` (weakly augmented) and
 ``image_strong`` (the same pixels, strongly augmented in colour by the data pipeline). The teacher,
 an exponential moving average of the network, predicts on the weak view, averaged over several
 input scales; the student (the network being trained) sees the strong view with about 70 % of
 its patches masked and learns the teacher's confident pixels
-(:class:`~masksup_med.losses.ConfidentPseudoLabelLoss`), weighted by a ramp-up over the first
+(:class:`~masksup_med.methods.losses.ConfidentPseudoLabelLoss`), weighted by a ramp-up over the first
 epochs. After every optimiser step the teacher follows the student.
 
 Choices the MaskMatch paper does not pin down follow its family: Mean Teacher's EMA and sigmoid
@@ -16,11 +16,11 @@ ramp-up, FixMatch / UniMatch's confidence threshold and normalisation over all p
 Optionally (``mim_network``, S4MIM-style class-wise masked image modelling, arXiv 2411.08756), both
 masked passes (the labelled batch's masked copy and the student's masked strong view) also
 reconstruct their input, through a head on the network's penultimate features
-(:class:`~masksup_med.mim.ReconstructionHeads`). The reconstruction is scored on the masked pixels
+(:class:`~masksup_med.methods.mim.ReconstructionHeads`). The reconstruction is scored on the masked pixels
 only, class by class, with the label's classes on labelled images and the teacher's pseudo-label
-on unlabelled ones (:class:`~masksup_med.losses.ClassWiseReconstructionLoss`); an optional term pulls
+on unlabelled ones (:class:`~masksup_med.methods.losses.ClassWiseReconstructionLoss`); an optional term pulls
 the mean feature of each class's masked pixels towards that of its visible pixels
-(:class:`~masksup_med.losses.FeatureAggregationLoss`). The head is dropped after training: the
+(:class:`~masksup_med.methods.losses.FeatureAggregationLoss`). The head is dropped after training: the
 validated, checkpointed and registered network is the plain segmentation network.
 """
 
@@ -33,20 +33,20 @@ import torch
 from monai.data import MetaTensor
 from torch import nn
 
-from masksup_med.engines import MaskSupTrainer, rank_seed
-from masksup_med.losses import (
+from masksup_med.methods.masksup import MaskSupTrainer, rank_seed
+from masksup_med.methods.losses import (
     ClassWiseReconstructionLoss,
     ConfidentPseudoLabelLoss,
     FeatureAggregationLoss,
     class_regions,
 )
-from masksup_med.mim import MIMOutputs, ReconstructionHeads
-from masksup_med.runtime import check_same_on_every_process
-from masksup_med.teacher import ema_update, make_teacher, multiscale_probabilities, sigmoid_rampup
+from masksup_med.methods.mim import MIMOutputs, ReconstructionHeads
+from masksup_med.run.runtime import check_same_on_every_process
+from masksup_med.methods.teacher import ema_update, make_teacher, multiscale_probabilities, sigmoid_rampup
 from masksup_med.transforms.base import RandMask
 from masksup_med.transforms.patch import RandPatchMask
 
-__all__ = ["BestNetworkSelector", "MaskMatchTrainer", "MaskedView", "SemiKeys"]
+__all__ = ["BestNetworkSelectionHandler", "MaskMatchTrainer", "MaskedView", "SemiKeys"]
 
 
 class SemiKeys:
@@ -73,7 +73,7 @@ class MaskedView(NamedTuple):
 class MaskMatchTrainer(MaskSupTrainer):
     """MaskSupTrainer that also learns from unlabelled images through a masked student and an EMA teacher.
 
-    Takes every argument of :class:`~masksup_med.engines.MaskSupTrainer`, plus:
+    Takes every argument of :class:`~masksup_med.methods.masksup.MaskSupTrainer`, plus:
 
     Args:
         unlabelled_loader: batches of unlabelled images with keys ``image`` (weak view) and
@@ -90,15 +90,15 @@ class MaskMatchTrainer(MaskSupTrainer):
         teacher_scales: input scales the teacher's probabilities are averaged over.
         student_masker: masks the strong view on the device (default: 70 % of 16-pixel patches).
         mim_network: turns on class-wise masked image modelling: a
-            :class:`~masksup_med.mim.ReconstructionHeads` around ``network`` (its ``segmenter`` must be
+            :class:`~masksup_med.methods.mim.ReconstructionHeads` around ``network`` (its ``segmenter`` must be
             ``network`` itself; the optimiser must update its head). Both masked passes run through it
             (called directly, not through ``inferer``: a whole-image pass, as SimpleInferer makes).
             The teacher, validation and the best checkpoint use ``network`` alone. The labelled batch's
             masked pass needs a ``batch_masker`` (which says which pixels it hid); with a2 = a3 = 0
             there is no such pass and only unlabelled images are reconstructed.
-        mim_loss: the reconstruction loss (default :class:`~masksup_med.losses.ClassWiseReconstructionLoss`, L1).
+        mim_loss: the reconstruction loss (default :class:`~masksup_med.methods.losses.ClassWiseReconstructionLoss`, L1).
         mim_weight: its weight (constant: the reconstruction target needs no teacher, so no ramp-up).
-        mim_feature_loss: the feature-aggregation loss (default :class:`~masksup_med.losses.FeatureAggregationLoss`).
+        mim_feature_loss: the feature-aggregation loss (default :class:`~masksup_med.methods.losses.FeatureAggregationLoss`).
         mim_feature_weight: its weight; 0 (default) logs the term without training on it.
 
     ``engine.state.output`` adds ``loss_unsup`` (unweighted), ``unsup_weight`` and
@@ -299,7 +299,7 @@ def _plain(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.as_tensor() if isinstance(tensor, MetaTensor) else tensor
 
 
-class BestNetworkSelector:
+class BestNetworkSelectionHandler:
     """Keep as the best model whichever network validates best so far: the EMA teacher or the student.
 
     Attach to the trainer (it attaches itself to every evaluator it watches). After each validation
@@ -355,7 +355,7 @@ class BestNetworkSelector:
                 "best_epoch": str(self.best_epoch)}
 
     def state_dict(self) -> dict[str, Any]:
-        """The best score so far, for resuming (the keys of :class:`~masksup_med.resume.BestMetricState`, plus which)."""
+        """The best score so far, for resuming (the keys of :class:`~masksup_med.run.resume.BestMetricState`, plus which)."""
         return {"best_metric": self.best, "best_metric_epoch": self.best_epoch, "selected_network": self.best_name}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

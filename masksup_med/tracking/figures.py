@@ -21,9 +21,10 @@ import torch
 from ignite.engine import Engine, Events
 from monai.transforms import Compose
 
-from masksup_med.pretraining import mask_images, tile_losses, tiles_to_pixels
-from masksup_med.teacher import confidence_mask, multiscale_probabilities
-from masksup_med.tracking import find_run_id
+from masksup_med.methods.pretraining import mask_images, tile_losses, tiles_to_pixels
+from masksup_med.methods.losses import confidence_mask
+from masksup_med.methods.teacher import multiscale_probabilities
+from masksup_med.tracking.store import find_run_id
 from masksup_med.transforms.base import RandMask
 
 __all__ = ["LearningCurveHandler", "PseudoLabelFigureHandler", "ReconstructionFigureHandler", "ValidationFigureHandler",
@@ -54,7 +55,7 @@ NOT_CONFIDENT_MULTICLASS = (1.0, 0.0, 0.0)  # several classes take the grey leve
 def pseudo_label_image(probabilities: torch.Tensor, threshold: float) -> torch.Tensor:
     """The teacher's pseudo-label of one image (``C, *spatial`` probabilities) as the figure draws it.
 
-    Where the teacher is confident (:func:`~masksup_med.teacher.confidence_mask` at ``threshold``, as
+    Where the teacher is confident (:func:`~masksup_med.methods.losses.confidence_mask` at ``threshold``, as
     the student's loss counts pixels) the pixel shows its class: one channel, black background and
     white foreground, returned as ``1, *spatial`` with the other pixels grey (0.5); several channels,
     class ``k`` of ``C`` as grey level ``k / (C - 1)``, returned as ``3, *spatial`` with the other
@@ -354,7 +355,7 @@ class ReconstructionFigureHandler(_ExampleFigureHandler):
     same images every time). They are masked as in training, by a copy of the trainer's masker
     reseeded each time (a selective masker ranks the tiles with the current network), and the
     network reconstructs them. The last column is the mean L1 error of the reconstruction per masked
-    tile of ``tile_size`` pixels (:func:`~masksup_med.pretraining.tile_losses`), the quantity the
+    tile of ``tile_size`` pixels (:func:`~masksup_med.methods.pretraining.tile_losses`), the quantity the
     selective masker ranks by; visible tiles are blank. Attach to the trainer.
     """
 
@@ -440,5 +441,5 @@ class LearningCurveHandler(_RunFigureHandler):
         except Exception as e:  # noqa: BLE001 - curves are optional
             logger.warning(f"could not read the metric history for learning curves: {type(e).__name__}: {e}")
             return
-        # train_loss* (LossTermAverages) and val_* are logged once per epoch with step = epoch
+        # train_loss* (LossTermAveragesHandler) and val_* are logged once per epoch with step = epoch
         self._log(learning_curve_figure(histories, f"{self.run_name}: learning curves"), "figures/learning_curves.png")

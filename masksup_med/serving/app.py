@@ -9,10 +9,10 @@ request without ``Content-Type`` with a 500, and puts the Python stack trace in 
   else while reading it;
 - refuses an empty body (400) and a body without ``Content-Type`` (415) before MLflow sees them;
 - answers every error as ``{"error_code": …, "message": …}``: the message a refused image got
-  (:class:`~masksup_med.serving_limits.RequestRejected`, with its status), else MLflow's message
+  (:class:`~masksup_med.serving.limits.RequestRejected`, with its status), else MLflow's message
   without stack trace, data or file paths.
 
-The image limits are checked by the served model itself (:mod:`masksup_med.serving`); all limits
+The image limits are checked by the served model itself (:mod:`masksup_med.serving.model`); all limits
 travel in its model config. :func:`server_command` starts ``uvicorn`` on :func:`create_app`.
 """
 
@@ -186,7 +186,7 @@ def create_app() -> RequestGuard:
     from mlflow.pyfunc import scoring_server
     from PIL import Image
 
-    from masksup_med.serving_limits import ServingLimits
+    from masksup_med.serving.limits import ServingLimits
 
     model_dir = os.environ.get(MODEL_DIR_ENV, "").strip()
     if not model_dir:

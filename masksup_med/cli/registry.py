@@ -8,7 +8,7 @@ from pathlib import Path
 
 import mlflow
 
-from masksup_med.registry import register_checkpoint
+from masksup_med.tracking.registry import register_checkpoint
 
 __all__ = ["add_registry_commands"]
 
@@ -69,7 +69,7 @@ def _bundle_name(config: Path) -> str | None:
 def _register(args: argparse.Namespace) -> int:
     from monai.bundle import ConfigParser
 
-    from masksup_med.model_format import build_network, network_definition
+    from masksup_med.tracking.model_format import build_network, network_definition
 
     parser = ConfigParser()
     parser.read_config(args.config)

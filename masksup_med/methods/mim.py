@@ -3,9 +3,9 @@
 :class:`ReconstructionHeads` gives a segmentation network extra output channels for training: its
 output is the segmentation logits (the network's own channels, channel 0 for the bundles' binary
 UNet) followed by one reconstruction channel per image channel (1..3 for RGB), read through a
-sigmoid as an image in [0, 1]. :class:`~masksup_med.semi.MaskMatchTrainer` uses it for its masked
+sigmoid as an image in [0, 1]. :class:`~masksup_med.methods.maskmatch.MaskMatchTrainer` uses it for its masked
 passes when given ``mim_network`` and scores the reconstruction of the masked pixels class by class
-(:class:`~masksup_med.losses.ClassWiseReconstructionLoss`).
+(:class:`~masksup_med.methods.losses.ClassWiseReconstructionLoss`).
 
 Why a wrapper around the unchanged network, and not ``out_channels = 1 + 3`` on the bundle's UNet:
 MONAI's UNet ends (with ``num_res_units > 0``) in a transposed convolution with batch norm and

@@ -29,15 +29,14 @@ from monai.metrics import compute_ms_ssim
 from monai.utils import CommonKeys
 from torch import nn
 
-from masksup_med.engines import backward_and_step, rank_seed
-from masksup_med.handlers import named_terms
-from masksup_med.overrides import config_flag
+from masksup_med.methods.masksup import backward_and_step, rank_seed
+from masksup_med.methods.handlers import named_terms
+from masksup_med.run.overrides import config_flag
 
 __all__ = [
     "MaskedReconstructionLoss",
     "ReconstructionTrainer",
     "SelectiveTileMasker",
-    "images_only",
     "mask_images",
     "pick_masker",
     "select_tiles",
@@ -46,18 +45,6 @@ __all__ = [
 ]
 
 MS_SSIM_SCALES = 5
-
-
-def images_only(datalist: dict[str, list[dict]], unlabelled_dir: str | None = None) -> dict[str, list[dict]]:
-    """Pretraining data: the training images without their masks, plus every image of ``unlabelled_dir``.
-
-    Validation and test images are left out: pretraining never sees a held-out image.
-    """
-    from masksup_med.data import list_unlabelled_images
-
-    train = [{"image": item["image"], "id": item["id"]} for item in datalist["train"]]
-    extra = list_unlabelled_images(unlabelled_dir) if unlabelled_dir not in (None, "") else []
-    return {"train": train + extra}
 
 
 def tiles_to_pixels(tiles: torch.Tensor, spatial_shape: Sequence[int], tile_size: int) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """MLflow tracking: where runs go, a start-up reachability check, finding a run, and a run's parameters.
 
 MONAI's MLFlowHandler logs metrics; what it does not do is here (run parameters, store scoping, run
-lookup), in :mod:`masksup_med.figures`, :mod:`masksup_med.registry` and, wiring them all to a
-trainer, :mod:`masksup_med.run_tracking`. Nothing here knows a training method: components describe
+lookup), in :mod:`masksup_med.tracking.figures`, :mod:`masksup_med.tracking.registry` and, wiring them all to a
+trainer, :mod:`masksup_med.tracking.run`. Nothing here knows a training method: components describe
 themselves through a ``hyperparameters()`` method.
 """
 

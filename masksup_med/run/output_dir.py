@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from masksup_med.errors import OutputDirError
-from masksup_med.overrides import config_flag
+from masksup_med.run.overrides import config_flag
 
 __all__ = ["LOCK_NAME", "acquire_lock", "claim", "lock_holder", "release_lock"]
 

@@ -16,7 +16,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.utils import CommonKeys
 
-__all__ = ["FinalValidation", "LossTermAverages", "is_loss_term", "loss_terms", "named_terms"]
+__all__ = ["FinalValidationHandler", "LossTermAveragesHandler", "is_loss_term", "loss_terms", "named_terms"]
 
 
 def is_loss_term(key: Any) -> bool:
@@ -48,7 +48,7 @@ def loss_terms(output: Mapping[str, Any] | Sequence[Mapping[str, Any]], extra_ke
     }
 
 
-class LossTermAverages:
+class LossTermAveragesHandler:
     """Epoch means of every loss term the trainer writes, as ``engine.state.metrics["train_<key>"]``.
 
     The terms are found in the output (see :func:`loss_terms`), so any method's terms are averaged
@@ -91,7 +91,7 @@ class LossTermAverages:
             engine.state.metrics[f"{self.prefix}{name}"] = total / max(count, 1.0)
 
 
-class FinalValidation:
+class FinalValidationHandler:
     """Validate once more when training ends on an epoch that the validation interval skipped.
 
     With ``max_epochs`` 3 and ``val_interval`` 5, MONAI's ``ValidationHandler`` never runs: no best
