@@ -74,7 +74,9 @@ def arm_values(arm: str, seed: int, settings: dict[str, Any], dataset_dir: str) 
 
 def run_one(arm: str, seed: int, settings: dict[str, Any], dataset_dir: str, work_dir: Path) -> dict[str, Any]:
     """Train, select on validation, evaluate on test; return the record of one finished run."""
-    outcome = train_and_evaluate([TRAIN_CONFIG], EVAL_CONFIG, arm_values(arm, seed, settings, dataset_dir), work_dir / f"{arm}-seed{seed}")
+    outcome = train_and_evaluate(
+        [TRAIN_CONFIG], EVAL_CONFIG, arm_values(arm, seed, settings, dataset_dir), work_dir / f"{arm}-seed{seed}"
+    )
     return {"arm": arm, "seed": seed, **settings, **ARMS[arm], **outcome}
 
 
@@ -90,15 +92,19 @@ def run_study(args: argparse.Namespace) -> None:
             print(f"[ablation] {arm} seed {seed}: training ({settings})", flush=True)
             record = run_one(arm, seed, settings, args.dataset_dir, args.work_dir)
             append_record(args.results, record)
-            print(f"[ablation] {arm} seed {seed}: val {record['best_val_iou']:.4f}, "
-                  f"test mIoU {record['test']['test']['iou']:.4f} ({record['train_seconds']:.0f} s)", flush=True)
+            print(
+                f"[ablation] {arm} seed {seed}: val {record['best_val_iou']:.4f}, "
+                f"test mIoU {record['test']['test']['iou']:.4f} ({record['train_seconds']:.0f} s)",
+                flush=True,
+            )
 
 
 def ablation_tables(records: list[dict[str, Any]]) -> str:
     """Markdown: mean ± std per arm, then one row per seed with the commands."""
     arms = [a for a in ARMS if any(r["arm"] == a for r in records)]
     lines = [
-        "| arm | seeds | val mIoU (selection) | test mIoU | test Dice | test mIoU native | test Dice native | train min/run |",
+        "| arm | seeds | val mIoU (selection) | test mIoU | test Dice | test mIoU native | test Dice native "
+        "| train min/run |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for arm in arms:
@@ -107,15 +113,28 @@ def ablation_tables(records: list[dict[str, Any]]) -> str:
         cells += [mean_std([r["test"]["test"][m] for r in rows]) for m in METRICS]
         minutes = statistics.mean(r["train_seconds"] for r in rows) / 60
         lines.append(f"| {arm} | {len(rows)} | " + " | ".join(cells) + f" | {minutes:.1f} |")
-    lines += ["", "Test mIoU gain over the baseline trained with the same seed:", "", *paired_gains(records, "baseline", list(ARMS))]
-    lines += ["", "Per run (test = testA + testB):", "",
-              "| arm | seed | best epoch | val mIoU | test mIoU | test Dice | mIoU native | Dice native | testA / testB mIoU | commit |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Test mIoU gain over the baseline trained with the same seed:",
+        "",
+        *paired_gains(records, "baseline", list(ARMS)),
+    ]
+    lines += [
+        "",
+        "Per run (test = testA + testB):",
+        "",
+        "| arm | seed | best epoch | val mIoU | test mIoU | test Dice | mIoU native | Dice native "
+        "| testA / testB mIoU | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(records, key=lambda r: (list(ARMS).index(r["arm"]), r["seed"])):
         t = r["test"]
         split_iou = " / ".join(f"{t[g]['iou']:.4f}" for g in ("testA", "testB") if g in t)
-        lines.append(f"| {r['arm']} | {r['seed']} | {r['best_epoch']} | {r['best_val_iou']:.4f} | "
-                     + " | ".join(f"{t['test'][m]:.4f}" for m in METRICS) + f" | {split_iou} | {r.get('commit', '?')} |")
+        lines.append(
+            f"| {r['arm']} | {r['seed']} | {r['best_epoch']} | {r['best_val_iou']:.4f} | "
+            + " | ".join(f"{t['test'][m]:.4f}" for m in METRICS)
+            + f" | {split_iou} | {r.get('commit', '?')} |"
+        )
     return "\n".join(lines)
 
 
@@ -126,22 +145,28 @@ def write_report(args: argparse.Namespace) -> str:
     if not records:
         raise SystemExit(f"no finished runs with {settings} in {args.results}")
     example = records[0]["commands"]
-    body = "\n".join([
-        (f"Settings: {settings['epochs']} epochs, validation every {settings['val_interval']}, "
-        f"{settings['image_size'][0]}x{settings['image_size'][1]}; everything else as in `{TRAIN_CONFIG}`. "
-        "Mean ± sample std over seeds; mIoU is per-image foreground IoU averaged over images."),
-        "",
-        ablation_tables(records),
-        "",
-        ("Reproduce: `python benchmarks/ablation.py run && python benchmarks/ablation.py report`. "
-        "One row again, into a fresh record file (recorded runs are skipped): "
-        "`python benchmarks/ablation.py run --arms ARM --seeds SEED --results rerun.jsonl`. "
-        "Each run is these two commands (here the first recorded run):"),
-        "",
-        "```",
-        *example,
-        "```",
-    ])
+    body = "\n".join(
+        [
+            (
+                f"Settings: {settings['epochs']} epochs, validation every {settings['val_interval']}, "
+                f"{settings['image_size'][0]}x{settings['image_size'][1]}; everything else as in `{TRAIN_CONFIG}`. "
+                "Mean ± sample std over seeds; mIoU is per-image foreground IoU averaged over images."
+            ),
+            "",
+            ablation_tables(records),
+            "",
+            (
+                "Reproduce: `python benchmarks/ablation.py run && python benchmarks/ablation.py report`. "
+                "One row again, into a fresh record file (recorded runs are skipped): "
+                "`python benchmarks/ablation.py run --arms ARM --seeds SEED --results rerun.jsonl`. "
+                "Each run is these two commands (here the first recorded run):"
+            ),
+            "",
+            "```",
+            *example,
+            "```",
+        ]
+    )
     return publish(body, "ablation", args.markdown)
 
 

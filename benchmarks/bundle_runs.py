@@ -30,27 +30,57 @@ METRICS = ("iou", "dice", "iou_native", "dice_native")
 # The bundles' defaults a study's records were made on: a study keeps only records with this tag. Change
 # it whenever the shipped defaults change (learning-rate schedule, masking, augmentation, batch size).
 BUNDLE_DEFAULTS = "issue14"
-LABELLED_ONLY = "benchmarks/recipes/semi/labelled_only.json"  # merged after train.json: train on ``label_fraction`` of the labels
+LABELLED_ONLY = (
+    "benchmarks/recipes/semi/labelled_only.json"  # merged after train.json: train on ``label_fraction`` of the labels
+)
 
 
 def as_cli_overrides(values: dict[str, Any]) -> list[str]:
     """``--key value`` pairs for ``monai.bundle run``; non-string values are written as JSON, booleans and None
     as Python's ``True`` / ``False`` / ``None`` (the runner's parser reads JSON's ``false`` as the text "false")."""
+
     def text(value: Any) -> str:
-        return value if isinstance(value, str) else repr(value) if value is None or isinstance(value, bool) else json.dumps(value)
+        return (
+            value
+            if isinstance(value, str)
+            else repr(value)
+            if value is None or isinstance(value, bool)
+            else json.dumps(value)
+        )
 
     return [item for key, value in values.items() for item in (f"--{key}", text(value))]
 
 
 def training_command(configs: Sequence[str], overrides: list[str]) -> list[str]:
     """``monai.bundle run training`` of ``configs`` (merged in order), resuming a half-finished run."""
-    return [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", _config_arg(configs), *overrides, "--resume", "auto"]
+    return [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        _config_arg(configs),
+        *overrides,
+        "--resume",
+        "auto",
+    ]
 
 
 def evaluation_command(configs: Sequence[str], evaluate_config: str, overrides: list[str]) -> list[str]:
     """``monai.bundle run evaluating`` of the best-validation checkpoint on the test split."""
-    return [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file", _config_arg([*configs, evaluate_config]),
-            *overrides, "--eval_split", "test"]
+    return [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "evaluating",
+        "--config_file",
+        _config_arg([*configs, evaluate_config]),
+        *overrides,
+        "--eval_split",
+        "test",
+    ]
 
 
 def _config_arg(configs: Sequence[str]) -> str:
@@ -98,7 +128,9 @@ def train(configs: Sequence[str], values: dict[str, Any], output_dir: Path) -> d
     return {"seconds": round(seconds, 1), "resumed": resumed, "commit": commit, "command": shown_command(command)}
 
 
-def train_and_evaluate(configs: Sequence[str], evaluate_config: str, values: dict[str, Any], output_dir: Path) -> dict[str, Any]:
+def train_and_evaluate(
+    configs: Sequence[str], evaluate_config: str, values: dict[str, Any], output_dir: Path
+) -> dict[str, Any]:
     """Train ``configs`` with override ``values`` into ``output_dir``, then score the best-validation checkpoint.
 
     Returns the part of a record every study shares: validation selection, test metrics per test
@@ -139,20 +171,35 @@ def append_record(results: Path, record: dict[str, Any]) -> None:
         out.write(json.dumps(record) + "\n")
 
 
-def add_study_options(parser: argparse.ArgumentParser, results_name: str, block: str, markdown: Sequence[Path] | None,
-                      dataset_dir: str | None = "../shared/data/glas") -> None:
+def add_study_options(
+    parser: argparse.ArgumentParser,
+    results_name: str,
+    block: str,
+    markdown: Sequence[Path] | None,
+    dataset_dir: str | None = "../shared/data/glas",
+) -> None:
     """Options every study shares: data, where runs and records go, which Markdown gets the ``block``.
 
     ``dataset_dir`` or ``markdown`` None: the study fills them in from its other options (e.g. the bundle's).
     """
     where = dataset_dir or "the bundle's data in ../shared/data"
-    parser.add_argument("--dataset-dir", default=dataset_dir,
-                        help=f"dataset folder, relative to the repository root (default: {where})")
-    parser.add_argument("--work-dir", type=Path, default=Path("benchmarks/runs"),
-                        help="run outputs, relative to the repository root (not committed)")
+    parser.add_argument(
+        "--dataset-dir", default=dataset_dir, help=f"dataset folder, relative to the repository root (default: {where})"
+    )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path("benchmarks/runs"),
+        help="run outputs, relative to the repository root (not committed)",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS_DIR / results_name)
-    parser.add_argument("--markdown", type=Path, nargs="*", default=None if markdown is None else list(markdown),
-                        help=f"Markdown files whose '{block}' block the report replaces")
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        nargs="*",
+        default=None if markdown is None else list(markdown),
+        help=f"Markdown files whose '{block}' block the report replaces",
+    )
 
 
 def add_schedule_options(parser: argparse.ArgumentParser, epochs_help: str = "training epochs per run") -> None:
@@ -178,8 +225,13 @@ def mean_std(values: Sequence[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def paired_gains(records: list[dict[str, Any]], reference: str, arms: Sequence[str],
-                 by: dict[str, str] | None = None, match: Sequence[str] | None = None) -> list[str]:
+def paired_gains(
+    records: list[dict[str, Any]],
+    reference: str,
+    arms: Sequence[str],
+    by: dict[str, str] | None = None,
+    match: Sequence[str] | None = None,
+) -> list[str]:
     """Markdown table: each arm's test mIoU minus the ``reference`` arm's on the same seed, per seed and on average.
 
     ``by``: further record keys that group the arms, each shown as a column (``{"label_fraction": "label
@@ -193,17 +245,26 @@ def paired_gains(records: list[dict[str, Any]], reference: str, arms: Sequence[s
         return tuple(r[k] for k in keys)
 
     iou = {(key(r, match), r["seed"]): r["test"]["test"]["iou"] for r in records if r["arm"] == reference}
-    lines = ["| arm | " + "".join(f"{name} | " for name in by.values()) + "seeds paired | gain per seed | mean gain | seeds with a gain |",
-             "|---|" + "---|" * len(by) + "---|---|---|---|"]
+    lines = [
+        "| arm | "
+        + "".join(f"{name} | " for name in by.values())
+        + "seeds paired | gain per seed | mean gain | seeds with a gain |",
+        "|---|" + "---|" * len(by) + "---|---|---|---|",
+    ]
     for arm in [a for a in arms if a != reference]:
         for group in sorted({key(r, by) for r in records if r["arm"] == arm}):
             rows = [r for r in records if r["arm"] == arm and key(r, by) == group]
-            gains = {r["seed"]: r["test"]["test"]["iou"] - iou[key(r, match), r["seed"]] for r in rows
-                     if (key(r, match), r["seed"]) in iou}
+            gains = {
+                r["seed"]: r["test"]["test"]["iou"] - iou[key(r, match), r["seed"]]
+                for r in rows
+                if (key(r, match), r["seed"]) in iou
+            }
             if gains:
                 per_seed = ", ".join(f"{gains[s]:+.4f} (seed {s})" for s in sorted(gains))
-                lines.append(f"| {arm} | " + "".join(f"{v} | " for v in group) + f"{len(gains)} | {per_seed} | "
-                             f"{statistics.mean(gains.values()):+.4f} | {sum(g > 0 for g in gains.values())} of {len(gains)} |")
+                lines.append(
+                    f"| {arm} | " + "".join(f"{v} | " for v in group) + f"{len(gains)} | {per_seed} | "
+                    f"{statistics.mean(gains.values()):+.4f} | {sum(g > 0 for g in gains.values())} of {len(gains)} |"
+                )
     return lines
 
 

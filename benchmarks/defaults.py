@@ -64,8 +64,9 @@ class BundleStudy:
 
 STUDIES = {
     "glas": BundleStudy("glas", "../shared/data/glas"),
-    "kvasir_seg": BundleStudy("kvasir_seg", "../shared/data/kvasir-seg",
-                              cross=[("cvc-clinicdb", "../shared/data/cvc-clinicdb-sample")]),
+    "kvasir_seg": BundleStudy(
+        "kvasir_seg", "../shared/data/kvasir-seg", cross=[("cvc-clinicdb", "../shared/data/cvc-clinicdb-sample")]
+    ),
 }
 
 
@@ -114,42 +115,76 @@ def run_study(args: argparse.Namespace) -> None:
             print(f"[defaults] {name}, seed {seed}: training as shipped", flush=True)
             output_dir = args.work_dir / f"defaults-{name}-seed{seed}"
             values = {"dataset_dir": study.dataset_dir, "seed": seed}
-            record = {"bundle": name, "seed": seed, **train_and_evaluate([study.train_config], study.evaluate_config, values, output_dir)}
+            record = {
+                "bundle": name,
+                "seed": seed,
+                **train_and_evaluate([study.train_config], study.evaluate_config, values, output_dir),
+            }
             record["elsewhere"] = [score_elsewhere(study, output_dir, *target) for target in study.cross]
             append_record(args.results, record)
-            print(f"[defaults] {name}, seed {seed}: val {record['best_val_iou']:.4f}, "
-                  f"test mIoU {record['test']['test']['iou']:.4f} ({record['train_seconds'] / 60:.1f} min)", flush=True)
+            print(
+                f"[defaults] {name}, seed {seed}: val {record['best_val_iou']:.4f}, "
+                f"test mIoU {record['test']['test']['iou']:.4f} ({record['train_seconds'] / 60:.1f} min)",
+                flush=True,
+            )
 
 
 def defaults_table(records: list[dict[str, Any]]) -> str:
     """Markdown: per bundle the mean ± std over seeds, then one row per run, then the commands."""
     lines = [
-        ("Each bundle's `configs/train.json` as shipped; checkpoint picked on validation, test scored once. "
-         "Mean ± sample std over seeds; mIoU is per-image foreground IoU averaged over images."),
+        (
+            "Each bundle's `configs/train.json` as shipped; checkpoint picked on validation, test scored once. "
+            "Mean ± sample std over seeds; mIoU is per-image foreground IoU averaged over images."
+        ),
         "",
-        "| bundle | seeds | val mIoU (selection) | test mIoU | test Dice | test mIoU native | other dataset: mIoU (images) | train min/run |",
+        "| bundle | seeds | val mIoU (selection) | test mIoU | test Dice | test mIoU native "
+        "| other dataset: mIoU (images) | train min/run |",
         "|---|---|---|---|---|---|---|---|",
     ]
     bundles = sorted({r["bundle"] for r in records})
     for bundle in bundles:
         runs = [r for r in records if r["bundle"] == bundle]
-        elsewhere = ", ".join(
-            f"{target['dataset']} {mean_std([e['iou'] for r in runs for e in r['elsewhere'] if e['dataset'] == target['dataset']])} ({target['images']})"
-            for target in runs[0]["elsewhere"]) or "—"
-        lines.append(f"| {bundle} | {len(runs)} | {mean_std([r['best_val_iou'] for r in runs])} | "
-                     + " | ".join(mean_std([r["test"]["test"][m] for r in runs]) for m in ("iou", "dice", "iou_native"))
-                     + f" | {elsewhere} | {statistics.fmean(r['train_seconds'] for r in runs) / 60:.1f} |")
-    lines += ["", "| bundle | seed | best epoch | val mIoU | test mIoU | test Dice | per test group mIoU | other dataset mIoU / Dice | train min | commit |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+
+        def scores_on(dataset: str, runs=runs) -> list[float]:
+            return [e["iou"] for r in runs for e in r["elsewhere"] if e["dataset"] == dataset]
+
+        elsewhere = (
+            ", ".join(
+                f"{target['dataset']} {mean_std(scores_on(target['dataset']))} ({target['images']})"
+                for target in runs[0]["elsewhere"]
+            )
+            or "—"
+        )
+        lines.append(
+            f"| {bundle} | {len(runs)} | {mean_std([r['best_val_iou'] for r in runs])} | "
+            + " | ".join(mean_std([r["test"]["test"][m] for r in runs]) for m in ("iou", "dice", "iou_native"))
+            + f" | {elsewhere} | {statistics.fmean(r['train_seconds'] for r in runs) / 60:.1f} |"
+        )
+    lines += [
+        "",
+        "| bundle | seed | best epoch | val mIoU | test mIoU | test Dice | per test group mIoU "
+        "| other dataset mIoU / Dice | train min | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(records, key=lambda r: (r["bundle"], r["seed"])):
         groups = " / ".join(f"{g} {v['iou']:.4f}" for g, v in r["test"].items() if g != "test") or "—"
         other = ", ".join(f"{e['dataset']} {e['iou']:.4f} / {e['dice']:.4f}" for e in r["elsewhere"]) or "—"
-        lines.append(f"| {r['bundle']} | {r['seed']} | {r['best_epoch']} | {r['best_val_iou']:.4f} | {r['test']['test']['iou']:.4f} | "
-                     f"{r['test']['test']['dice']:.4f} | {groups} | {other} | {r['train_seconds'] / 60:.1f} | {r['commit']} |")
+        lines.append(
+            f"| {r['bundle']} | {r['seed']} | {r['best_epoch']} | {r['best_val_iou']:.4f} | "
+            f"{r['test']['test']['iou']:.4f} | "
+            f"{r['test']['test']['dice']:.4f} | {groups} | {other} | {r['train_seconds'] / 60:.1f} | {r['commit']} |"
+        )
     for bundle in bundles:
         first = next(r for r in records if r["bundle"] == bundle)
-        lines += ["", f"`{bundle}` (seed {first['seed']}; other seeds change `--seed` and the output folder):", "", "```",
-                  *first["commands"], *(c for e in first["elsewhere"] for c in e["commands"]), "```"]
+        lines += [
+            "",
+            f"`{bundle}` (seed {first['seed']}; other seeds change `--seed` and the output folder):",
+            "",
+            "```",
+            *first["commands"],
+            *(c for e in first["elsewhere"] for c in e["commands"]),
+            "```",
+        ]
     return "\n".join(lines)
 
 
@@ -170,11 +205,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("action", choices=("run", "report"))
     parser.add_argument("--bundles", nargs="+", choices=sorted(STUDIES), default=sorted(STUDIES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--work-dir", type=Path, default=Path("benchmarks/runs"),
-                        help="run outputs, relative to the repository root (not committed)")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path("benchmarks/runs"),
+        help="run outputs, relative to the repository root (not committed)",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS_DIR / "defaults.jsonl")
-    parser.add_argument("--markdown", type=Path, nargs="*", default=[RESULTS_MD],
-                        help="Markdown files whose 'defaults' block the report replaces (bundle docs always)")
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        nargs="*",
+        default=[RESULTS_MD],
+        help="Markdown files whose 'defaults' block the report replaces (bundle docs always)",
+    )
     return parser.parse_args(argv)
 
 

@@ -60,7 +60,12 @@ def recipe_configs(recipe: str) -> list[str]:
 
 def run_recipe(recipe: str, args: argparse.Namespace) -> dict[str, Any]:
     """Train and score one recipe; return its record."""
-    values = {"dataset_dir": args.dataset_dir, "seed": args.seed, "max_epochs": args.epochs, "val_interval": args.val_interval}
+    values = {
+        "dataset_dir": args.dataset_dir,
+        "seed": args.seed,
+        "max_epochs": args.epochs,
+        "val_interval": args.val_interval,
+    }
     if args.image_size:
         values["image_size"] = list(args.image_size)
     output_dir = args.work_dir / f"{recipe}-e{args.epochs}-seed{args.seed}"
@@ -75,26 +80,37 @@ def run_tries(args: argparse.Namespace) -> None:
         if (recipe, args.epochs, args.seed) in done:
             print(f"[recipes] {recipe}, {args.epochs} epochs, seed {args.seed}: recorded, skipped", flush=True)
             continue
-        print(f"[recipes] {recipe} ({' + '.join(RECIPES[recipe]) or 'bundle as shipped'}), {args.epochs} epochs: training", flush=True)
+        print(
+            f"[recipes] {recipe} ({' + '.join(RECIPES[recipe]) or 'bundle as shipped'}), "
+            f"{args.epochs} epochs: training",
+            flush=True,
+        )
         record = run_recipe(recipe, args)
         append_record(args.results, record)
-        print(f"[recipes] {recipe}: val {record['best_val_iou']:.4f}, test mIoU {record['test']['test']['iou']:.4f} "
-              f"({record['train_seconds']:.0f} s)", flush=True)
+        print(
+            f"[recipes] {recipe}: val {record['best_val_iou']:.4f}, test mIoU {record['test']['test']['iou']:.4f} "
+            f"({record['train_seconds']:.0f} s)",
+            flush=True,
+        )
 
 
 def recipes_table(records: list[dict[str, Any]]) -> str:
     """Markdown: one row per try, best test mIoU first, then each try's commands."""
     ordered = sorted(records, key=lambda r: -r["test"]["test"]["iou"])
     lines = [
-        "| recipe | fragments over the bundle | epochs | seed | best val mIoU (epoch) | test mIoU | test Dice | mIoU native | Dice native | testA / testB mIoU | train min | commit |",
+        "| recipe | fragments over the bundle | epochs | seed | best val mIoU (epoch) | test mIoU | test Dice "
+        "| mIoU native | Dice native | testA / testB mIoU | train min | commit |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in ordered:
         t = r["test"]
         split_iou = " / ".join(f"{t[g]['iou']:.4f}" for g in ("testA", "testB") if g in t)
-        lines.append(f"| {r['recipe']} | {', '.join(r['fragments']) or '—'} | {r['epochs']} | {r['seed']} | "
-                     f"{r['best_val_iou']:.4f} ({r['best_epoch']}) | " + " | ".join(f"{t['test'][m]:.4f}" for m in METRICS)
-                     + f" | {split_iou} | {r['train_seconds'] / 60:.1f} | {r.get('commit', '?')} |")
+        lines.append(
+            f"| {r['recipe']} | {', '.join(r['fragments']) or '—'} | {r['epochs']} | {r['seed']} | "
+            f"{r['best_val_iou']:.4f} ({r['best_epoch']}) | "
+            + " | ".join(f"{t['test'][m]:.4f}" for m in METRICS)
+            + f" | {split_iou} | {r['train_seconds'] / 60:.1f} | {r.get('commit', '?')} |"
+        )
     lines += ["", "Commands of each try (train, then score the best-validation checkpoint on testA + testB):"]
     for r in ordered:
         lines += ["", f"`{r['recipe']}`, {r['epochs']} epochs:", "", "```", *r["commands"], "```"]
@@ -122,7 +138,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     unknown = [name for name in args.recipes if name not in RECIPES]
     if unknown or (args.action == "run" and not args.recipes):
-        parser.error(f"name the recipes to run from: {', '.join(RECIPES)}" + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+        parser.error(
+            f"name the recipes to run from: {', '.join(RECIPES)}"
+            + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+        )
     return args
 
 

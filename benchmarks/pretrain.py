@@ -1,4 +1,5 @@
-"""Self-supervised pretraining study: does masked-reconstruction pretraining help, and does selective masking beat random?
+"""Self-supervised pretraining study: does masked-reconstruction pretraining help, and does selective masking
+beat random?
 
 Arms, on one bundle and its real data, each fine-tuned at a label fraction (the same seeded labelled
 subset in every arm):
@@ -43,16 +44,25 @@ RUN_FILE = "pretrain_run.json"  # written into a pretraining's output folder onc
 
 def study_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What every run of one study shares (a record only counts for the same settings)."""
-    return {"bundle": args.bundle, "dataset_dir": args.dataset_dir, "defaults": study.BUNDLE_DEFAULTS,
-            "epochs": args.epochs, "pretrain_epochs": args.pretrain_epochs, "selective_partitions": args.selective_partitions,
-            "val_interval": args.val_interval, "image_size": list(args.image_size)}
+    return {
+        "bundle": args.bundle,
+        "dataset_dir": args.dataset_dir,
+        "defaults": study.BUNDLE_DEFAULTS,
+        "epochs": args.epochs,
+        "pretrain_epochs": args.pretrain_epochs,
+        "selective_partitions": args.selective_partitions,
+        "val_interval": args.val_interval,
+        "image_size": list(args.image_size),
+    }
 
 
 def study_options(args: argparse.Namespace) -> str:
-    """The command-line options that select this study's records (:func:`study_settings`), as the report's reproduce line."""
-    options = (f"--bundle {args.bundle} --dataset-dir {args.dataset_dir} --seeds {' '.join(map(str, args.seeds))} "
-               f"--pretrain-epochs {args.pretrain_epochs} --epochs {args.epochs} --val-interval {args.val_interval} "
-               f"--image-size {args.image_size[0]} {args.image_size[1]}")
+    """The command-line options that select this study's records (:func:`study_settings`): the reproduce line."""
+    options = (
+        f"--bundle {args.bundle} --dataset-dir {args.dataset_dir} --seeds {' '.join(map(str, args.seeds))} "
+        f"--pretrain-epochs {args.pretrain_epochs} --epochs {args.epochs} --val-interval {args.val_interval} "
+        f"--image-size {args.image_size[0]} {args.image_size[1]}"
+    )
     if args.selective_partitions is not None:
         options += f" --selective-partitions {args.selective_partitions}"
     return options
@@ -76,17 +86,28 @@ def pretrain(args: argparse.Namespace, arm: str, seed: int) -> dict[str, Any]:
     size reuses it; one written with other values is refused, naming the folder.
     """
     width, height = args.image_size
-    out = args.work_dir / f"pretrain-{args.bundle}-{study.BUNDLE_DEFAULTS}-{arm}-e{args.pretrain_epochs}-{width}x{height}-seed{seed}"
+    out = (
+        args.work_dir
+        / f"pretrain-{args.bundle}-{study.BUNDLE_DEFAULTS}-{arm}-e{args.pretrain_epochs}-{width}x{height}-seed{seed}"
+    )
     local = out if out.is_absolute() else study.ROOT / out
-    values = {"dataset_dir": args.dataset_dir, "seed": seed, "max_epochs": args.pretrain_epochs,
-              "val_interval": args.val_interval, "image_size": list(args.image_size), "selective_masking": ARMS[arm]}
+    values = {
+        "dataset_dir": args.dataset_dir,
+        "seed": seed,
+        "max_epochs": args.pretrain_epochs,
+        "val_interval": args.val_interval,
+        "image_size": list(args.image_size),
+        "selective_masking": ARMS[arm],
+    }
     if args.selective_partitions is not None and ARMS[arm]:
         values["selective_partitions"] = args.selective_partitions
     if (local / RUN_FILE).is_file():
         record = json.loads((local / RUN_FILE).read_text(encoding="utf-8"))
         if record["values"] != values:
-            raise SystemExit(f"{local / RUN_FILE} was pretrained with {record['values']}, not {values}; "
-                             "move it away or choose another --work-dir")
+            raise SystemExit(
+                f"{local / RUN_FILE} was pretrained with {record['values']}, not {values}; "
+                "move it away or choose another --work-dir"
+            )
         print(f"[pretrain] {arm} pretraining, seed {seed}: done before, reused ({out})", flush=True)
         return record
     print(f"[pretrain] {arm} pretraining, seed {seed}: {args.pretrain_epochs} epochs into {out}", flush=True)
@@ -109,19 +130,27 @@ def run_study(args: argparse.Namespace) -> None:
         if (arm, fraction, seed) in done:
             print(f"[pretrain] {arm} {fraction} seed {seed}: recorded, skipped", flush=True)
             continue
-        values = {"dataset_dir": args.dataset_dir, "seed": seed, "max_epochs": args.epochs,
-                  "val_interval": args.val_interval, "image_size": list(args.image_size)}
+        values = {
+            "dataset_dir": args.dataset_dir,
+            "seed": seed,
+            "max_epochs": args.epochs,
+            "val_interval": args.val_interval,
+            "image_size": list(args.image_size),
+        }
         if fraction < 1:
             values["label_fraction"] = fraction
         pretrained = None if ARMS[arm] is None else pretrain(args, arm, seed)
         if pretrained is not None:
             values["pretrained_weights"] = pretrained["weights"]
         width, height = args.image_size
-        out = args.work_dir / (f"finetune-{args.bundle}-{study.BUNDLE_DEFAULTS}-{arm}-e{args.epochs}-{width}x{height}-f{fraction}-seed{seed}"
-                               + (f"-pretrain{args.pretrain_epochs}" if pretrained is not None else ""))
+        out = args.work_dir / (
+            f"finetune-{args.bundle}-{study.BUNDLE_DEFAULTS}-{arm}-e{args.epochs}-{width}x{height}-f{fraction}-seed{seed}"
+            + (f"-pretrain{args.pretrain_epochs}" if pretrained is not None else "")
+        )
         print(f"[pretrain] {arm} {fraction} seed {seed}: fine-tuning", flush=True)
-        outcome = study.train_and_evaluate(finetune_configs(args.bundle, fraction), STUDIES[args.bundle].evaluate_config,
-                                           values, out)
+        outcome = study.train_and_evaluate(
+            finetune_configs(args.bundle, fraction), STUDIES[args.bundle].evaluate_config, values, out
+        )
         record = {"arm": arm, "label_fraction": fraction, "seed": seed, **settings, **outcome}
         if pretrained is not None:
             record["pretrain"] = {k: pretrained[k] for k in ("seconds", "resumed", "commit", "weights")}
@@ -132,20 +161,33 @@ def run_study(args: argparse.Namespace) -> None:
 
 def pretrain_tables(records: list[dict[str, Any]]) -> str:
     """Markdown: mean ± std over seeds per (arm, fraction), then the gain over ``none`` paired by seed."""
-    lines = [("| arm | label fraction | seeds | val mIoU (selection) | test mIoU | test Dice | test mIoU native | "
-              "pretrain min/run | fine-tune min/run |"),
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            "| arm | label fraction | seeds | val mIoU (selection) | test mIoU | test Dice | test mIoU native | "
+            "pretrain min/run | fine-tune min/run |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for arm in ARMS:
         for fraction in sorted({r["label_fraction"] for r in records if r["arm"] == arm}):
             rows = [r for r in records if r["arm"] == arm and r["label_fraction"] == fraction]
             cells = [study.mean_std([r["best_val_iou"] for r in rows])]
             cells += [study.mean_std([r["test"]["test"][m] for r in rows]) for m in ("iou", "dice", "iou_native")]
-            pretrain_min = (f"{statistics.mean(r['pretrain']['seconds'] for r in rows) / 60:.1f}"
-                            if all("pretrain" in r for r in rows) else "—")
-            lines.append(f"| {arm} | {fraction} | {len(rows)} | " + " | ".join(cells) + f" | {pretrain_min} | "
-                         f"{statistics.mean(r['train_seconds'] for r in rows) / 60:.1f} |")
-    lines += ["", "Test mIoU gain over `none` (no pretraining) with the same seed and label fraction:", "",
-              *study.paired_gains(records, "none", list(ARMS), by={"label_fraction": "label fraction"})]
+            pretrain_min = (
+                f"{statistics.mean(r['pretrain']['seconds'] for r in rows) / 60:.1f}"
+                if all("pretrain" in r for r in rows)
+                else "—"
+            )
+            lines.append(
+                f"| {arm} | {fraction} | {len(rows)} | " + " | ".join(cells) + f" | {pretrain_min} | "
+                f"{statistics.mean(r['train_seconds'] for r in rows) / 60:.1f} |"
+            )
+    lines += [
+        "",
+        "Test mIoU gain over `none` (no pretraining) with the same seed and label fraction:",
+        "",
+        *study.paired_gains(records, "none", list(ARMS), by={"label_fraction": "label fraction"}),
+    ]
     return "\n".join(lines)
 
 
@@ -156,18 +198,30 @@ def report(args: argparse.Namespace) -> str:
     if not records:
         raise SystemExit(f"no finished runs with {settings} in {args.results}")
     example = next((r for r in records if "pretrain" in r), records[0])
-    intro = (f"Bundle `{args.bundle}` on `{args.dataset_dir}`, {args.image_size[0]}x{args.image_size[1]}: pretraining "
-             f"{args.pretrain_epochs} epochs on the training images without masks (validation and test images unseen), "
-             f"fine-tuning {args.epochs} epochs with validation every {args.val_interval}; model selected on validation. "
-             "Mean ± sample std over seeds; mIoU is per-image foreground IoU averaged over images.")
-    body = "\n".join([
-        intro, "", pretrain_tables(records), "",
-        (f"Reproduce: `python benchmarks/pretrain.py run {study_options(args)}`, then `report` with the same "
-         "options. "
-         f"A run is these commands (pretrain, fine-tune, evaluate; here `{example['arm']}`, label fraction "
-         f"{example['label_fraction']}, seed {example['seed']}):"),
-        "", "```", *example["commands"], "```",
-    ])
+    intro = (
+        f"Bundle `{args.bundle}` on `{args.dataset_dir}`, {args.image_size[0]}x{args.image_size[1]}: pretraining "
+        f"{args.pretrain_epochs} epochs on the training images without masks (validation and test images unseen), "
+        f"fine-tuning {args.epochs} epochs with validation every {args.val_interval}; model selected on validation. "
+        "Mean ± sample std over seeds; mIoU is per-image foreground IoU averaged over images."
+    )
+    body = "\n".join(
+        [
+            intro,
+            "",
+            pretrain_tables(records),
+            "",
+            (
+                f"Reproduce: `python benchmarks/pretrain.py run {study_options(args)}`, then `report` with the same "
+                "options. "
+                f"A run is these commands (pretrain, fine-tune, evaluate; here `{example['arm']}`, label fraction "
+                f"{example['label_fraction']}, seed {example['seed']}):"
+            ),
+            "",
+            "```",
+            *example["commands"],
+            "```",
+        ]
+    )
     return study.publish(body, f"pretrain-{args.bundle}", args.markdown)
 
 
@@ -177,9 +231,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("action", choices=("run", "report"))
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.25, 1.0])
-    parser.add_argument("--pretrain-epochs", type=int, default=30, help="pretraining epochs, the same for both masking arms")
-    parser.add_argument("--selective-partitions", type=int, default=None,
-                        help="selective masking's forward passes per ranking (default: pretrain.json's)")
+    parser.add_argument(
+        "--pretrain-epochs", type=int, default=30, help="pretraining epochs, the same for both masking arms"
+    )
+    parser.add_argument(
+        "--selective-partitions",
+        type=int,
+        default=None,
+        help="selective masking's forward passes per ranking (default: pretrain.json's)",
+    )
     study.add_schedule_options(parser, "fine-tuning epochs per run")
     add_bundle_study_options(parser, "pretrain.jsonl", "pretrain-<bundle>")
     return bundle_study_args(parser, argv)

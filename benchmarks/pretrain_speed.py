@@ -91,20 +91,32 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 
     calls = interleaved({name: functools.partial(steps, name) for name in trainers}, args.rounds, device)
     times = {name: [t / steps_per_call[name] for t in ts] for name, ts in calls.items()}
-    arms = {name: {"step_s": statistics.median(ts), "ratio_to_random": paired_ratio(times, name, "random")}
-            for name, ts in times.items()}
-    return {"settings": {"image_size": [width, height], "batch_size": batch_size, "partitions": partitions,
-                         "refresh_every": args.refresh_every, "rounds": args.rounds, "device": str(device)},
-            "arms": arms, "machine": machine()}
+    arms = {
+        name: {"step_s": statistics.median(ts), "ratio_to_random": paired_ratio(times, name, "random")}
+        for name, ts in times.items()
+    }
+    return {
+        "settings": {
+            "image_size": [width, height],
+            "batch_size": batch_size,
+            "partitions": partitions,
+            "refresh_every": args.refresh_every,
+            "rounds": args.rounds,
+            "device": str(device),
+        },
+        "arms": arms,
+        "machine": machine(),
+    }
 
 
 def markdown_body(result: dict[str, Any], command: str) -> str:
     """The RESULTS.md block: one row per arm."""
     s = result["settings"]
-    intro = (f"GLaS pretraining recipe, {s['image_size'][0]}x{s['image_size'][1]}, batch {s['batch_size']}, "
-             f"{s['partitions']} partitions, {s['rounds']} rounds on {s['device']}; medians.")
-    lines = [intro, "",
-             "| masking | step (s) | x random tiles |", "|---|---|---|"]
+    intro = (
+        f"GLaS pretraining recipe, {s['image_size'][0]}x{s['image_size'][1]}, batch {s['batch_size']}, "
+        f"{s['partitions']} partitions, {s['rounds']} rounds on {s['device']}; medians."
+    )
+    lines = [intro, "", "| masking | step (s) | x random tiles |", "|---|---|---|"]
     for name, arm in result["arms"].items():
         lines.append(f"| {name} | {arm['step_s']:.3f} | {arm['ratio_to_random']:.2f} |")
     return "\n".join([*lines, "", "```", command, "```"])

@@ -39,11 +39,18 @@ def code_version() -> str:
 
     Results and Markdown are left out of the check: a study appends to them while it runs.
     """
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=BENCHMARKS_DIR.parent, capture_output=True, text=True, check=False).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=BENCHMARKS_DIR.parent, capture_output=True, text=True, check=False
+        ).stdout.strip()
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)*.md", ":(exclude)*/results/*") else "")
+    return commit + (
+        "+dirty"
+        if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)*.md", ":(exclude)*/results/*")
+        else ""
+    )
 
 
 def write_json(path: Path, data: Any) -> None:

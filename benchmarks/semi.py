@@ -50,8 +50,14 @@ def configs(bundle: str, arm: str) -> list[str]:
 
 def study_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What every run of one study shares (a record only counts for the same settings)."""
-    return {"bundle": args.bundle, "dataset_dir": args.dataset_dir, "defaults": study.BUNDLE_DEFAULTS,
-            "epochs": args.epochs, "val_interval": args.val_interval, "image_size": list(args.image_size)}
+    return {
+        "bundle": args.bundle,
+        "dataset_dir": args.dataset_dir,
+        "defaults": study.BUNDLE_DEFAULTS,
+        "epochs": args.epochs,
+        "val_interval": args.val_interval,
+        "image_size": list(args.image_size),
+    }
 
 
 def runs(args: argparse.Namespace) -> list[tuple[str, float, int]]:
@@ -74,13 +80,19 @@ def run_study(args: argparse.Namespace) -> None:
         if (arm, fraction, seed) in done:
             print(f"[semi] {arm} {fraction} seed {seed}: recorded, skipped", flush=True)
             continue
-        values = {"dataset_dir": settings["dataset_dir"], "seed": seed, "max_epochs": args.epochs,
-                  "val_interval": args.val_interval, "image_size": list(args.image_size)}
+        values = {
+            "dataset_dir": settings["dataset_dir"],
+            "seed": seed,
+            "max_epochs": args.epochs,
+            "val_interval": args.val_interval,
+            "image_size": list(args.image_size),
+        }
         if arm != "full-supervised":
             values["label_fraction"] = fraction
         width, height = args.image_size
-        out = args.work_dir / (f"semi-{args.bundle}-{study.BUNDLE_DEFAULTS}-{arm}-e{args.epochs}-{width}x{height}"
-                               f"-f{fraction}-seed{seed}")
+        out = args.work_dir / (
+            f"semi-{args.bundle}-{study.BUNDLE_DEFAULTS}-{arm}-e{args.epochs}-{width}x{height}-f{fraction}-seed{seed}"
+        )
         print(f"[semi] {arm} {fraction} seed {seed}: training", flush=True)
         outcome = study.train_and_evaluate(configs(args.bundle, arm), STUDIES[args.bundle].evaluate_config, values, out)
         study.append_record(args.results, {"arm": arm, "label_fraction": fraction, "seed": seed, **settings, **outcome})
@@ -93,11 +105,16 @@ def report(args: argparse.Namespace) -> str:
     records = study.load_records(args.results, settings)
     if not records:
         raise SystemExit(f"no finished runs with {settings} in {args.results}")
-    intro = (f"Bundle `{args.bundle}` on `{args.dataset_dir}`, {args.epochs} epochs, validation every "
-             f"{args.val_interval}, {args.image_size[0]}x{args.image_size[1]}; model selected on validation.")
-    lines = [intro, "",
-             "| arm | label fraction | seeds | val mIoU | test mIoU | test Dice | test mIoU native | train min/run |",
-             "|---|---|---|---|---|---|---|---|"]
+    intro = (
+        f"Bundle `{args.bundle}` on `{args.dataset_dir}`, {args.epochs} epochs, validation every "
+        f"{args.val_interval}, {args.image_size[0]}x{args.image_size[1]}; model selected on validation."
+    )
+    lines = [
+        intro,
+        "",
+        "| arm | label fraction | seeds | val mIoU | test mIoU | test Dice | test mIoU native | train min/run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for arm in ARMS:
         for fraction in sorted({r["label_fraction"] for r in records if r["arm"] == arm}, reverse=True):
             rows = [r for r in records if r["arm"] == arm and r["label_fraction"] == fraction]
@@ -107,11 +124,26 @@ def report(args: argparse.Namespace) -> str:
             lines.append(f"| {arm} | {fraction} | {len(rows)} | " + " | ".join(cells) + f" | {minutes:.1f} |")
     fraction = {"label_fraction": "label fraction"}
     arms = [arm for arm in ARMS if arm != "full-supervised"]
-    lines += ["", "Test mIoU gain over supervised-only at the same label fraction, same seed (goal at 1/4: >= +0.05):",
-              "", *study.paired_gains(records, "supervised-only", arms, by=fraction)]
-    lines += ["", "Test mIoU minus full-label supervised training with the same seed (goal at 1/4: >= -0.03):",
-              "", *study.paired_gains(records, "full-supervised", arms, by=fraction, match=())]
-    lines += ["", "Each run is these two commands (here the first recorded run):", "", "```", *records[0]["commands"], "```"]
+    lines += [
+        "",
+        "Test mIoU gain over supervised-only at the same label fraction, same seed (goal at 1/4: >= +0.05):",
+        "",
+        *study.paired_gains(records, "supervised-only", arms, by=fraction),
+    ]
+    lines += [
+        "",
+        "Test mIoU minus full-label supervised training with the same seed (goal at 1/4: >= -0.03):",
+        "",
+        *study.paired_gains(records, "full-supervised", arms, by=fraction, match=()),
+    ]
+    lines += [
+        "",
+        "Each run is these two commands (here the first recorded run):",
+        "",
+        "```",
+        *records[0]["commands"],
+        "```",
+    ]
     return study.publish("\n".join(lines), f"semi-{args.bundle}", args.markdown)
 
 

@@ -30,7 +30,8 @@ Measures (arms interleaved in alternating order round by round, after warm-up; m
 Run from the repository root (about 4 minutes on 2 busy CPU cores, well under a minute on a GPU)::
 
     python benchmarks/speed.py                      # writes results/speed.json and the "speed" block of RESULTS.md
-    python benchmarks/speed.py --image-size 512 768 --block speed-glas-native --output benchmarks/results/speed_glas_native.json
+    python benchmarks/speed.py --image-size 512 768 --block speed-glas-native \
+        --output benchmarks/results/speed_glas_native.json
     python benchmarks/speed.py --image-size 64 64 --batch-size 2 --rounds 2 --markdown none
 """
 
@@ -227,7 +228,9 @@ def memory_child(device_name: str, image_size: Sequence[int], batch_size: int, s
 def measure_memory(device: torch.device, image_size: Sequence[int], batch_size: int) -> dict[str, float]:
     """Run :func:`memory_child` in a fresh interpreter, so this process's allocations do not count."""
     call = f"memory_child({str(device)!r}, {list(image_size)!r}, {batch_size}, {MEMORY_STEPS})"
-    code = f"import json, sys; sys.path.insert(0, {str(BENCHMARKS_DIR)!r}); import speed; print(json.dumps(speed.{call}))"
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(BENCHMARKS_DIR)!r}); import speed; print(json.dumps(speed.{call}))"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"memory measurement failed (exit code {done.returncode}): {call}\n{done.stderr[-3000:]}")
@@ -255,7 +258,9 @@ def measure(args: argparse.Namespace, device: torch.device) -> tuple[list[Measur
     flops = {arm: count_flops(fns[arm]) for arm in trainers}  # doubles as each arm's first warm-up call
     train_times = interleaved(fns, args.rounds, device)
     infer_times = interleaved(
-        {arm: functools.partial(infer, trainer.network, images) for arm, trainer in trainers.items()}, args.rounds, device
+        {arm: functools.partial(infer, trainer.network, images) for arm, trainer in trainers.items()},
+        args.rounds,
+        device,
     )
     peak = matmul_peak(device, args.matmul_size)
     memory = measure_memory(device, args.image_size, args.batch_size)
@@ -274,8 +279,15 @@ def measure(args: argparse.Namespace, device: torch.device) -> tuple[list[Measur
         "memory": memory,
     }
     rows = table_rows(train_times, infer_times, flops["masksup"] / step / peak, memory, device, args.batch_size)
-    rows.insert(4, Measure("bank_seconds", f"Drawing the mask bank once ({bank.bank_size} masks, CPU)", bank_seconds,
-                           f"{bank_seconds:.2f} s"))
+    rows.insert(
+        4,
+        Measure(
+            "bank_seconds",
+            f"Drawing the mask bank once ({bank.bank_size} masks, CPU)",
+            bank_seconds,
+            f"{bank_seconds:.2f} s",
+        ),
+    )
     return rows, details
 
 
@@ -299,25 +311,62 @@ def table_rows(
     peak = memory["cuda_peak_mib"] if cuda else memory["rss_peak_mib"]
     before = memory["cuda_before_training_mib"] if cuda else memory["rss_before_training_mib"]
     return [
-        Measure("masksup_over_plain_step", "MaskSup training step (masking included) / plain step", step_ratio,
-                f"{step_ratio:.2f}x ({med['masksup']:.0f} ms vs {med['plain']:.0f} ms)", f"<= {step_goal:.2f}x",
-                step_ratio <= step_goal),
-        Measure("throughput_plain", "Training throughput, plain (images/s)", throughput["plain"],
-                f"{throughput['plain']:.1f}"),
-        Measure("throughput_masksup", "Training throughput, MaskSup (images/s)", throughput["masksup"],
-                f"{throughput['masksup']:.1f}"),
-        Measure("mask_batch_share", f"Masking share of a step: mask bank, mask_batch on the batch ({device.type})",
-                shares["mask_batch"], f"{shares['mask_batch']:.2%} ({med['mask_batch']:.2f} ms)", "< 2 %",
-                shares["mask_batch"] < 0.02),
-        Measure("masking_share", f"For reference: per-sample free-form strokes x {batch_size} (CPU, before the bank)",
-                shares["masking"], f"{shares['masking']:.2%} ({med['masking']:.1f} ms)"),
-        Measure("inference_masksup_over_plain", "Inference latency, MaskSup-trained / plain network", infer_ratio,
-                f"{infer_ratio:.2f}x ({inf['masksup']:.1f} ms vs {inf['plain']:.1f} ms)", "1.00x ± 0.05",
-                abs(infer_ratio - 1) <= 0.05),
-        Measure("flops_fraction_of_peak", "Achieved FLOP/s of a MaskSup step / fp32 matmul peak", flops_fraction,
-                f"{flops_fraction:.1%}", ">= 60 %", flops_fraction >= 0.6),
-        Measure("peak_memory_mib", f"Peak memory of MaskSup training ({'CUDA allocated' if cuda else 'CPU RSS'})",
-                peak, f"{peak:.0f} MiB (before training {before:.0f} MiB)"),
+        Measure(
+            "masksup_over_plain_step",
+            "MaskSup training step (masking included) / plain step",
+            step_ratio,
+            f"{step_ratio:.2f}x ({med['masksup']:.0f} ms vs {med['plain']:.0f} ms)",
+            f"<= {step_goal:.2f}x",
+            step_ratio <= step_goal,
+        ),
+        Measure(
+            "throughput_plain",
+            "Training throughput, plain (images/s)",
+            throughput["plain"],
+            f"{throughput['plain']:.1f}",
+        ),
+        Measure(
+            "throughput_masksup",
+            "Training throughput, MaskSup (images/s)",
+            throughput["masksup"],
+            f"{throughput['masksup']:.1f}",
+        ),
+        Measure(
+            "mask_batch_share",
+            f"Masking share of a step: mask bank, mask_batch on the batch ({device.type})",
+            shares["mask_batch"],
+            f"{shares['mask_batch']:.2%} ({med['mask_batch']:.2f} ms)",
+            "< 2 %",
+            shares["mask_batch"] < 0.02,
+        ),
+        Measure(
+            "masking_share",
+            f"For reference: per-sample free-form strokes x {batch_size} (CPU, before the bank)",
+            shares["masking"],
+            f"{shares['masking']:.2%} ({med['masking']:.1f} ms)",
+        ),
+        Measure(
+            "inference_masksup_over_plain",
+            "Inference latency, MaskSup-trained / plain network",
+            infer_ratio,
+            f"{infer_ratio:.2f}x ({inf['masksup']:.1f} ms vs {inf['plain']:.1f} ms)",
+            "1.00x ± 0.05",
+            abs(infer_ratio - 1) <= 0.05,
+        ),
+        Measure(
+            "flops_fraction_of_peak",
+            "Achieved FLOP/s of a MaskSup step / fp32 matmul peak",
+            flops_fraction,
+            f"{flops_fraction:.1%}",
+            ">= 60 %",
+            flops_fraction >= 0.6,
+        ),
+        Measure(
+            "peak_memory_mib",
+            f"Peak memory of MaskSup training ({'CUDA allocated' if cuda else 'CPU RSS'})",
+            peak,
+            f"{peak:.0f} MiB (before training {before:.0f} MiB)",
+        ),
     ]
 
 
@@ -340,14 +389,21 @@ def markdown_body(rows: list[Measure], settings: dict[str, Any], info: dict[str,
     """The generated "speed" block of RESULTS.md: settings, table, notes, command."""
     size = "x".join(map(str, settings["image_size"]))
     where = info["cuda"] or f"{info['processor']}, {info['cpu_count']} CPUs, {info['torch_threads']} torch threads"
-    table = ["| measure | value | goal | met |", "|---|---|---|---|", *("| " + " | ".join(cells(m)) + " |" for m in rows)]
+    table = [
+        "| measure | value | goal | met |",
+        "|---|---|---|---|",
+        *("| " + " | ".join(cells(m)) + " |" for m in rows),
+    ]
     summary = (
         f"GLaS recipe from `{TRAIN_CONFIG}` (network, optimiser, loss, masking), batch {settings['batch_size']}, "
         f"{size}, device {settings['device']} ({where}); {settings['rounds']} interleaved rounds after "
         f"{WARMUP} warm-up call(s), medians (ratios: median of per-round ratios)."
     )
-    tf32 = " (cuDNN may run the convolutions in TF32: `torch.backends.cudnn.allow_tf32` is True)" if (
-        settings["device"].startswith("cuda") and settings["cudnn_allow_tf32"]) else ""
+    tf32 = (
+        " (cuDNN may run the convolutions in TF32: `torch.backends.cudnn.allow_tf32` is True)"
+        if (settings["device"].startswith("cuda") and settings["cudnn_allow_tf32"])
+        else ""
+    )
     notes = (
         "- Plain step: the ablation's `baseline` arm (a2 = a3 = 0), which `MaskSupTrainer` runs as one pass "
         "with the segmentation loss; MaskSup step: the bundle as shipped (two passes, full MaskSupLoss). "
@@ -372,7 +428,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, help="default: the bundle's batch_size")
     parser.add_argument("--rounds", type=int, default=6, help="timed rounds per measurement")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--matmul-size", type=int, help="side of the square matmul for the peak (default 2048 CPU, 8192 CUDA)")
+    parser.add_argument(
+        "--matmul-size", type=int, help="side of the square matmul for the peak (default 2048 CPU, 8192 CUDA)"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "speed.json")
     parser.add_argument("--markdown", default=str(RESULTS_MD), help="Markdown file whose block is replaced, or none")
     parser.add_argument("--block", default="speed", help="name of the Markdown block to replace (default: speed)")

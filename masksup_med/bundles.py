@@ -30,8 +30,19 @@ from typing import Any
 
 from monai.bundle import ConfigParser
 
-__all__ = ["DEFAULTS", "MARKER", "SHARED_SOURCES", "bundle_dirs", "compose_train_config", "defaults_config",
-           "marker_note", "render", "shared_config", "sync_bundle", "sync_bundles"]
+__all__ = [
+    "DEFAULTS",
+    "MARKER",
+    "SHARED_SOURCES",
+    "bundle_dirs",
+    "compose_train_config",
+    "defaults_config",
+    "marker_note",
+    "render",
+    "shared_config",
+    "sync_bundle",
+    "sync_bundles",
+]
 
 SHARED_SOURCES = ("pipeline.json", "masksup.json")
 MARKER = "_shared_"
@@ -42,8 +53,11 @@ LINE_WIDTH = 120
 def marker_note(defaults: str | None = None) -> str:
     """The marker's value: which files of ``bundles/common/configs/`` wrote the ids after it."""
     sources = ([defaults] if defaults else []) + list(SHARED_SOURCES)
-    return ("ids from here on are written by `python -m masksup_med.bundles` from bundles/common/configs/"
-            + " + ".join(sources) + "; change them there")
+    return (
+        "ids from here on are written by `python -m masksup_med.bundles` from bundles/common/configs/"
+        + " + ".join(sources)
+        + "; change them there"
+    )
 
 
 def shared_config(common_configs: str | Path) -> dict[str, Any]:
@@ -72,8 +86,9 @@ def bundle_values(train_config: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
-def compose_train_config(values: Mapping[str, Any], shared: Mapping[str, Any],
-                         defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def compose_train_config(
+    values: Mapping[str, Any], shared: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The bundle's full ``train.json``: its values, the marker, then every id of its family ``defaults``
     and of the ``shared`` pipeline that it does not set itself."""
     generated = {**(defaults or {}), **{k: v for k, v in shared.items() if k not in (defaults or {})}}
@@ -129,8 +144,12 @@ def sync_bundles(bundles_dir: str | Path, check: bool = False) -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m masksup_med.bundles [--check] [BUNDLES_DIR]``."""
     parser = argparse.ArgumentParser(prog="python -m masksup_med.bundles", description=__doc__.splitlines()[0])
-    parser.add_argument("bundles_dir", nargs="?", default=Path(__file__).resolve().parent.parent / "bundles",
-                        help="folder holding common/ and the bundles (default: this checkout's bundles/)")
+    parser.add_argument(
+        "bundles_dir",
+        nargs="?",
+        default=Path(__file__).resolve().parent.parent / "bundles",
+        help="folder holding common/ and the bundles (default: this checkout's bundles/)",
+    )
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 when a bundle is out of date")
     args = parser.parse_args(argv)
     changed = sync_bundles(args.bundles_dir, check=args.check)

@@ -48,7 +48,11 @@ def image_scores(pred: torch.Tensor, label: torch.Tensor) -> dict[str, float]:
     p, y = p.float(), y.float()
     iou = float(compute_iou(p, y, include_background=True, ignore_empty=False))
     dice = float(compute_dice(p, y, include_background=True, ignore_empty=False))
-    hd95 = float(compute_hausdorff_distance(p, y, include_background=True, percentile=95)) if p.any() and y.any() else math.nan
+    hd95 = (
+        float(compute_hausdorff_distance(p, y, include_background=True, percentile=95))
+        if p.any() and y.any()
+        else math.nan
+    )
     return {"iou": iou, "dice": dice, "hd95": hd95}
 
 
@@ -87,7 +91,7 @@ def registered_version(model_source: str, tracking_uri: str | None) -> tuple[str
     """(name, version) for ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``; None for a file."""
     if not str(model_source).startswith("models:/"):
         return None
-    ref = str(model_source)[len("models:/"):]
+    ref = str(model_source)[len("models:/") :]
     client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     if "@" in ref:
         name, alias = ref.split("@", 1)
@@ -165,12 +169,17 @@ class SegmentationReportHandler:
                 if name != self.split:
                     groups[name] = [r for r in self.rows if r["group"] == name]
         summaries = {name: summarize(rows, columns) for name, rows in groups.items()}
-        self.summary = {"dataset": self.dataset, "split": self.split, "model_source": self.model_source,
-                        "images": len(self.rows),
-                        "summary": summaries}
+        self.summary = {
+            "dataset": self.dataset,
+            "split": self.split,
+            "model_source": self.model_source,
+            "images": len(self.rows),
+            "summary": summaries,
+        }
         sequences = sorted({r["sequence"] for r in self.rows if "sequence" in r}, key=lambda s: natural_key(str(s)))
-        per_sequence = {f"sequence {s}": summarize([r for r in self.rows if r.get("sequence") == s], columns)
-                        for s in sequences}
+        per_sequence = {
+            f"sequence {s}": summarize([r for r in self.rows if r.get("sequence") == s], columns) for s in sequences
+        }
         if per_sequence:
             self.summary["per_sequence"] = per_sequence
 
@@ -183,8 +192,11 @@ class SegmentationReportHandler:
         table = format_table(summaries, columns)
         if per_sequence:
             table += "\n\n" + format_table(per_sequence, columns)
-            fig = per_group_figure(per_sequence, ("iou_native", "dice_native"),
-                                   f"{self.split}: each video sequence, at the images' own size")
+            fig = per_group_figure(
+                per_sequence,
+                ("iou_native", "dice_native"),
+                f"{self.split}: each video sequence, at the images' own size",
+            )
             fig.savefig(self.output_dir / "per_sequence.png", dpi=100)
             plt.close(fig)
         print(f"\nEvaluation of {self.model_source} on {self.split} (mean ± std over images)\n{table}\n", flush=True)

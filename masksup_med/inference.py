@@ -44,6 +44,7 @@ def native_mask_postprocessing(preprocessing: Transform, threshold: float = 0.5)
         AsDiscreted(keys=["pred", "pred_native"], threshold=threshold),
     ]
 
+
 IGNORED = {".ds_store", "thumbs.db"}
 
 
@@ -71,23 +72,35 @@ def list_images(input_dir: str | os.PathLike) -> list[dict]:
     if not folder.is_dir():
         raise DatasetNotFoundError(f"input folder {folder} does not exist; pass --input_dir with your images.")
     supported = {*PIL_SUFFIXES, *TIFF_SUFFIXES}
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in supported
-                   and p.name.lower() not in IGNORED and not p.name.startswith("."))
+    files = sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file()
+        and p.suffix.lower() in supported
+        and p.name.lower() not in IGNORED
+        and not p.name.startswith(".")
+    )
     if not files:
         raise DatasetNotFoundError(
             f"input folder {folder} holds no images with a supported extension ({', '.join(sorted(supported))})."
         )
     skipped = {p: why for p in files if (why := _unusable(p)) is not None}
     if skipped:
-        logger.warning(f"skipping {len(skipped)} of {len(files)} files in {folder} that cannot be used:\n"
-                       + "\n".join(f"  {p.name}: {why}" for p, why in skipped.items()))
+        logger.warning(
+            f"skipping {len(skipped)} of {len(files)} files in {folder} that cannot be used:\n"
+            + "\n".join(f"  {p.name}: {why}" for p, why in skipped.items())
+        )
     usable = [p for p in files if p not in skipped]
     if not usable:
-        raise DatasetNotFoundError(f"input folder {folder} holds no usable image: every file was skipped (listed above).")
+        raise DatasetNotFoundError(
+            f"input folder {folder} holds no usable image: every file was skipped (listed above)."
+        )
     return [{"image": str(p)} for p in usable]
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (0, 255, 80), alpha: float = 0.45) -> np.ndarray:
+def overlay(
+    image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (0, 255, 80), alpha: float = 0.45
+) -> np.ndarray:
     """``H, W, 3`` uint8 image with ``mask`` (``H, W`` bool) tinted in ``color`` and its outline drawn."""
     rgb = np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image[..., :3]
     rgb = rgb.astype(np.float32)

@@ -17,7 +17,7 @@ def rgb(h: int = H, w: int = W, seed: int = 0) -> np.ndarray:
 
 def mask(h: int = H, w: int = W, high: int = 255) -> np.ndarray:
     out = np.zeros((h, w), np.uint8)
-    out[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = high
+    out[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = high
     return out
 
 
@@ -47,8 +47,19 @@ def make_cvc(root: Path, frames=(1, 30, 60, 100, 150, 200), png: bool = False, r
         save(rgb(seed=i), base / "Original" / f"{frame}{ext}")
         save(mask(), base / "Ground Truth" / f"{frame}{ext}")
     if readme:
-        rows = [(1, 25, 1), (26, 50, 2), (51, 67, 3), (68, 78, 4), (79, 103, 5), (104, 126, 6), (127, 151, 7),
-                (152, 177, 8), (178, 199, 9), (200, 205, 10), (206, 612, 11)]
+        rows = [
+            (1, 25, 1),
+            (26, 50, 2),
+            (51, 67, 3),
+            (68, 78, 4),
+            (79, 103, 5),
+            (104, 126, 6),
+            (127, 151, 7),
+            (152, 177, 8),
+            (178, 199, 9),
+            (200, 205, 10),
+            (206, 612, 11),
+        ]
         table = "\n".join(f"       |    {a} to  {b}    |\t {s}\t|" for a, b, s in rows)
         (root / "README.txt").write_text(f"CVC-ClinicDB\n\n{table}\n", encoding="latin-1")
     return root

@@ -158,9 +158,7 @@ def _as_pg_user(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", PG_SYSTEM_USER, "--", *cmd]
 
 
-def _run(
-    cmd: list[str], what: str, log: Path | None = None, cwd: Path | None = None, timeout: float = 120
-) -> None:
+def _run(cmd: list[str], what: str, log: Path | None = None, cwd: Path | None = None, timeout: float = 120) -> None:
     proc = subprocess.run(
         cmd, check=False, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, cwd=cwd
     )
@@ -193,16 +191,12 @@ def postgres_server(
     assert bindir is not None
     as_root = os.geteuid() == 0
     if as_root:
-        require(
-            shutil.which("runuser") is not None, "runuser not found (needed to run PostgreSQL as non-root)"
-        )
+        require(shutil.which("runuser") is not None, "runuser not found (needed to run PostgreSQL as non-root)")
         try:
             pg_user = pwd.getpwnam(PG_SYSTEM_USER)
         except KeyError:
             pg_user = None
-        require(
-            pg_user is not None, f"system user {PG_SYSTEM_USER!r} not found (Debian's postgresql creates it)"
-        )
+        require(pg_user is not None, f"system user {PG_SYSTEM_USER!r} not found (Debian's postgresql creates it)")
         assert pg_user is not None
 
     root = Path(tempfile.mkdtemp(prefix="masksup-pg-", dir=tmp_dir))
@@ -425,14 +419,22 @@ def job_env(**extra: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def masksup_server(args: list[str], cwd: Path, env: dict[str, str], log_path: Path,
-                   timeout: float = 180) -> Iterator[tuple[str, subprocess.Popen]]:
+def masksup_server(
+    args: list[str], cwd: Path, env: dict[str, str], log_path: Path, timeout: float = 180
+) -> Iterator[tuple[str, subprocess.Popen]]:
     """``masksup-med serve ARGS`` (``--port`` among them) in its own process group: ``(base URL, process)``
     once it answers ``/health``; the whole group is killed on exit."""
     port = args[args.index("--port") + 1]
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([*masksup_command(), "serve", *args], cwd=cwd, env=env, stdout=log_file,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [*masksup_command(), "serve", *args],
+            cwd=cwd,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     base = f"http://{LOOPBACK}:{port}"
     try:
         _wait_for_health(proc, base, log_path, timeout)
@@ -499,7 +501,9 @@ def _loopback_only(route, blocked: list[str]) -> None:
         route.abort()
 
 
-def capture_model_page(browser, server: str, model_name: str, version_label: str, alias: str, shot: Path) -> tuple[str, str]:
+def capture_model_page(
+    browser, server: str, model_name: str, version_label: str, alias: str, shot: Path
+) -> tuple[str, str]:
     """Open a registered model's page in the MLflow UI, wait until ``version_label``'s row shows ``alias``,
     save a full-page screenshot to ``shot``; return the page text and that row's text."""
     page = browser.new_page()

@@ -79,8 +79,23 @@ def test_pretrain_speed_times_every_masking_arm_and_writes_its_block(tmp_path):
 
     out, md = tmp_path / "pretrain_speed.json", tmp_path / "RESULTS.md"
     md.write_text("# Results\n")
-    argv = ["--image-size", "32", "32", "--batch-size", "2", "--rounds", "2", "--refresh-every", "3",
-            "--device", "cpu", "--output", str(out), "--markdown", str(md)]
+    argv = [
+        "--image-size",
+        "32",
+        "32",
+        "--batch-size",
+        "2",
+        "--rounds",
+        "2",
+        "--refresh-every",
+        "3",
+        "--device",
+        "cpu",
+        "--output",
+        str(out),
+        "--markdown",
+        str(md),
+    ]
     pretrain_speed.main(argv)
     data = json.loads(out.read_text())
     assert list(data["arms"]) == ["random", "selective", "selective-every-3"]
@@ -94,8 +109,23 @@ def test_pretrain_speed_times_every_masking_arm_and_writes_its_block(tmp_path):
 def test_speed_benchmark_smoke(tmp_path, capsys):
     out, md = tmp_path / "speed.json", tmp_path / "RESULTS.md"
     md.write_text("# Results\n\nhand-written notes\n")
-    argv = ["--image-size", "32", "32", "--batch-size", "2", "--rounds", "2", "--device", "cpu",
-            "--matmul-size", "128", "--output", str(out), "--markdown", str(md)]
+    argv = [
+        "--image-size",
+        "32",
+        "32",
+        "--batch-size",
+        "2",
+        "--rounds",
+        "2",
+        "--device",
+        "cpu",
+        "--matmul-size",
+        "128",
+        "--output",
+        str(out),
+        "--markdown",
+        str(md),
+    ]
     speed.main(argv)
 
     data = json.loads(out.read_text())
@@ -107,7 +137,9 @@ def test_speed_benchmark_smoke(tmp_path, capsys):
     assert data["settings"]["device"] == "cpu"
     assert all(len(times) == 2 for times in data["details"]["train_seconds"].values())
     memory = data["details"]["memory"]
-    assert 0 < memory["rss_before_training_mib"] <= memory["rss_peak_mib"] == data["measures"]["peak_memory_mib"]["value"]
+    assert (
+        0 < memory["rss_before_training_mib"] <= memory["rss_peak_mib"] == data["measures"]["peak_memory_mib"]["value"]
+    )
     flops = data["details"]["step_flops"]
     assert flops["masksup"] == 2 * flops["plain"] > 0  # two passes of the same network, same batch
     assert data["machine"]["cpu_count"] >= 1
@@ -128,8 +160,21 @@ def test_recipe_runner_trains_selects_on_validation_and_records(tmp_path):
     """A recipe merges its fragments over the bundle: the cosine schedule reaches its floor and is checkpointed."""
     demo = make_glas_demo(tmp_path / "glas", n_train=10, n_test_a=2, n_test_b=2, size=(64, 48))
     results, md = tmp_path / "recipes.jsonl", tmp_path / "RESULTS.md"
-    common = ["--epochs", "2", "--val-interval", "1", "--image-size", "32", "48", "--dataset-dir", str(demo),
-              "--work-dir", str(tmp_path / "runs"), "--results", str(results)]
+    common = [
+        "--epochs",
+        "2",
+        "--val-interval",
+        "1",
+        "--image-size",
+        "32",
+        "48",
+        "--dataset-dir",
+        str(demo),
+        "--work-dir",
+        str(tmp_path / "runs"),
+        "--results",
+        str(results),
+    ]
     glas_recipes.main(["run", "cosine-light", *common])
     glas_recipes.main(["run", "cosine-light", *common])  # recorded: skipped, not trained again
 
@@ -156,19 +201,35 @@ def test_recipe_runner_trains_selects_on_validation_and_records(tmp_path):
 
 def _ablation_record(arm: str, seed: int, test_iou: float) -> dict:
     test = {m: test_iou for m in ("iou", "dice", "iou_native", "dice_native")}
-    return {"arm": arm, "seed": seed, "best_val_iou": 0.5, "best_epoch": 3, "train_seconds": 60.0, "commit": "abc1234",
-            "test": {"test": test, "testA": test, "testB": test}}
+    return {
+        "arm": arm,
+        "seed": seed,
+        "best_val_iou": 0.5,
+        "best_epoch": 3,
+        "train_seconds": 60.0,
+        "commit": "abc1234",
+        "test": {"test": test, "testA": test, "testB": test},
+    }
 
 
 def test_semi_gains_pair_by_fraction_and_seed_and_the_full_label_gap_by_seed_alone():
     def record(arm, fraction, seed, iou):
         return {**_ablation_record(arm, seed, iou), "label_fraction": fraction}
 
-    records = [record("supervised-only", 0.25, 0, 0.60), record("supervised-only", 0.25, 1, 0.62),
-               record("supervised-only", 0.125, 0, 0.50), record("semi", 0.25, 0, 0.66), record("semi", 0.25, 1, 0.61),
-               record("semi", 0.125, 0, 0.58), record("full-supervised", 1.0, 0, 0.70), record("full-supervised", 1.0, 1, 0.72)]
+    records = [
+        record("supervised-only", 0.25, 0, 0.60),
+        record("supervised-only", 0.25, 1, 0.62),
+        record("supervised-only", 0.125, 0, 0.50),
+        record("semi", 0.25, 0, 0.66),
+        record("semi", 0.25, 1, 0.61),
+        record("semi", 0.125, 0, 0.58),
+        record("full-supervised", 1.0, 0, 0.70),
+        record("full-supervised", 1.0, 1, 0.72),
+    ]
     fraction = {"label_fraction": "label fraction"}
-    over_supervised = "\n".join(bundle_runs.paired_gains(records, "supervised-only", ["supervised-only", "semi"], by=fraction))
+    over_supervised = "\n".join(
+        bundle_runs.paired_gains(records, "supervised-only", ["supervised-only", "semi"], by=fraction)
+    )
     assert "| semi | 0.125 | 1 | +0.0800 (seed 0) | +0.0800 | 1 of 1 |" in over_supervised
     assert "| semi | 0.25 | 2 | +0.0600 (seed 0), -0.0100 (seed 1) | +0.0250 | 1 of 2 |" in over_supervised
     to_full = "\n".join(bundle_runs.paired_gains(records, "full-supervised", ["semi"], by=fraction, match=()))
@@ -177,9 +238,13 @@ def test_semi_gains_pair_by_fraction_and_seed_and_the_full_label_gap_by_seed_alo
 
 
 def test_ablation_tables_report_spread_and_gains_paired_by_seed():
-    records = [_ablation_record("baseline", 0, 0.60), _ablation_record("baseline", 1, 0.64),
-               _ablation_record("full-heavy", 0, 0.65), _ablation_record("full-heavy", 1, 0.63),
-               _ablation_record("context", 2, 0.70)]  # no baseline with seed 2: not paired
+    records = [
+        _ablation_record("baseline", 0, 0.60),
+        _ablation_record("baseline", 1, 0.64),
+        _ablation_record("full-heavy", 0, 0.65),
+        _ablation_record("full-heavy", 1, 0.63),
+        _ablation_record("context", 2, 0.70),
+    ]  # no baseline with seed 2: not paired
     text = ablation.ablation_tables(records)
     assert "| baseline | 2 | 0.5000 ± 0.0000 | 0.6200 ± 0.0283 |" in text
     assert "| context | 1 | 0.5000 | 0.7000 |" in text  # one seed: the mean alone
@@ -190,20 +255,45 @@ def test_ablation_tables_report_spread_and_gains_paired_by_seed():
 
 def _defaults_record(bundle: str, seed: int, test_iou: float, elsewhere_iou: float | None = None) -> dict:
     test = {m: test_iou for m in ("iou", "dice", "iou_native", "dice_native")}
-    elsewhere = [] if elsewhere_iou is None else [
-        {"dataset": "cvc-clinicdb", "images": 14, "iou": elsewhere_iou, "dice": 0.5, "commands": [f"eval cvc seed {seed}"]}]
-    return {"bundle": bundle, "seed": seed, "best_val_iou": 0.7, "best_epoch": 40, "train_seconds": 2400.0, "commit": "abc1234",
-            "test": {"test": test}, "elsewhere": elsewhere, "commands": [f"train {bundle} seed {seed}", f"eval {bundle} seed {seed}"]}
+    elsewhere = (
+        []
+        if elsewhere_iou is None
+        else [
+            {
+                "dataset": "cvc-clinicdb",
+                "images": 14,
+                "iou": elsewhere_iou,
+                "dice": 0.5,
+                "commands": [f"eval cvc seed {seed}"],
+            }
+        ]
+    )
+    return {
+        "bundle": bundle,
+        "seed": seed,
+        "best_val_iou": 0.7,
+        "best_epoch": 40,
+        "train_seconds": 2400.0,
+        "commit": "abc1234",
+        "test": {"test": test},
+        "elsewhere": elsewhere,
+        "commands": [f"train {bundle} seed {seed}", f"eval {bundle} seed {seed}"],
+    }
 
 
 def test_defaults_table_pools_seeds_per_bundle_and_reports_the_other_dataset(tmp_path):
-    records = [_defaults_record("kvasir_seg", 0, 0.60, 0.40), _defaults_record("kvasir_seg", 1, 0.64, 0.30),
-               _defaults_record("glas", 1, 0.78)]
+    records = [
+        _defaults_record("kvasir_seg", 0, 0.60, 0.40),
+        _defaults_record("kvasir_seg", 1, 0.64, 0.30),
+        _defaults_record("glas", 1, 0.78),
+    ]
     text = defaults.defaults_table(records)
     assert "| glas | 1 | 0.7000 | 0.7800 | 0.7800 | 0.7800 | — | 40.0 |" in text  # one seed: the mean alone
     assert "| kvasir_seg | 2 | 0.7000 ± 0.0000 | 0.6200 ± 0.0283 |" in text
     assert "cvc-clinicdb 0.3500 ± 0.0707 (14)" in text
-    assert "| kvasir_seg | 1 | 40 | 0.7000 | 0.6400 | 0.6400 | — | cvc-clinicdb 0.3000 / 0.5000 | 40.0 | abc1234 |" in text
+    assert (
+        "| kvasir_seg | 1 | 40 | 0.7000 | 0.6400 | 0.6400 | — | cvc-clinicdb 0.3000 / 0.5000 | 40.0 | abc1234 |" in text
+    )
     assert "eval cvc seed 0" in text and "train glas seed 1" in text and "train kvasir_seg seed 1" not in text
 
 
@@ -213,8 +303,25 @@ def test_semi_study_runs_records_and_reports(tmp_path):
 
     demo = make_glas_demo(tmp_path / "glas", n_train=10, n_test_a=2, n_test_b=2, size=(64, 48))
     results, md = tmp_path / "semi.jsonl", tmp_path / "RESULTS.md"
-    common = ["--epochs", "1", "--val-interval", "1", "--image-size", "32", "32", "--dataset-dir", str(demo),
-              "--work-dir", str(tmp_path / "runs"), "--results", str(results), "--seeds", "0", "--fractions", "0.5"]
+    common = [
+        "--epochs",
+        "1",
+        "--val-interval",
+        "1",
+        "--image-size",
+        "32",
+        "32",
+        "--dataset-dir",
+        str(demo),
+        "--work-dir",
+        str(tmp_path / "runs"),
+        "--results",
+        str(results),
+        "--seeds",
+        "0",
+        "--fractions",
+        "0.5",
+    ]
     semi.main(["run", "--arms", "semi", "full-supervised", *common])
     semi.main(["run", "--arms", "semi", *common])  # recorded: skipped
     records = [json.loads(line) for line in results.read_text().splitlines()]
@@ -232,8 +339,10 @@ def test_every_semi_arm_merges_existing_bundle_configs_with_mim_last(bundle):
 
     for arm in semi.ARMS:
         assert all((REPO / path).is_file() for path in semi.configs(bundle, arm)), arm
-    assert semi.configs(bundle, "semi-mim")[-2:] == [f"bundles/{bundle}/configs/semi_train.json",
-                                                     f"bundles/{bundle}/configs/semi_mim.json"]
+    assert semi.configs(bundle, "semi-mim")[-2:] == [
+        f"bundles/{bundle}/configs/semi_train.json",
+        f"bundles/{bundle}/configs/semi_mim.json",
+    ]
 
 
 def _pretrain_record(arm: str, fraction: float, seed: int, test_iou: float) -> dict:
@@ -244,10 +353,15 @@ def _pretrain_record(arm: str, fraction: float, seed: int, test_iou: float) -> d
 def test_pretrain_tables_pair_gains_by_seed_and_label_fraction():
     import pretrain
 
-    records = [_pretrain_record("none", 0.25, 0, 0.50), _pretrain_record("none", 0.25, 1, 0.54),
-               _pretrain_record("none", 1.0, 0, 0.70), _pretrain_record("selective", 0.25, 0, 0.55),
-               _pretrain_record("selective", 0.25, 1, 0.53), _pretrain_record("selective", 1.0, 0, 0.72),
-               _pretrain_record("random", 1.0, 1, 0.90)]  # no `none` with seed 1 at fraction 1.0: not paired
+    records = [
+        _pretrain_record("none", 0.25, 0, 0.50),
+        _pretrain_record("none", 0.25, 1, 0.54),
+        _pretrain_record("none", 1.0, 0, 0.70),
+        _pretrain_record("selective", 0.25, 0, 0.55),
+        _pretrain_record("selective", 0.25, 1, 0.53),
+        _pretrain_record("selective", 1.0, 0, 0.72),
+        _pretrain_record("random", 1.0, 1, 0.90),
+    ]  # no `none` with seed 1 at fraction 1.0: not paired
     text = pretrain.pretrain_tables(records)
     assert "| none | 0.25 | 2 | 0.5000 ± 0.0000 | 0.5200 ± 0.0283 |" in text and text.count("| none |") == 2
     assert "| selective | 0.25 | 2 |" in text and "| 2.0 | 1.0 |" in text  # pretraining and fine-tuning minutes
@@ -259,12 +373,20 @@ def test_pretrain_tables_pair_gains_by_seed_and_label_fraction():
 def test_pretraining_is_shared_and_refused_when_made_with_other_settings(tmp_path, capsys):
     import pretrain
 
-    args = pretrain.parse_args(["run", "--work-dir", str(tmp_path), "--pretrain-epochs", "2", "--image-size", "32", "32"])
+    args = pretrain.parse_args(
+        ["run", "--work-dir", str(tmp_path), "--pretrain-epochs", "2", "--image-size", "32", "32"]
+    )
     assert args.dataset_dir == "../shared/data/glas" and args.markdown[-1].parts[-3:] == ("glas", "docs", "README.md")
     run_dir = tmp_path / f"pretrain-glas-{bundle_runs.BUNDLE_DEFAULTS}-selective-e2-32x32-seed1"
     run_dir.mkdir()
-    values = {"dataset_dir": "../shared/data/glas", "seed": 1, "max_epochs": 2, "val_interval": 3, "image_size": [32, 32],
-              "selective_masking": True}
+    values = {
+        "dataset_dir": "../shared/data/glas",
+        "seed": 1,
+        "max_epochs": 2,
+        "val_interval": 3,
+        "image_size": [32, 32],
+        "selective_masking": True,
+    }
     (run_dir / pretrain.RUN_FILE).write_text(json.dumps({"values": values, "seconds": 5.0, "weights": "w.pt"}))
     assert pretrain.pretrain(args, "selective", 1)["seconds"] == 5.0  # not trained again
     assert "done before, reused" in capsys.readouterr().out
@@ -281,21 +403,54 @@ def test_pretrain_study_pretrains_fine_tunes_records_and_reports(tmp_path):
 
     demo = make_glas_demo(tmp_path / "glas", n_train=10, n_test_a=2, n_test_b=2, size=(64, 48))
     results, md, runs = tmp_path / "pretrain.jsonl", tmp_path / "RESULTS.md", tmp_path / "runs"
-    common = ["--epochs", "1", "--pretrain-epochs", "1", "--val-interval", "1", "--image-size", "32", "32",
-              "--dataset-dir", str(demo), "--work-dir", str(runs), "--results", str(results), "--seeds", "0",
-              "--fractions", "0.25", "--selective-partitions", "2"]
+    common = [
+        "--epochs",
+        "1",
+        "--pretrain-epochs",
+        "1",
+        "--val-interval",
+        "1",
+        "--image-size",
+        "32",
+        "32",
+        "--dataset-dir",
+        str(demo),
+        "--work-dir",
+        str(runs),
+        "--results",
+        str(results),
+        "--seeds",
+        "0",
+        "--fractions",
+        "0.25",
+        "--selective-partitions",
+        "2",
+    ]
     pretrain.main(["run", "--arms", "selective", *common])
     pretrain.main(["run", "--arms", "selective", *common])  # recorded: skipped
 
     (record,) = [json.loads(line) for line in results.read_text().splitlines()]
-    assert (record["arm"], record["label_fraction"], record["seed"], record["pretrain_epochs"]) == ("selective", 0.25, 0, 1)
-    weights = runs / f"pretrain-glas-{bundle_runs.BUNDLE_DEFAULTS}-selective-e1-32x32-seed0" / "models" / "pretrained.pt"
+    assert (record["arm"], record["label_fraction"], record["seed"], record["pretrain_epochs"]) == (
+        "selective",
+        0.25,
+        0,
+        1,
+    )
+    weights = (
+        runs / f"pretrain-glas-{bundle_runs.BUNDLE_DEFAULTS}-selective-e1-32x32-seed0" / "models" / "pretrained.pt"
+    )
     assert weights.is_file() and record["pretrain"]["weights"] == str(weights) and record["pretrain"]["seconds"] > 0
     pretrain_cmd, train_cmd, eval_cmd = record["commands"]
-    assert "pretrain.json" in pretrain_cmd and "--selective_masking True" in pretrain_cmd and "--max_epochs 1" in pretrain_cmd
+    assert (
+        "pretrain.json" in pretrain_cmd
+        and "--selective_masking True" in pretrain_cmd
+        and "--max_epochs 1" in pretrain_cmd
+    )
     assert "labelled_only.json" in train_cmd and "--label_fraction 0.25" in train_cmd
     assert f"--pretrained_weights {weights}" in train_cmd and "evaluating" in eval_cmd
-    finetune_log = (runs / f"finetune-glas-{bundle_runs.BUNDLE_DEFAULTS}-selective-e1-32x32-f0.25-seed0-pretrain1" / "train.log").read_text()
+    finetune_log = (
+        runs / f"finetune-glas-{bundle_runs.BUNDLE_DEFAULTS}-selective-e1-32x32-f0.25-seed0-pretrain1" / "train.log"
+    ).read_text()
     assert f"pretrained weights from {weights}" in finetune_log
     assert 0 <= record["test"]["test"]["iou"] <= 1 and record["best_epoch"] == 1
 
@@ -303,5 +458,8 @@ def test_pretrain_study_pretrains_fine_tunes_records_and_reports(tmp_path):
     block = _block(md.read_text(), "pretrain-glas")
     assert "| selective | 0.25 | 1 |" in block and "pretraining 1 epochs" in block
     assert all(command in block for command in record["commands"])
-    assert "pretrain.py run --bundle glas" in block and "--pretrain-epochs 1 --epochs 1 --val-interval 1 --image-size 32 32" in block
+    assert (
+        "pretrain.py run --bundle glas" in block
+        and "--pretrain-epochs 1 --epochs 1 --val-interval 1 --image-size 32 32" in block
+    )
     assert "--selective-partitions 2" in block

@@ -44,8 +44,15 @@ def bundle(request) -> Bundle:
 
 def monai_bundle(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "monai.bundle", *args], check=False, cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "monai.bundle", *args],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -83,16 +90,27 @@ def test_metadata_missing_a_required_field_is_refused(bundle, tmp_path):
 
 
 def test_network_matches_its_declared_input_and_output(bundle):
-    result = monai_bundle("verify_net_in_out", "network_def", "--meta_file", str(bundle.meta),
-                          "--config_file", str(bundle.train))
+    result = monai_bundle(
+        "verify_net_in_out", "network_def", "--meta_file", str(bundle.meta), "--config_file", str(bundle.train)
+    )
     assert result.returncode == 0, result.stderr[-2000:]
 
 
 @pytest.mark.slow
 def test_torchscript_export_gives_the_checkpoints_masks(bundle, checkpoint, tmp_path):
     exported = tmp_path / "model.ts"
-    result = monai_bundle("ckpt_export", "network_def", "--filepath", str(exported), "--ckpt_file", str(checkpoint),
-                          "--meta_file", str(bundle.meta), "--config_file", str(bundle.train))
+    result = monai_bundle(
+        "ckpt_export",
+        "network_def",
+        "--filepath",
+        str(exported),
+        "--ckpt_file",
+        str(checkpoint),
+        "--meta_file",
+        str(bundle.meta),
+        "--config_file",
+        str(bundle.train),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     x = torch.rand(2, *bundle.input_shape)
     with torch.no_grad():
@@ -107,9 +125,20 @@ def test_torchscript_export_gives_the_checkpoints_masks(bundle, checkpoint, tmp_
 def test_onnx_export_gives_the_checkpoints_masks(bundle, checkpoint, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     exported = tmp_path / "model.onnx"
-    result = monai_bundle("onnx_export", "network_def", "--filepath", str(exported), "--ckpt_file", str(checkpoint),
-                          "--meta_file", str(bundle.meta), "--config_file", str(bundle.train),
-                          "--input_shape", str([1, *bundle.input_shape]))
+    result = monai_bundle(
+        "onnx_export",
+        "network_def",
+        "--filepath",
+        str(exported),
+        "--ckpt_file",
+        str(checkpoint),
+        "--meta_file",
+        str(bundle.meta),
+        "--config_file",
+        str(bundle.train),
+        "--input_shape",
+        str([1, *bundle.input_shape]),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     x = torch.rand(1, *bundle.input_shape)
     session = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])

@@ -27,8 +27,16 @@ BUNDLES = REPO / "bundles"
 COMMON = BUNDLES / "common" / "configs"
 NAMES = tuple(p.name for p in bundle_dirs(BUNDLES))
 POLYP = ("cvc_clinicdb", "kvasir_seg")
-LINKED = ("evaluate.json", "inference.json", "multi_gpu_train.json", "supervised.json", "semi_train.json",
-          "semi_mim.json", "pretrain.json", "logging.conf")
+LINKED = (
+    "evaluate.json",
+    "inference.json",
+    "multi_gpu_train.json",
+    "supervised.json",
+    "semi_train.json",
+    "semi_mim.json",
+    "pretrain.json",
+    "logging.conf",
+)
 
 
 def _expressions(value):
@@ -53,8 +61,10 @@ def test_sync_restores_shared_ids_and_keeps_the_bundle_own_values(tmp_path):
     config = json.loads(train.read_text())
     config["image_size"] = [96, 96]  # the bundle's own value: kept
     config["train"]["trainer"]["max_epochs"] = 3  # a shared id edited in place: restored
-    config = {"seg_loss": {"_target_": "DiceLoss", "sigmoid": True},  # a bundle may set a shared id itself
-              **{k: v for k, v in config.items() if k != "seg_loss"}}
+    config = {
+        "seg_loss": {"_target_": "DiceLoss", "sigmoid": True},  # a bundle may set a shared id itself
+        **{k: v for k, v in config.items() if k != "seg_loss"},
+    }
     train.write_text(json.dumps(config))
     assert sync_bundle(bundle, COMMON, check=True)
     assert sync_bundle(bundle, COMMON)
@@ -148,6 +158,7 @@ def test_supervised_config_swaps_the_method_and_nothing_else():
     assert parser.get_parsed_content("method_transforms") == []
     masksup = ConfigParser()
     masksup.read_config(str(BUNDLES / "glas" / "configs" / "train.json"))
+
     def same(a, b):  # a merged config writes nested ids with "::", a single file keeps "#"
         return json.dumps(a).replace("::", "#") == json.dumps(b).replace("::", "#")
 

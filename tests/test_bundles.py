@@ -83,11 +83,19 @@ def test_every_bundle_has_a_case():
 
 def demo_images(folder: Path, count: int = 2) -> list[Path]:
     """The first ``count`` images (not masks) of a demo dataset folder."""
-    return sorted(p for p in folder.rglob("*") if p.suffix in (".bmp", ".tif", ".jpg") and "anno" not in p.name
-                  and "Ground Truth" not in str(p) and p.parent.name != "masks")[:count]
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix in (".bmp", ".tif", ".jpg")
+        and "anno" not in p.name
+        and "Ground Truth" not in str(p)
+        and p.parent.name != "masks"
+    )[:count]
 
 
-@pytest.fixture(scope="module", params=[pytest.param(name, marks=pytest.mark.xdist_group(f"bundle-{name}")) for name in CASES])
+@pytest.fixture(
+    scope="module", params=[pytest.param(name, marks=pytest.mark.xdist_group(f"bundle-{name}")) for name in CASES]
+)
 def case(request) -> BundleCase:
     return CASES[request.param]
 
@@ -97,29 +105,57 @@ def demo(case, tmp_path_factory) -> Path:
     return case.make_demo(tmp_path_factory.mktemp("demo") / case.name)
 
 
-def run_bundle(run_id: str, configs: list[Path], *overrides: str, env: dict | None = None,
-               cwd: Path = REPO, num_workers: int = 0) -> subprocess.CompletedProcess:
+def run_bundle(
+    run_id: str, configs: list[Path], *overrides: str, env: dict | None = None, cwd: Path = REPO, num_workers: int = 0
+) -> subprocess.CompletedProcess:
     """Run one workflow of the bundle with the documented command (from the repository root by default)."""
     config_file = str(configs[0]) if len(configs) == 1 else str([str(c) for c in configs])
-    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_file,
-           "--num_workers", str(num_workers), *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        run_id,
+        "--config_file",
+        config_file,
+        "--num_workers",
+        str(num_workers),
+        *overrides,
+    ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run(cmd, check=False, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
 
 
-def run_training(dataset_dir: Path, output_dir: Path, *overrides: str, config: Path | list[Path] = TRAIN_CONFIG,
-                 env: dict | None = None) -> subprocess.CompletedProcess:
+def run_training(
+    dataset_dir: Path,
+    output_dir: Path,
+    *overrides: str,
+    config: Path | list[Path] = TRAIN_CONFIG,
+    env: dict | None = None,
+) -> subprocess.CompletedProcess:
     """Run a bundle's training (GLaS by default; a list of configs is merged in order), as the README does."""
     configs = config if isinstance(config, list) else [config]
-    return run_bundle("training", configs, "--dataset_dir", str(dataset_dir), "--output_dir", str(output_dir),
-                      *overrides, env=env)
+    return run_bundle(
+        "training", configs, "--dataset_dir", str(dataset_dir), "--output_dir", str(output_dir), *overrides, env=env
+    )
 
 
 @pytest.mark.slow
 def test_one_epoch_on_demo_data_saves_checkpoint_split_and_mlflow_run(case, demo, tmp_path):
     out = tmp_path / "out"
-    result = run_training(demo, out, "--max_epochs", "1", "--val_interval", "1",
-                          "--image_size", "[64,64]", "--batch_size", "4", config=case.configs / "train.json")
+    result = run_training(
+        demo,
+        out,
+        "--max_epochs",
+        "1",
+        "--val_interval",
+        "1",
+        "--image_size",
+        "[64,64]",
+        "--batch_size",
+        "4",
+        config=case.configs / "train.json",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     # the per-epoch summary on the console shows each MaskSup term and the validation metrics
@@ -148,7 +184,14 @@ def test_one_epoch_on_demo_data_saves_checkpoint_split_and_mlflow_run(case, demo
     assert run.data.params["a2"] == "1.0" and run.data.params["masking"] == "RandMaskBank"
     assert run.data.params["mask_source"] == "RandFreeFormMask"  # free-form strokes, drawn once into a bank
     assert run.data.params["dataset_dir"] == str(demo)
-    for metric in ("train_loss", "train_loss_seg", "train_loss_context", "train_loss_tasksim", "val_mean_iou", "val_mean_dice"):
+    for metric in (
+        "train_loss",
+        "train_loss_seg",
+        "train_loss_context",
+        "train_loss_tasksim",
+        "val_mean_iou",
+        "val_mean_dice",
+    ):
         assert metric in run.data.metrics, metric
     assert 0.0 <= run.data.metrics["val_mean_iou"] <= 1.0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -176,9 +219,25 @@ def test_same_seed_gives_the_same_run_and_another_seed_does_not(tmp_path):
     demo = case.make_demo(tmp_path / "demo")
     losses = {}
     for name, seed in (("first", "0"), ("again", "0"), ("other", "1")):
-        result = run_bundle("training", case.config(), "--dataset_dir", str(demo), "--output_dir", str(tmp_path / name),
-                            "--max_epochs", "2", "--val_interval", "2", "--image_size", "[64,64]", "--batch_size", "4",
-                            "--seed", seed, num_workers=2)
+        result = run_bundle(
+            "training",
+            case.config(),
+            "--dataset_dir",
+            str(demo),
+            "--output_dir",
+            str(tmp_path / name),
+            "--max_epochs",
+            "2",
+            "--val_interval",
+            "2",
+            "--image_size",
+            "[64,64]",
+            "--batch_size",
+            "4",
+            "--seed",
+            seed,
+            num_workers=2,
+        )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         losses[name] = _epoch_losses(tmp_path / name, case.model_name)
     assert len(losses["first"]) == 2
@@ -189,8 +248,18 @@ def test_same_seed_gives_the_same_run_and_another_seed_does_not(tmp_path):
 @pytest.mark.slow
 def test_baseline_arm_runs_through_the_same_bundle(tmp_path):
     out = tmp_path / "out"
-    result = run_training(CASES["glas"].make_demo(tmp_path / "demo"), out, "--max_epochs", "1", "--val_interval", "1", "--image_size", "[64,64]",
-                          "--loss_weights", "{'a1': 1.0, 'a2': 0.0, 'a3': 0.0}")
+    result = run_training(
+        CASES["glas"].make_demo(tmp_path / "demo"),
+        out,
+        "--max_epochs",
+        "1",
+        "--val_interval",
+        "1",
+        "--image_size",
+        "[64,64]",
+        "--loss_weights",
+        "{'a1': 1.0, 'a2': 0.0, 'a3': 0.0}",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("masksup-glas").experiment_id])
@@ -210,7 +279,16 @@ def test_a_copy_of_the_bundle_folder_trains_evaluates_and_infers_from_another_di
     for frame in demo_images(demo):
         shutil.copy(frame, images / frame.name)  # CVC-ClinicDB TIFF frames too: inference reads them with tifffile
     configs = bundle / "configs"
-    common = ["--bundle_root", str(bundle), "--dataset_dir", str(demo), "--output_dir", "out", "--image_size", "[64,64]"]
+    common = [
+        "--bundle_root",
+        str(bundle),
+        "--dataset_dir",
+        str(demo),
+        "--output_dir",
+        "out",
+        "--image_size",
+        "[64,64]",
+    ]
     steps = (
         ("training", [configs / "train.json"], ["--max_epochs", "1", "--val_interval", "1"]),
         ("evaluating", [configs / "train.json", configs / "evaluate.json"], []),
@@ -235,9 +313,23 @@ def test_semi_supervised_config_trains_with_a_label_fraction_and_an_unlabelled_f
     for name in ("frame 1.png", "frame_2.jpg"):  # a hospital's own frames, not from the dataset
         Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(frames / name)
     out = tmp_path / "out"
-    result = run_training(demo, out, "--max_epochs", "1", "--val_interval", "1", "--image_size", "[64,64]",
-                          "--batch_size", "2", "--label_fraction", "0.25", "--unlabelled_dir", str(frames),
-                          config=[TRAIN_CONFIG, CONFIGS / "semi_train.json"])
+    result = run_training(
+        demo,
+        out,
+        "--max_epochs",
+        "1",
+        "--val_interval",
+        "1",
+        "--image_size",
+        "[64,64]",
+        "--batch_size",
+        "2",
+        "--label_fraction",
+        "0.25",
+        "--unlabelled_dir",
+        str(frames),
+        config=[TRAIN_CONFIG, CONFIGS / "semi_train.json"],
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     splits = json.loads((out / "datalist.json").read_text())
     assert len(splits["train"]) == 2 and len(splits["unlabelled"]) == 6 + 2  # 8 training images, 2 frames
@@ -259,17 +351,27 @@ def test_semi_supervised_config_trains_with_a_label_fraction_and_an_unlabelled_f
     assert "teacher" in checkpoint  # resuming restores the teacher too
 
 
-@pytest.mark.parametrize(("override", "value", "message"), [
-    ("--label_fraction", "0", "label_fraction must lie in (0, 1], got 0"),
-    ("--label_fraction", "0.01", "label_fraction 0.01 of the 8 training images labels none"),
-    ("--unlabelled_dir", "EMPTY", "holds no images"),
-])
+@pytest.mark.parametrize(
+    ("override", "value", "message"),
+    [
+        ("--label_fraction", "0", "label_fraction must lie in (0, 1], got 0"),
+        ("--label_fraction", "0.01", "label_fraction 0.01 of the 8 training images labels none"),
+        ("--unlabelled_dir", "EMPTY", "holds no images"),
+    ],
+)
 def test_semi_supervised_bad_input_fails_at_start_naming_the_value(tmp_path, override, value, message):
     empty = tmp_path / "empty"
     empty.mkdir()
     out = tmp_path / "out"
-    result = run_training(CASES["glas"].make_demo(tmp_path / "demo"), out, override, str(empty) if value == "EMPTY" else value,
-                          "--max_epochs", "1", config=[TRAIN_CONFIG, CONFIGS / "semi_train.json"])
+    result = run_training(
+        CASES["glas"].make_demo(tmp_path / "demo"),
+        out,
+        override,
+        str(empty) if value == "EMPTY" else value,
+        "--max_epochs",
+        "1",
+        config=[TRAIN_CONFIG, CONFIGS / "semi_train.json"],
+    )
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
     assert not (out / "models").exists()
@@ -281,8 +383,17 @@ def test_pretraining_writes_weights_that_training_starts_from(tmp_path):
     reconstruction figure of the pretraining and the weights file of the training."""
     demo = CASES["glas"].make_demo(tmp_path / "demo")
     pre_out, out = tmp_path / "pretrain", tmp_path / "train"
-    result = run_training(demo, pre_out, "--max_epochs", "1", "--image_size", "[64,64]", "--selective_partitions", "3",
-                          config=[TRAIN_CONFIG, CONFIGS / "pretrain.json"])
+    result = run_training(
+        demo,
+        pre_out,
+        "--max_epochs",
+        "1",
+        "--image_size",
+        "[64,64]",
+        "--selective_partitions",
+        "3",
+        config=[TRAIN_CONFIG, CONFIGS / "pretrain.json"],
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "train_loss_l1" in result.stdout and "train_loss_ssim" in result.stdout
     pretrained = pre_out / "models" / "pretrained.pt"
@@ -295,8 +406,18 @@ def test_pretraining_writes_weights_that_training_starts_from(tmp_path):
     figures = {a.path for a in pre_client.list_artifacts(pre_run.info.run_id, "figures")}
     # val_interval is 2: the one epoch is drawn when training completes, next to the learning curves
     assert figures == {"figures/reconstruction_epoch_0001.png", "figures/learning_curves.png"}, figures
-    result = run_training(demo, out, "--max_epochs", "1", "--val_interval", "1", "--image_size", "[64,64]",
-                          "--pretrained_weights", str(pretrained))
+    result = run_training(
+        demo,
+        out,
+        "--max_epochs",
+        "1",
+        "--val_interval",
+        "1",
+        "--image_size",
+        "[64,64]",
+        "--pretrained_weights",
+        str(pretrained),
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"pretrained weights from {pretrained}" in result.stdout + result.stderr
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
@@ -312,8 +433,22 @@ def test_pretraining_writes_weights_that_training_starts_from(tmp_path):
 @pytest.mark.slow
 def test_mixed_precision_bf16_trains_one_epoch_on_cpu(tmp_path):
     out = tmp_path / "out"
-    result = run_training(CASES["glas"].make_demo(tmp_path / "demo"), out, "--max_epochs", "1", "--val_interval", "1",
-                          "--image_size", "[64,64]", "--amp", "True", "--amp_dtype", "bfloat16", "--device", "cpu")
+    result = run_training(
+        CASES["glas"].make_demo(tmp_path / "demo"),
+        out,
+        "--max_epochs",
+        "1",
+        "--val_interval",
+        "1",
+        "--image_size",
+        "[64,64]",
+        "--amp",
+        "True",
+        "--amp_dtype",
+        "bfloat16",
+        "--device",
+        "cpu",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("masksup-glas").experiment_id])
@@ -326,10 +461,23 @@ def test_supervised_baseline_is_a_short_config_over_the_same_pipeline(tmp_path):
     """configs/supervised.json swaps MaskSup for MONAI's plain SupervisedTrainer; run from another directory."""
     bundle = REPO / "bundles" / "glas"
     out = tmp_path / "out"
-    result = run_bundle("training", [bundle / "configs" / "train.json", bundle / "configs" / "supervised.json"],
-                        "--bundle_root", str(bundle), "--dataset_dir", str(CASES["glas"].make_demo(tmp_path / "demo")),
-                        "--output_dir", str(out), "--max_epochs", "1", "--val_interval", "1", "--image_size", "[64,64]",
-                        cwd=tmp_path)
+    result = run_bundle(
+        "training",
+        [bundle / "configs" / "train.json", bundle / "configs" / "supervised.json"],
+        "--bundle_root",
+        str(bundle),
+        "--dataset_dir",
+        str(CASES["glas"].make_demo(tmp_path / "demo")),
+        "--output_dir",
+        str(out),
+        "--max_epochs",
+        "1",
+        "--val_interval",
+        "1",
+        "--image_size",
+        "[64,64]",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("masksup-glas").experiment_id])
@@ -348,9 +496,18 @@ def test_a_third_method_trains_from_a_short_merge_file(tmp_path):
     merge_file = toy / "area_masksup.json"
     assert len(merge_file.read_text().splitlines()) <= 40
     out = tmp_path / "out"
-    result = run_training(CASES["glas"].make_demo(tmp_path / "demo"), out, "--max_epochs", "2", "--val_interval", "1",
-                          "--image_size", "[64,64]", config=[TRAIN_CONFIG, merge_file],
-                          env={"PYTHONPATH": os.pathsep.join([str(toy), os.environ.get("PYTHONPATH", "")])})
+    result = run_training(
+        CASES["glas"].make_demo(tmp_path / "demo"),
+        out,
+        "--max_epochs",
+        "2",
+        "--val_interval",
+        "1",
+        "--image_size",
+        "[64,64]",
+        config=[TRAIN_CONFIG, merge_file],
+        env={"PYTHONPATH": os.pathsep.join([str(toy), os.environ.get("PYTHONPATH", "")])},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "train_loss_area" in result.stdout  # the console's epoch summary
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
@@ -384,8 +541,17 @@ def test_image_size_the_network_cannot_take_fails_at_start_with_a_size_that_work
     configs = CASES["glas"].config(*([] if config == "train.json" else [config]))
     run_id = {"train.json": "training", "evaluate.json": "evaluating", "inference.json": "inferring"}[config]
     inputs = ["--input_dir", str(tmp_path)] if config == "inference.json" else []
-    result = run_bundle(run_id, configs, "--dataset_dir", str(tmp_path / "unused"), *inputs,
-                        "--output_dir", str(tmp_path / "out"), "--image_size", "[120,160]")
+    result = run_bundle(
+        run_id,
+        configs,
+        "--dataset_dir",
+        str(tmp_path / "unused"),
+        *inputs,
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--image_size",
+        "[120,160]",
+    )
     assert result.returncode != 0
     message = result.stdout + result.stderr
     assert "multiple of 16" in message and '--image_size "[128, 160]"' in message
@@ -404,7 +570,6 @@ def test_check_image_size_accepts_multiples_and_networks_without_strides():
     check_image_size([63, 101], torch.nn.Conv2d(3, 1, 3))  # nothing to check
 
 
-
 def test_rotation_by_90_degrees_is_refused_for_unequal_sides_and_off_in_the_glas_bundle():
     from monai.transforms import RandFlipd, RandRotate90, RandRotate90d
 
@@ -413,7 +578,9 @@ def test_rotation_by_90_degrees_is_refused_for_unequal_sides_and_off_in_the_glas
     rotate = RandRotate90d(["image", "label"], prob=0.5)
     check_augmentation_keeps_size([RandFlipd("image", prob=0.5), rotate], [256, 256])
     check_augmentation_keeps_size([RandRotate90d("image", prob=0.0)], [384, 256])
-    check_augmentation_keeps_size([RandRotate90(prob=1.0, spatial_axes=(0, 1))], [32, 32, 16])  # rotates the square plane
+    check_augmentation_keeps_size(
+        [RandRotate90(prob=1.0, spatial_axes=(0, 1))], [32, 32, 16]
+    )  # rotates the square plane
     with pytest.raises(ValueError, match=r"RandRotate90d\(prob=0.5, spatial_axes=\(0, 1\)\) swaps sides 384 and 256"):
         check_augmentation_keeps_size([rotate], [384, 256])
 
@@ -423,13 +590,15 @@ def test_rotation_by_90_degrees_is_refused_for_unequal_sides_and_off_in_the_glas
     rotations = [t for t in parser.get_parsed_content("augmentation") if isinstance(t, RandRotate90d)]
     assert [t.prob for t in rotations] == [0.0]  # the bundle turns its 90-degree rotation off for a non-square size
 
+
 @pytest.mark.slow
 @pytest.mark.real_data
 @pytest.mark.skipif(not REAL_GLAS.is_dir(), reason=f"real GLaS copy not found at {REAL_GLAS}")
 def test_trains_on_real_glas_copy(tmp_path):
     out = tmp_path / "out"
-    result = run_training(REAL_GLAS, out, "--max_epochs", "1", "--val_interval", "1",
-                          "--image_size", "[64,64]", "--batch_size", "16")
+    result = run_training(
+        REAL_GLAS, out, "--max_epochs", "1", "--val_interval", "1", "--image_size", "[64,64]", "--batch_size", "16"
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     splits = json.loads((out / "datalist.json").read_text())
     assert (len(splits["train"]), len(splits["validation"])) == (68, 17)
@@ -441,8 +610,17 @@ def test_trains_on_real_glas_copy(tmp_path):
 @pytest.mark.skipif(not REAL_CVC.is_dir(), reason=f"real CVC-ClinicDB sample not found at {REAL_CVC}")
 def test_trains_on_real_cvc_clinicdb_sample(tmp_path):
     out = tmp_path / "out"
-    result = run_training(REAL_CVC, out, "--max_epochs", "1", "--val_interval", "1", "--image_size", "[64,96]",
-                          config=CASES["cvc_clinicdb"].configs / "train.json")
+    result = run_training(
+        REAL_CVC,
+        out,
+        "--max_epochs",
+        "1",
+        "--val_interval",
+        "1",
+        "--image_size",
+        "[64,96]",
+        config=CASES["cvc_clinicdb"].configs / "train.json",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     splits = json.loads((out / "datalist.json").read_text())
     assert sum(len(v) for v in splits.values()) == 14
@@ -453,16 +631,33 @@ def test_trains_on_real_cvc_clinicdb_sample(tmp_path):
 def trained(case, demo, tmp_path_factory) -> Path:
     """One short training run whose checkpoint and registered model the evaluate / inference tests use."""
     out = tmp_path_factory.mktemp("trained")
-    result = run_training(demo, out, "--max_epochs", "2", "--val_interval", "1", "--image_size", "[64,64]",
-                          config=case.configs / "train.json")
+    result = run_training(
+        demo,
+        out,
+        "--max_epochs",
+        "2",
+        "--val_interval",
+        "1",
+        "--image_size",
+        "[64,64]",
+        config=case.configs / "train.json",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out
 
 
 @pytest.mark.slow
 def test_evaluate_reports_per_image_and_summary_at_both_resolutions(case, demo, trained):
-    result = run_bundle("evaluating", case.config("evaluate.json"), "--dataset_dir", str(demo),
-                        "--output_dir", str(trained), "--image_size", "[64,64]")
+    result = run_bundle(
+        "evaluating",
+        case.config("evaluate.json"),
+        "--dataset_dir",
+        str(demo),
+        "--output_dir",
+        str(trained),
+        "--image_size",
+        "[64,64]",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "iou_native" in result.stdout  # the printed table
 
@@ -486,12 +681,25 @@ def test_evaluate_reports_per_image_and_summary_at_both_resolutions(case, demo, 
 def test_evaluate_registered_model_records_test_metrics_on_its_version(case, demo, trained):
     if case.name != "glas":
         pytest.skip("the same shared evaluate config; run once, on the GLaS bundle")
-    result = run_bundle("evaluating", case.config("evaluate.json"), "--dataset_dir", str(demo),
-                        "--output_dir", str(trained), "--image_size", "[64,64]", "--eval_split", "testA",
-                        "--model_source", "models:/masksup-glas@candidate")
+    result = run_bundle(
+        "evaluating",
+        case.config("evaluate.json"),
+        "--dataset_dir",
+        str(demo),
+        "--output_dir",
+        str(trained),
+        "--image_size",
+        "[64,64]",
+        "--eval_split",
+        "testA",
+        "--model_source",
+        "models:/masksup-glas@candidate",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     uri = f"sqlite:///{trained / 'mlflow.db'}"
-    version = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias("masksup-glas", "candidate")
+    version = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias(
+        "masksup-glas", "candidate"
+    )
     summary = json.loads((trained / "eval" / "glas" / "testA" / "summary.json").read_text())
     assert float(version.tags["test_testA_iou"]) == pytest.approx(summary["summary"]["testA"]["iou"]["mean"], abs=1e-4)
 
@@ -501,21 +709,39 @@ def test_a_model_is_evaluated_on_another_dataset_with_one_override_and_each_repo
     """A CVC-ClinicDB model on Kvasir-SEG's test split (``--dataset``, ``--dataset_dir``), then on its own: both
     reports kept (``eval/<dataset>/test``), CVC-ClinicDB's per video sequence, each dataset's tags on the version."""
     if case.name != "cvc_clinicdb":
-        pytest.skip("the same shared evaluate config; run once, from the CVC-ClinicDB bundle (its split options differ)")
+        pytest.skip(
+            "the same shared evaluate config; run once, from the CVC-ClinicDB bundle (its split options differ)"
+        )
     kvasir = CASES["kvasir_seg"].make_demo(tmp_path / "kvasir")
     model = "models:/masksup-cvc-clinicdb@candidate"
     for dataset, folder in (("kvasir-seg", kvasir), ("cvc-clinicdb", demo)):
-        result = run_bundle("evaluating", case.config("evaluate.json"), "--dataset", dataset, "--dataset_dir", str(folder),
-                            "--output_dir", str(trained), "--image_size", "[64,64]", "--model_source", model)
+        result = run_bundle(
+            "evaluating",
+            case.config("evaluate.json"),
+            "--dataset",
+            dataset,
+            "--dataset_dir",
+            str(folder),
+            "--output_dir",
+            str(trained),
+            "--image_size",
+            "[64,64]",
+            "--model_source",
+            model,
+        )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    other, own = (json.loads((trained / "eval" / d / "test" / "summary.json").read_text())
-                  for d in ("kvasir-seg", "cvc-clinicdb"))
+    other, own = (
+        json.loads((trained / "eval" / d / "test" / "summary.json").read_text()) for d in ("kvasir-seg", "cvc-clinicdb")
+    )
     assert other["dataset"] == "kvasir-seg" and other["images"] == 2 and "per_sequence" not in other
     assert own["dataset"] == "cvc-clinicdb" and own["per_sequence"]  # CVC-ClinicDB frames belong to video sequences
     assert (trained / "eval" / "cvc-clinicdb" / "test" / "per_sequence.png").is_file()
     uri = f"sqlite:///{trained / 'mlflow.db'}"
-    tags = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias(
-        case.model_name, "candidate").tags
+    tags = (
+        mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+        .get_model_version_by_alias(case.model_name, "candidate")
+        .tags
+    )
     assert float(tags["test_kvasir-seg_test_iou"]) == pytest.approx(other["summary"]["test"]["iou"]["mean"], abs=1e-4)
     assert float(tags["test_test_iou"]) == pytest.approx(own["summary"]["test"]["iou"]["mean"], abs=1e-4)
 
@@ -527,14 +753,29 @@ def test_inference_writes_masks_of_each_input_size_and_overlays(case, demo, trai
         pytest.skip("the same shared inference config; NIfTI output is run once, on the GLaS bundle")
     inputs = tmp_path / "my scans é"  # spaces and non-ASCII in the path
     inputs.mkdir()
-    first, second = (Image.fromarray(tifffile.imread(p)) if p.suffix == ".tif" else Image.open(p).convert("RGB")
-                     for p in demo_images(demo))  # Pillow cannot read CVC-ClinicDB's TIFF frames
+    first, second = (
+        Image.fromarray(tifffile.imread(p)) if p.suffix == ".tif" else Image.open(p).convert("RGB")
+        for p in demo_images(demo)
+    )  # Pillow cannot read CVC-ClinicDB's TIFF frames
     first.save(inputs / "first.png")
     second.resize((80, 60)).save(inputs / "second image.jpg", quality=95)
     (inputs / ".DS_Store").write_bytes(b"\0")
-    result = run_bundle("inferring", case.config("inference.json"), "--input_dir", str(inputs),
-                        "--output_dir", str(trained), "--image_size", "[64,64]", "--output_ext", output_ext,
-                        "--prediction_dir", str(tmp_path / "pred"), "--save_overlays", "true")
+    result = run_bundle(
+        "inferring",
+        case.config("inference.json"),
+        "--input_dir",
+        str(inputs),
+        "--output_dir",
+        str(trained),
+        "--image_size",
+        "[64,64]",
+        "--output_ext",
+        output_ext,
+        "--prediction_dir",
+        str(tmp_path / "pred"),
+        "--save_overlays",
+        "true",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for stem, size in (("first", first.size), ("second image", (80, 60))):
         mask_file = tmp_path / "pred" / f"{stem}_mask{output_ext}"
@@ -568,8 +809,8 @@ def test_a_landscape_image_stays_landscape_and_upright_from_file_to_network_to_m
     """image_size is [width, height]: the CVC-ClinicDB bundle's default input of a 96 x 48 image with a red
     top-right corner is 320 wide and 240 high with the corner at (last x, first y); the mask written back
     has the image's own size with the corner in the same place; the figures show it upright."""
-    from masksup_med.tracking.figures import _as_display
     from masksup_med.serving.model import decode_image
+    from masksup_med.tracking.figures import _as_display
 
     height, width = 48, 96
     picture = np.full((height, width, 3), 128, np.uint8)
@@ -582,11 +823,21 @@ def test_a_landscape_image_stays_landscape_and_upright_from_file_to_network_to_m
     torch.save({}, checkpoint)  # the network has no weights
     seen = tmp_path / "net_input.npy"
     case = CASES["cvc_clinicdb"]
-    result = run_bundle("inferring", case.config("inference.json"), "--input_dir", str(inputs),
-                        "--output_dir", str(tmp_path / "out"), "--model_source", str(checkpoint),
-                        "--network_def", "{'_target_': 'corner_net.RedIsForeground'}", "--save_overlays", "true",
-                        env={"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
-                             "NET_INPUT": str(seen)})
+    result = run_bundle(
+        "inferring",
+        case.config("inference.json"),
+        "--input_dir",
+        str(inputs),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--model_source",
+        str(checkpoint),
+        "--network_def",
+        "{'_target_': 'corner_net.RedIsForeground'}",
+        "--save_overlays",
+        "true",
+        env={"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]), "NET_INPUT": str(seen)},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     image_size = json.loads((case.configs / "train.json").read_text())["image_size"]
@@ -613,8 +864,14 @@ def test_a_landscape_image_stays_landscape_and_upright_from_file_to_network_to_m
 def test_inference_on_empty_folder_names_it(tmp_path):
     empty = tmp_path / "nothing here"
     empty.mkdir()
-    result = run_bundle("inferring", [TRAIN_CONFIG, CONFIGS / "inference.json"], "--input_dir", str(empty),
-                        "--output_dir", str(tmp_path / "out"))
+    result = run_bundle(
+        "inferring",
+        [TRAIN_CONFIG, CONFIGS / "inference.json"],
+        "--input_dir",
+        str(empty),
+        "--output_dir",
+        str(tmp_path / "out"),
+    )
     assert result.returncode != 0
     assert str(empty) in result.stdout + result.stderr
 
@@ -624,8 +881,22 @@ def test_training_killed_midway_resumes_without_repeating_or_losing_epochs(tmp_p
     demo_glas = CASES["glas"].make_demo(tmp_path / "demo")
     out = tmp_path / "out"
     common = ["--max_epochs", "6", "--val_interval", "1", "--image_size", "[96,96]", "--batch_size", "2"]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(TRAIN_CONFIG),
-           "--dataset_dir", str(demo_glas), "--output_dir", str(out), "--num_workers", "0", *common]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        str(TRAIN_CONFIG),
+        "--dataset_dir",
+        str(demo_glas),
+        "--output_dir",
+        str(out),
+        "--num_workers",
+        "0",
+        *common,
+    ]
     first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
@@ -661,12 +932,38 @@ def test_training_killed_midway_resumes_without_repeating_or_losing_epochs(tmp_p
     assert "Epoch[" not in result.stdout
 
 
-def run_torchrun(configs: list[Path], dataset_dir: Path, output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+def run_torchrun(
+    configs: list[Path], dataset_dir: Path, output_dir: Path, *overrides: str
+) -> subprocess.CompletedProcess:
     """Train with torchrun, 2 CPU processes (gloo): one epoch at 64x64, batches of 2 per process."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "monai.bundle", "run", "training", "--config_file", str([str(c) for c in configs]),
-           "--dataset_dir", str(dataset_dir), "--output_dir", str(output_dir), "--num_workers", "0",
-           "--max_epochs", "1", "--val_interval", "1", "--image_size", "[64,64]", "--batch_size", "2", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        str([str(c) for c in configs]),
+        "--dataset_dir",
+        str(dataset_dir),
+        "--output_dir",
+        str(output_dir),
+        "--num_workers",
+        "0",
+        "--max_epochs",
+        "1",
+        "--val_interval",
+        "1",
+        "--image_size",
+        "[64,64]",
+        "--batch_size",
+        "2",
+        *overrides,
+    ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
 
@@ -731,16 +1028,27 @@ def test_two_process_ddp_semi_supervised_training_on_cpu_and_resuming(tmp_path):
     assert "resuming from" in result.stdout + result.stderr
     final = torch.load(out / "models" / "checkpoint_epoch=2.pt", map_location="cpu", weights_only=False)
     assert final["trainer"]["iteration"] == 4 and final["best_metric"]["best_metric_epoch"] >= 1
-    assert not torch.equal(final["teacher"]["model.0.conv.unit0.conv.weight"],
-                           checkpoint["teacher"]["model.0.conv.unit0.conv.weight"])
+    assert not torch.equal(
+        final["teacher"]["model.0.conv.unit0.conv.weight"], checkpoint["teacher"]["model.0.conv.unit0.conv.weight"]
+    )
 
 
 @pytest.mark.slow
 def test_a_network_changed_by_an_override_is_registered_as_trained(tmp_path):
     demo_glas = CASES["glas"].make_demo(tmp_path / "demo")
     out = tmp_path / "out"
-    result = run_training(demo_glas, out, "--max_epochs", "1", "--val_interval", "1", "--image_size", "[64,64]",
-                          "--network_def#channels", "[8,16,32,64,128]")
+    result = run_training(
+        demo_glas,
+        out,
+        "--max_epochs",
+        "1",
+        "--val_interval",
+        "1",
+        "--image_size",
+        "[64,64]",
+        "--network_def#channels",
+        "[8,16,32,64,128]",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     model = load_model("models:/masksup-glas@candidate", tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     trained = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)

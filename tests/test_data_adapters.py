@@ -112,7 +112,12 @@ def test_pranet_train_and_named_test_sets(tmp_path):
     assert len({p["id"] for p in pairs}) == len(pairs) == 9
     splits = split_pranet(tmp_path, val_fraction=0.2, seed=0)
     assert {k: len(v) for k, v in splits.items()} == {
-        "train": 4, "validation": 1, "test": 4, "test_CVC-300": 2, "test_Kvasir": 2}
+        "train": 4,
+        "validation": 1,
+        "test": 4,
+        "test_CVC-300": 2,
+        "test_Kvasir": 2,
+    }
     assert {p["test_set"] for p in splits["test_Kvasir"]} == {"Kvasir"}
 
 
@@ -158,6 +163,7 @@ def test_prepare_refuses_broken_data_and_writes_nothing(tmp_path, capsys):
 
 # --- the PraNet protocol on the original releases (kvasir-cvc) ---------------------------------
 
+
 def _both_releases(root, kvasir=True, cvc=True):
     if kvasir:
         make_kvasir(root / "Kvasir-SEG", names=[f"cju{i}" for i in range(6)])
@@ -172,9 +178,18 @@ def test_pranet_protocol_trains_on_the_listed_images_and_tests_on_the_rest(tmp_p
     listed.write_text("# PraNet-style list\ncju0.png\ncju1\ncju2.jpg\ncju3\n1.png\n30\n60.tif\n100\n")
     splits = get_dataset("kvasir-cvc").split(root, train_list=listed, val_fraction=0.25, seed=0)
     assert {k: len(v) for k, v in splits.items()} == {
-        "train": 6, "validation": 2, "test": 4, "test_kvasir-seg": 2, "test_cvc-clinicdb": 2}
-    assert {it["id"] for it in splits["test"]} == {"kvasir-seg/cju4", "kvasir-seg/cju5", "cvc-clinicdb/150",
-                                                   "cvc-clinicdb/200"}
+        "train": 6,
+        "validation": 2,
+        "test": 4,
+        "test_kvasir-seg": 2,
+        "test_cvc-clinicdb": 2,
+    }
+    assert {it["id"] for it in splits["test"]} == {
+        "kvasir-seg/cju4",
+        "kvasir-seg/cju5",
+        "cvc-clinicdb/150",
+        "cvc-clinicdb/200",
+    }
     assert {it["split"] for it in splits["test_cvc-clinicdb"]} == {"test_cvc-clinicdb"}  # the report's groups
     assert all(it["sequence"] for it in splits["test_cvc-clinicdb"])  # CVC-ClinicDB frames keep their sequence
     for part in ("train", "test"):  # the same keys in a part: its batches may mix the two datasets

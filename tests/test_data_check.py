@@ -21,8 +21,10 @@ def problem_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("problem: ")]
 
 
-@pytest.mark.parametrize("dataset, make", [
-    ("glas", make_glas), ("cvc-clinicdb", make_cvc), ("kvasir-seg", make_kvasir), ("pranet", make_pranet)])
+@pytest.mark.parametrize(
+    "dataset, make",
+    [("glas", make_glas), ("cvc-clinicdb", make_cvc), ("kvasir-seg", make_kvasir), ("pranet", make_pranet)],
+)
 def test_clean_datasets_pass(tmp_path, capsys, dataset, make):
     make(tmp_path)
     code, out, err = check(capsys, dataset, tmp_path)
@@ -59,12 +61,15 @@ def test_size_mismatch_names_label_and_image(tmp_path, capsys):
     assert code == 1 and "Ground Truth/60.tif" in line and "20x32" in line and "24x32" in line
 
 
-@pytest.mark.parametrize("dataset, make, relative", [
-    ("glas", make_glas, "train_2.png"),
-    ("cvc-clinicdb", make_cvc, "Original/30.tif"),
-    ("kvasir-seg", make_kvasir, "images/cju0c.jpg"),
-    ("pranet", make_pranet, "TrainDataset/mask/3.png"),
-])
+@pytest.mark.parametrize(
+    "dataset, make, relative",
+    [
+        ("glas", make_glas, "train_2.png"),
+        ("cvc-clinicdb", make_cvc, "Original/30.tif"),
+        ("kvasir-seg", make_kvasir, "images/cju0c.jpg"),
+        ("pranet", make_pranet, "TrainDataset/mask/3.png"),
+    ],
+)
 def test_truncated_file(tmp_path, capsys, dataset, make, relative):
     make(tmp_path / "d", **({"ext": ".png"} if dataset == "glas" else {}))
     path = tmp_path / "d" / relative
@@ -95,16 +100,23 @@ def test_unsupported_extension(tmp_path, capsys):
     assert code == 1 and "cju0z.gif: unsupported extension '.gif'" in line
 
 
-@pytest.mark.parametrize("array, what", [
-    (np.dstack([rgb(), np.full((24, 32), 255, np.uint8)]), "RGBA 8-bit"),
-    (rgb().astype(np.uint16) * 200, "RGB 16-bit"),
-    (rgb()[..., 0], "grey 8-bit"),
-], ids=["rgba", "16bit", "grey"])
+@pytest.mark.parametrize(
+    "array, what",
+    [
+        (np.dstack([rgb(), np.full((24, 32), 255, np.uint8)]), "RGBA 8-bit"),
+        (rgb().astype(np.uint16) * 200, "RGB 16-bit"),
+        (rgb()[..., 0], "grey 8-bit"),
+    ],
+    ids=["rgba", "16bit", "grey"],
+)
 def test_non_rgb_images_are_refused(tmp_path, capsys, array, what):
     make_cvc(tmp_path)
-    tifffile.imwrite(tmp_path / "Original" / "100.tif", array,
-                     photometric="rgb" if array.ndim == 3 else "minisblack",
-                     extrasamples=["unassalpha"] if array.ndim == 3 and array.shape[-1] == 4 else None)
+    tifffile.imwrite(
+        tmp_path / "Original" / "100.tif",
+        array,
+        photometric="rgb" if array.ndim == 3 else "minisblack",
+        extrasamples=["unassalpha"] if array.ndim == 3 and array.shape[-1] == 4 else None,
+    )
     code, _, err = check(capsys, "cvc-clinicdb", tmp_path)
     (line,) = problem_lines(err)
     assert code == 1 and "Original/100.tif" in line and what in line and "refused, not converted" in line
@@ -202,8 +214,12 @@ def test_all_problems_in_one_pass(tmp_path, capsys):
 def test_check_as_a_process(tmp_path):
     make_kvasir(tmp_path)
     (tmp_path / "masks" / "cju0e.jpg").unlink()
-    result = subprocess.run([sys.executable, "-m", "masksup_med", "data", "check", "kvasir-seg", str(tmp_path)],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "masksup_med", "data", "check", "kvasir-seg", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 1
     assert "problem: " in result.stderr and "cju0e.jpg: image has no label" in result.stderr
 

@@ -129,9 +129,7 @@ def test_carve_validation_ignores_input_order():
     assert len(forward[1]) == 5 and len(forward[0]) == 15
 
 
-@pytest.mark.parametrize(
-    "n, fraction, n_val", [(2, 0.01, 1), (1, 0.5, 0), (5, 0.0, 0), (3, 0.99, 2), (0, 0.2, 0)]
-)
+@pytest.mark.parametrize("n, fraction, n_val", [(2, 0.01, 1), (1, 0.5, 0), (5, 0.0, 0), (3, 0.99, 2), (0, 0.2, 0)])
 def test_carve_validation_counts(n, fraction, n_val):
     train, val = carve_validation([{"id": str(i)} for i in range(n)], fraction, seed=0)
     assert len(val) == n_val and len(train) == n - n_val

@@ -48,8 +48,9 @@ def test_real_cvc_through_the_bundle_pipeline():
     _require(CVC)
     spec = get_dataset("cvc-clinicdb")
     items = spec.split(CVC)["test"]
-    load = Compose([LoadImaged(["image", "label"], reader=spec.reader(items), ensure_channel_first=True),
-                    spec.label_transform()])
+    load = Compose(
+        [LoadImaged(["image", "label"], reader=spec.reader(items), ensure_channel_first=True), spec.label_transform()]
+    )
     sample = load(items[0])
     assert sample["image"].shape == (3, 384, 288) and sample["label"].shape == (1, 384, 288)
     assert set(torch.unique(sample["label"]).tolist()) == {0.0, 1.0}

@@ -26,8 +26,7 @@ import tifffile
 from PIL import Image
 from servers import free_port, job_env, masksup_command, masksup_server
 
-from masksup_med.cli import deploy
-from masksup_med.cli import main
+from masksup_med.cli import deploy, main
 from masksup_med.data import make_glas_demo
 from masksup_med.serving.model import decode_image, sniff_suffix
 
@@ -40,8 +39,16 @@ SERVE_START_TIMEOUT_S = 180
 
 
 def run_job(*args: str, cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(check=False, args=[*masksup_command(), *args], cwd=cwd, env=env or job_env(), capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        check=False,
+        args=[*masksup_command(), *args],
+        cwd=cwd,
+        env=env or job_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def output_of(result: subprocess.CompletedProcess) -> str:
@@ -64,21 +71,27 @@ def test_help_after_the_bundle_name_is_ours_too(capsys):
 
 
 def test_console_script_help_runs():
-    result = subprocess.run(check=False, args=[*masksup_command(), "serve", "--help"], capture_output=True, text=True, timeout=120,
-                            env=job_env())
+    result = subprocess.run(
+        check=False,
+        args=[*masksup_command(), "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=job_env(),
+    )
     assert result.returncode == 0 and "/invocations" in result.stdout, output_of(result)
 
 
 def test_bundles_root_precedence(tmp_path, monkeypatch):
-    monkeypatch.delenv(cli_deploy.BUNDLES_ENV, raising=False)
-    assert cli_deploy.bundles_root() == REPO / "bundles"  # the source checkout's bundles/
-    monkeypatch.setenv(cli_deploy.BUNDLES_ENV, str(tmp_path / "env"))
-    assert cli_deploy.bundles_root() == tmp_path / "env"
-    assert cli_deploy.bundles_root(tmp_path / "explicit") == tmp_path / "explicit"
+    monkeypatch.delenv(deploy.BUNDLES_ENV, raising=False)
+    assert deploy.bundles_root() == REPO / "bundles"  # the source checkout's bundles/
+    monkeypatch.setenv(deploy.BUNDLES_ENV, str(tmp_path / "env"))
+    assert deploy.bundles_root() == tmp_path / "env"
+    assert deploy.bundles_root(tmp_path / "explicit") == tmp_path / "explicit"
 
 
 def test_unknown_bundle_names_the_folder_and_what_is_there(tmp_path, monkeypatch):
-    monkeypatch.delenv(cli_deploy.BUNDLES_ENV, raising=False)
+    monkeypatch.delenv(deploy.BUNDLES_ENV, raising=False)
     with pytest.raises(SystemExit) as info:
         main(["train", "nosuchbundle", "--max_epochs", "1"])
     message = str(info.value.code)
@@ -90,13 +103,14 @@ def test_unknown_bundle_names_the_folder_and_what_is_there(tmp_path, monkeypatch
 
 def test_bundle_command_passes_overrides_verbatim(tmp_path):
     folder = REPO / "bundles" / "glas"
-    cmd = cli_deploy.bundle_command(tmp_path / "evaluating.json", "evaluating", folder,
-                                    ["--max_epochs", "2", "--image_size", "[64,64]"])
+    cmd = deploy.bundle_command(
+        tmp_path / "evaluating.json", "evaluating", folder, ["--max_epochs", "2", "--image_size", "[64,64]"]
+    )
     assert cmd[:5] == [sys.executable, "-m", "monai.bundle", "run", "evaluating"]
     assert cmd[cmd.index("--config_file") + 1] == str(tmp_path / "evaluating.json")
     assert cmd[cmd.index("--bundle_root") + 1] == str(folder)
     assert cmd[-4:] == ["--max_epochs", "2", "--image_size", "[64,64]"]
-    own_root = cli_deploy.bundle_command(tmp_path / "training.json", "training", folder, ["--bundle_root", "/x"])
+    own_root = deploy.bundle_command(tmp_path / "training.json", "training", folder, ["--bundle_root", "/x"])
     assert own_root.count("--bundle_root") == 1
 
 
@@ -114,17 +128,21 @@ def tagged_store(tmp_path) -> str:
     return uri
 
 
-@pytest.mark.parametrize(("model", "bundle", "chosen", "said"), [
-    ("models:/m@candidate", None, "cvc_clinicdb", "was trained with bundle cvc_clinicdb"),
-    ("models:/m/2", None, "glas", "names no bundle (no version tag 'bundle'); using the glas bundle"),
-    ("models:/m/1", "kvasir_seg", "kvasir_seg", ""),  # chosen by hand
-    ("model.pt", None, "glas", "names no bundle (a checkpoint file carries no bundle)"),
-])
-def test_predict_and_serve_take_the_bundle_a_registered_model_was_trained_with(tagged_store, capsys, model, bundle,
-                                                                                 chosen, said):
+@pytest.mark.parametrize(
+    ("model", "bundle", "chosen", "said"),
+    [
+        ("models:/m@candidate", None, "cvc_clinicdb", "was trained with bundle cvc_clinicdb"),
+        ("models:/m/2", None, "glas", "names no bundle (no version tag 'bundle'); using the glas bundle"),
+        ("models:/m/1", "kvasir_seg", "kvasir_seg", ""),  # chosen by hand
+        ("model.pt", None, "glas", "names no bundle (a checkpoint file carries no bundle)"),
+    ],
+)
+def test_predict_and_serve_take_the_bundle_a_registered_model_was_trained_with(
+    tagged_store, capsys, model, bundle, chosen, said
+):
     args = SimpleNamespace(model=model, bundle=bundle, bundles_dir=None, tracking_uri=tagged_store)
     store = tagged_store if model.startswith("models:/") else None  # as predict and serve look it up
-    assert cli_deploy.bundle_for_model(args, store) == chosen
+    assert deploy.bundle_for_model(args, store) == chosen
     assert said in capsys.readouterr().err
 
 
@@ -163,11 +181,28 @@ def trained(tmp_path_factory) -> SimpleNamespace:
     out = root / "out"
     workdir = root / "work"
     workdir.mkdir()
-    result = run_job("train", "glas", "--dataset_dir", str(demo), "--output_dir", str(out), "--max_epochs", "1",
-                     "--val_interval", "1", "--image_size", "[64,64]", "--num_workers", "0", "--batch_size", "4",
-                     cwd=workdir)
-    return SimpleNamespace(root=root, demo=demo, out=out, workdir=workdir, result=result,
-                           tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    result = run_job(
+        "train",
+        "glas",
+        "--dataset_dir",
+        str(demo),
+        "--output_dir",
+        str(out),
+        "--max_epochs",
+        "1",
+        "--val_interval",
+        "1",
+        "--image_size",
+        "[64,64]",
+        "--num_workers",
+        "0",
+        "--batch_size",
+        "4",
+        cwd=workdir,
+    )
+    return SimpleNamespace(
+        root=root, demo=demo, out=out, workdir=workdir, result=result, tracking_uri=f"sqlite:///{out / 'mlflow.db'}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -187,8 +222,18 @@ def predicted(trained, inputs) -> SimpleNamespace:
     if trained.result.returncode != 0:
         pytest.skip("training failed (see test_train_job)")
     output = trained.root / "masks"
-    result = run_job("predict", "--model", MODEL, "--input", str(inputs), "--output", str(output), "--overlays",
-                     cwd=trained.workdir, env=job_env(MLFLOW_TRACKING_URI=trained.tracking_uri))
+    result = run_job(
+        "predict",
+        "--model",
+        MODEL,
+        "--input",
+        str(inputs),
+        "--output",
+        str(output),
+        "--overlays",
+        cwd=trained.workdir,
+        env=job_env(MLFLOW_TRACKING_URI=trained.tracking_uri),
+    )
     return SimpleNamespace(result=result, output=output)
 
 
@@ -208,8 +253,19 @@ def test_train_job_writes_checkpoint_and_registers_model(trained):
 def test_evaluate_job_writes_the_summary(trained):
     if trained.result.returncode != 0:
         pytest.skip("training failed (see test_train_job)")
-    result = run_job("evaluate", "glas", "--dataset_dir", str(trained.demo), "--output_dir", str(trained.out),
-                     "--model_source", MODEL, "--num_workers", "0", cwd=trained.workdir)
+    result = run_job(
+        "evaluate",
+        "glas",
+        "--dataset_dir",
+        str(trained.demo),
+        "--output_dir",
+        str(trained.out),
+        "--model_source",
+        MODEL,
+        "--num_workers",
+        "0",
+        cwd=trained.workdir,
+    )
     assert result.returncode == 0, output_of(result)
     assert "--image_size [64, 64]" in result.stderr  # the registered model's training size, from its signature
     summary = json.loads((trained.out / "eval" / "glas" / "test" / "summary.json").read_text())
@@ -228,8 +284,9 @@ def test_predict_job_writes_masks_at_each_input_size(predicted, inputs):
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, json.load(response)
@@ -247,10 +304,13 @@ def test_serve_answers_a_rest_request_with_a_mask(trained, inputs, predicted):
         pytest.skip("training failed (see test_train_job)")
     log = trained.root / "serve.log"
     args = ["--model", MODEL, "--port", str(free_port())]  # no --bundle, no --host: the tag's bundle, on 127.0.0.1
-    with masksup_server(args, trained.workdir, job_env(MLFLOW_TRACKING_URI=trained.tracking_uri), log,
-                        SERVE_START_TIMEOUT_S) as (base, proc):
+    with masksup_server(
+        args, trained.workdir, job_env(MLFLOW_TRACKING_URI=trained.tracking_uri), log, SERVE_START_TIMEOUT_S
+    ) as (base, proc):
         # the image's HEALTHCHECK script agrees
-        health = subprocess.run(check=False, args=[sys.executable, str(HEALTHCHECK), "--url", f"{base}/ping"], timeout=60)
+        health = subprocess.run(
+            check=False, args=[sys.executable, str(HEALTHCHECK), "--url", f"{base}/ping"], timeout=60
+        )
         assert health.returncode == 0
 
         png = base64.b64encode((inputs / "b.png").read_bytes()).decode("ascii")
@@ -275,8 +335,9 @@ def test_serve_answers_a_rest_request_with_a_mask(trained, inputs, predicted):
 
         # a grey image is the RGB image with three equal channels: the same mask
         grey = Image.open(inputs / "b.png").convert("L")
-        status, answer = _post(f"{base}/invocations", {"inputs": {"image": [_encoded(grey, "PNG"),
-                                                                             _encoded(grey.convert("RGB"), "PNG")]}})
+        status, answer = _post(
+            f"{base}/invocations", {"inputs": {"image": [_encoded(grey, "PNG"), _encoded(grey.convert("RGB"), "PNG")]}}
+        )
         assert status == 200, answer
         as_grey, as_rgb = (_mask(r["mask"]) for r in answer["predictions"])
         assert (as_grey == as_rgb).all()
@@ -328,36 +389,48 @@ def test_compose_tracking_server_command_with_basic_auth(postgres_uri, tmp_path)
     replace("--workers", "1")
     replace("--allowed-hosts", args[args.index("--allowed-hosts") + 1] + f",{LOOPBACK}:{port}")
     auth_ini = tmp_path / "mlflow-auth.ini"
-    auth_ini.write_text((docker / "mlflow-auth.ini").read_text().replace(
-        "sqlite:////mlflow-auth/basic_auth.db", f"sqlite:///{tmp_path / 'basic_auth.db'}"))
+    auth_ini.write_text(
+        (docker / "mlflow-auth.ini")
+        .read_text()
+        .replace("sqlite:////mlflow-auth/basic_auth.db", f"sqlite:///{tmp_path / 'basic_auth.db'}")
+    )
     example = dict(re.findall(r"^([A-Z_][A-Z0-9_]*)=(.*)$", (docker / ".env.example").read_text(), flags=re.MULTILINE))
-    resolved = {k: re.sub(r"\$\{([A-Z0-9_]+)[^}]*\}", lambda m: example[m.group(1)], str(v))
-                for k, v in service["environment"].items()}  # as compose would, with the example .env
+    resolved = {
+        k: re.sub(r"\$\{([A-Z0-9_]+)[^}]*\}", lambda m: example[m.group(1)], str(v))
+        for k, v in service["environment"].items()
+    }  # as compose would, with the example .env
     env = job_env(**{**resolved, "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini), "PYTHONUNBUFFERED": "1"})
     user, password = example["MLFLOW_TRACKING_USERNAME"], example["MLFLOW_TRACKING_PASSWORD"]
     log = tmp_path / "mlflow.log"
     with open(log, "wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", *service["entrypoint"], *args], cwd=tmp_path, env=env,
-                                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", *service["entrypoint"], *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     try:
         _wait_for_health(proc, base, log, 120)  # /health needs no credentials (the compose health check)
         search = f"{base}/api/2.0/mlflow/experiments/search?max_results=1"
         with pytest.raises(urllib.error.HTTPError) as denied:
             urllib.request.urlopen(search, timeout=30)
         assert denied.value.code == 401
-        request = urllib.request.Request(search, headers={
-            "Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()})
+        request = urllib.request.Request(
+            search, headers={"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+        )
         with urllib.request.urlopen(request, timeout=30) as response:
             assert response.status == 200
 
         # the trainer / serving containers' client settings
-        client_env = job_env(MLFLOW_TRACKING_URI=base, MLFLOW_TRACKING_USERNAME=user,
-                             MLFLOW_TRACKING_PASSWORD=password)
+        client_env = job_env(MLFLOW_TRACKING_URI=base, MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password)
         listed = run_job("registry", "list", cwd=tmp_path, env=client_env, timeout=120)
         assert listed.returncode == 0 and "no registered models" in listed.stdout, output_of(listed)
-        wrong = run_job("registry", "list", cwd=tmp_path, timeout=120,
-                        env={**client_env, "MLFLOW_TRACKING_PASSWORD": "wrong"})
+        wrong = run_job(
+            "registry", "list", cwd=tmp_path, timeout=120, env={**client_env, "MLFLOW_TRACKING_PASSWORD": "wrong"}
+        )
         assert wrong.returncode != 0
     finally:
         _kill_group(proc)

@@ -78,8 +78,14 @@ def final_stage() -> list[tuple[str, str]]:
 # ------------------------------------------------------------------------------------------ Dockerfile
 @pytest.mark.parametrize("path", [DOCKERFILE, POSTGRES_DOCKERFILE], ids=lambda p: p.relative_to(DOCKER).as_posix())
 def test_hadolint_reports_nothing(path):
-    result = subprocess.run(check=False, args=[tool("hadolint"), "--no-color", str(path)], capture_output=True, text=True,
-                            cwd=REPO, timeout=120)
+    result = subprocess.run(
+        check=False,
+        args=[tool("hadolint"), "--no-color", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
 
 
@@ -188,8 +194,13 @@ def test_constraints_pin_every_runtime_requirement_of_pyproject():
 # -------------------------------------------------------------------------------------------- compose
 @pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
 def test_compose_file_validates_against_the_compose_specification(path):
-    result = subprocess.run(check=False, args=[tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        check=False,
+        args=[tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -198,15 +209,23 @@ def test_compose_schema_check_rejects_a_broken_file(tmp_path):
     broken["services"]["serving"]["portz"] = ["8080:8080"]
     path = tmp_path / "compose.yaml"
     path.write_text(yaml.safe_dump(broken))
-    result = subprocess.run(check=False, args=[tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        check=False,
+        args=[tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0 and "portz" in result.stdout
 
 
 def published_ports() -> list[tuple[str, object]]:
-    return [(name, port) for path in COMPOSE_FILES
-            for name, service in (yaml.safe_load(path.read_text()).get("services") or {}).items()
-            for port in service.get("ports", [])]
+    return [
+        (name, port)
+        for path in COMPOSE_FILES
+        for name, service in (yaml.safe_load(path.read_text()).get("services") or {}).items()
+        for port in service.get("ports", [])
+    ]
 
 
 def test_ports_bind_to_loopback_only():
@@ -228,7 +247,9 @@ def test_services_volumes_profiles_and_networks():
     major = re.search(r"^ARG PG_MAJOR=(\d+)$", POSTGRES_DOCKERFILE.read_text(), flags=re.MULTILINE).group(1)
     assert services["postgres"]["image"] == f"${{MASKSUP_POSTGRES_IMAGE:-masksup-postgres:{major}}}"
     assert f"postgres_tag=masksup-postgres:{major}" in BUILD_SCRIPT.read_text()
-    assert {services[name]["image"] for name in ("mlflow", "trainer", "serving")} == {"${MASKSUP_IMAGE:-masksup-med:0.1.0}"}
+    assert {services[name]["image"] for name in ("mlflow", "trainer", "serving")} == {
+        "${MASKSUP_IMAGE:-masksup-med:0.1.0}"
+    }
     assert "postgres-data:/var/lib/postgresql/data" in services["postgres"]["volumes"]
     assert services["postgres"]["networks"] == ["db"] and spec["networks"]["db"]["internal"] is True
     assert "ports" not in services["postgres"]

@@ -16,8 +16,8 @@ from monai.transforms import Compose
 from monai.utils import set_determinism
 from torch import nn
 
-from masksup_med.methods.masksup import MaskSupKeys, MaskSupTrainer, loss_terms
 from masksup_med.methods.losses import MaskSupLoss
+from masksup_med.methods.masksup import MaskSupKeys, MaskSupTrainer, loss_terms
 from masksup_med.transforms import RandFreeFormMask, RandFreeFormMaskd, RandMaskBank, RandPatchMask
 
 TERMS = ("loss", "loss_seg", "loss_context", "loss_tasksim")
@@ -270,8 +270,10 @@ def test_single_pass_matches_two_passes_and_calls_the_network_once():
     nets = {mode: _net() for mode in (False, True)}
     calls = {mode: 0 for mode in nets}
     for mode, net in nets.items():
+
         def count(*_, mode=mode):
             calls[mode] += 1
+
         net.register_forward_hook(count)
         torch.manual_seed(5)  # MONAI's DataLoader reseeds the masking from the global RNG: same masks for both
         _trainer(net, _loader(data, seed=3), single_pass=mode).run()
@@ -300,7 +302,9 @@ def test_extra_named_loss_term_reaches_the_output_and_the_epoch_averages():
     averages.attach(trainer)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: per_epoch.append(dict(e.state.metrics)))
     seen: list[float] = []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(loss_terms(e.state.output)["loss_area"]))
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda e: seen.append(loss_terms(e.state.output)["loss_area"])
+    )
     trainer.run()
     assert set(loss_terms(trainer.state.output)) == {*TERMS, "loss_area"}
     assert len(per_epoch) == 2 and set(per_epoch[1]) == {f"train_{k}" for k in (*TERMS, "loss_area")}
@@ -311,9 +315,14 @@ def test_loss_term_averages_work_for_monai_plain_supervised_trainer():
     from masksup_med.methods.handlers import LossTermAveragesHandler
 
     net = _net()
-    trainer = SupervisedTrainer(device="cpu", max_epochs=1, train_data_loader=_loader(_data(), masking=False),
-                                network=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
-                                loss_function=torch.nn.BCEWithLogitsLoss())
+    trainer = SupervisedTrainer(
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=_loader(_data(), masking=False),
+        network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        loss_function=torch.nn.BCEWithLogitsLoss(),
+    )
     LossTermAveragesHandler().attach(trainer)
     trainer.run()
     assert set(trainer.state.metrics) == {"train_loss"} and math.isfinite(trainer.state.metrics["train_loss"])
@@ -347,7 +356,9 @@ def test_bf16_autocast_step_on_cpu_matches_fp32_within_tolerance():
     losses = {}
     for amp in (False, True):
         net = _net()
-        trainer = _trainer(net, _loader(_data(), seed=1), amp=amp, amp_kwargs={"dtype": torch.bfloat16}, decollate=False)
+        trainer = _trainer(
+            net, _loader(_data(), seed=1), amp=amp, amp_kwargs={"dtype": torch.bfloat16}, decollate=False
+        )
         trainer.run()
         losses[amp] = float(trainer.state.output["loss"])
     assert math.isfinite(losses[True]) and losses[True] == pytest.approx(losses[False], rel=0.05)

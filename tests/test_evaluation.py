@@ -37,7 +37,9 @@ def test_images_of_video_sequences_are_summarised_and_drawn_per_sequence(tmp_pat
     per_sequence = summary["per_sequence"]
     assert list(per_sequence) == ["sequence 3", "sequence 7", "sequence 12"]  # in the sequences' order
     assert per_sequence["sequence 3"]["iou"] == {"mean": 0.5, "std": 0.5, "n": 2}
-    assert per_sequence["sequence 7"]["iou_native"]["mean"] == 1.0 and per_sequence["sequence 12"]["dice"]["mean"] == 0.0
+    assert (
+        per_sequence["sequence 7"]["iou_native"]["mean"] == 1.0 and per_sequence["sequence 12"]["dice"]["mean"] == 0.0
+    )
     written = json.loads((tmp_path / "summary.json").read_text())["per_sequence"]
     assert list(written) == list(per_sequence) and written["sequence 3"]["iou"] == per_sequence["sequence 3"]["iou"]
     assert (tmp_path / "per_sequence.png").stat().st_size > 0

@@ -81,7 +81,10 @@ def test_softmax_multiclass_with_cross_entropy():
         logp = x - torch.logsumexp(x, dim=1, keepdim=True)
         return -logp.gather(1, y.unsqueeze(1)).mean()
 
-    p, pm = torch.exp(pred) / torch.exp(pred).sum(1, keepdim=True), torch.exp(pred_m) / torch.exp(pred_m).sum(1, keepdim=True)
+    p, pm = (
+        torch.exp(pred) / torch.exp(pred).sum(1, keepdim=True),
+        torch.exp(pred_m) / torch.exp(pred_m).sum(1, keepdim=True),
+    )
     tasksim = torch.mean((p - pm) ** 2)
     torch.testing.assert_close(terms.seg, ce(pred, target))
     torch.testing.assert_close(terms.context, ce(pred_m, target))

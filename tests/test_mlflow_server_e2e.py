@@ -92,9 +92,7 @@ def _post(server: str, endpoint: str, body: dict) -> dict:
 
 def _artifact_paths(server: str, run_id: str, path: str | None = None) -> dict[str, bool]:
     params = {"run_id": run_id} if path is None else {"run_id": run_id, "path": path}
-    return {
-        f["path"]: f.get("is_dir", False) for f in _get(server, "artifacts/list", **params).get("files", [])
-    }
+    return {f["path"]: f.get("is_dir", False) for f in _get(server, "artifacts/list", **params).get("files", [])}
 
 
 def _download_artifact(server: str, run_id: str, path: str) -> bytes:
@@ -127,9 +125,7 @@ def _bundle_parser(dataset_dir: Path):
 def demo_glas(tmp_path_factory) -> Path:
     from masksup_med.data import make_glas_demo
 
-    return make_glas_demo(
-        tmp_path_factory.mktemp("demo") / "glas", n_train=8, n_test_a=2, n_test_b=2, size=(64, 48)
-    )
+    return make_glas_demo(tmp_path_factory.mktemp("demo") / "glas", n_train=8, n_test_a=2, n_test_b=2, size=(64, 48))
 
 
 @pytest.fixture(scope="module")
@@ -154,9 +150,7 @@ def trained(mlflow_tracking_server: str, demo_glas: Path, tmp_path_factory) -> d
             "max_results": 10,
         },
     ).get("runs", [])
-    assert len(runs) == 1, (
-        f"expected one run with dataset_dir={demo_glas}, found {len(runs)}\n{_output(result)}"
-    )
+    assert len(runs) == 1, f"expected one run with dataset_dir={demo_glas}, found {len(runs)}\n{_output(result)}"
     run_id = runs[0]["info"]["run_id"]
     version = _get(server, "registered-models/alias", name=MODEL_NAME, alias=ALIAS)["model_version"]
     return {

@@ -1,4 +1,5 @@
-"""Masked-reconstruction pretraining: its data, tile selection, the maskers, the loss, the figures, pretrained weights."""
+"""Masked-reconstruction pretraining: its data, tile selection, the maskers, the loss, the figures, pretrained
+weights."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ from PIL import Image
 from torch import nn
 
 from masksup_med.data import pretraining_images
-from masksup_med.tracking.figures import ReconstructionFigureHandler
-from masksup_med.run.pretrained import load_pretrained_weights
 from masksup_med.methods.pretraining import (
     MaskedReconstructionLoss,
     SelectiveTileMasker,
@@ -19,26 +18,41 @@ from masksup_med.methods.pretraining import (
     tile_losses,
     tiles_to_pixels,
 )
+from masksup_med.run.pretrained import load_pretrained_weights
+from masksup_med.tracking.figures import ReconstructionFigureHandler
 from masksup_med.transforms import RandPatchMask
 
 
 def test_pretraining_data_is_the_training_images_only_without_masks(tmp_path):
-    datalist = {split: [{"image": f"{split}_{i}.png", "label": f"{split}_{i}_anno.png", "id": f"{split}_{i}"} for i in range(3)]
-                for split in ("train", "validation", "test", "testA")}
+    datalist = {
+        split: [{"image": f"{split}_{i}.png", "label": f"{split}_{i}_anno.png", "id": f"{split}_{i}"} for i in range(3)]
+        for split in ("train", "validation", "test", "testA")
+    }
     extra = tmp_path / "extra"
     extra.mkdir()
     Image.new("RGB", (8, 8)).save(extra / "slide.png")
     data = pretraining_images(datalist)
     assert list(data) == ["train"]
-    assert data["train"] == [{"image": f"train_{i}.png", "id": f"train_{i}"} for i in range(3)]  # no label, no held-out image
+    assert data["train"] == [
+        {"image": f"train_{i}.png", "id": f"train_{i}"} for i in range(3)
+    ]  # no label, no held-out image
     with_extra = pretraining_images(datalist, str(extra))
     assert [item["id"] for item in with_extra["train"]] == ["train_0", "train_1", "train_2", "unlabelled/slide"]
     held_out = {item["image"] for split in ("validation", "test", "testA") for item in datalist[split]}
     assert not held_out & {item["image"] for item in with_extra["train"]}
 
 
-@pytest.mark.parametrize(("value", "expected"), [(True, "selective"), ("true", "selective"), (False, "random"),
-                                                 ("false", "random"), ("False", "random"), ("none", "random")])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (True, "selective"),
+        ("true", "selective"),
+        (False, "random"),
+        ("false", "random"),
+        ("False", "random"),
+        ("none", "random"),
+    ],
+)
 def test_pick_masker_reads_booleans_and_command_line_text(value, expected):
     assert pick_masker(value, "selective", "random") == expected
 
@@ -60,7 +74,11 @@ def test_tile_losses_and_pixels_round_trip_with_edge_tiles():
     error = torch.zeros(1, 20, 36)
     error[:, 16:, 32:] = 2.0  # the cut corner tile
     losses = tile_losses(error, 16)
-    assert losses.shape == (1, 2, 3) and losses[0, 1, 2].item() == pytest.approx(2.0) and losses.sum().item() == pytest.approx(2.0)
+    assert (
+        losses.shape == (1, 2, 3)
+        and losses[0, 1, 2].item() == pytest.approx(2.0)
+        and losses.sum().item() == pytest.approx(2.0)
+    )
     pixels = tiles_to_pixels(losses > 1, (20, 36), 16)
     assert pixels.shape == (1, 20, 36) and torch.equal(pixels, error > 1)
 
@@ -76,7 +94,7 @@ def test_selective_masker_masks_the_worst_reconstructed_tiles_and_the_fraction()
     images = torch.full((2, 3, 64, 64), 0.1)
     bright = [(0, 0), (1, 3), (2, 2), (3, 1), (0, 3), (2, 0), (1, 1), (3, 3)]  # 8 of 16 tiles
     for row, col in bright:
-        images[0, :, row * 16:(row + 1) * 16, col * 16:(col + 1) * 16] = 0.9
+        images[0, :, row * 16 : (row + 1) * 16, col * 16 : (col + 1) * 16] = 0.9
     masker = SelectiveTileMasker(tile_size=16, ratio=0.5, partitions=4).set_random_state(0)
     masked, holes = masker.mask_batch(images, _Zeros())
     expected = torch.zeros(4, 4, dtype=torch.bool)
@@ -110,7 +128,9 @@ def test_reconstruction_loss_is_zero_when_the_masked_part_is_right_and_grows_wit
     big_holes = torch.zeros(1, 1, 256, 256, dtype=torch.bool)
     big_holes[..., :128, :] = True
     terms = loss(torch.where(big_holes, big * 0.5, big), big, big_holes)
-    assert terms["ssim"].item() > 0 and terms["l1"].item() == pytest.approx((big[..., :128, :] * 0.5).mean().item(), rel=1e-4)
+    assert terms["ssim"].item() > 0 and terms["l1"].item() == pytest.approx(
+        (big[..., :128, :] * 0.5).mean().item(), rel=1e-4
+    )
 
 
 def _unet(out_channels):
@@ -155,8 +175,15 @@ def test_a_figure_that_cannot_be_drawn_warns_and_leaves_training_and_the_network
     network = Broken()
     network.train()
     dataset = [{"image": torch.rand(3, 32, 32)}]
-    handler = ReconstructionFigureHandler(dataset, network, RandPatchMask(patch_size=16, ratio_range=0.5), tile_size=16,
-                                          tracking_uri="sqlite:///unused.db", experiment_name="e", run_name="r")
+    handler = ReconstructionFigureHandler(
+        dataset,
+        network,
+        RandPatchMask(patch_size=16, ratio_range=0.5),
+        tile_size=16,
+        tracking_uri="sqlite:///unused.db",
+        experiment_name="e",
+        run_name="r",
+    )
     engine = type("Engine", (), {"state": type("State", (), {"epoch": 3})()})()
     with caplog.at_level("WARNING"):
         handler.__call__(engine)  # must not raise
@@ -164,15 +191,27 @@ def test_a_figure_that_cannot_be_drawn_warns_and_leaves_training_and_the_network
     assert network.training and handler.logged == []
 
 
-@pytest.mark.parametrize("masker", [SelectiveTileMasker(tile_size=16, ratio=0.5, partitions=3),
-                                    RandPatchMask(patch_size=16, ratio_range=0.5)], ids=["selective", "random"])
+@pytest.mark.parametrize(
+    "masker",
+    [SelectiveTileMasker(tile_size=16, ratio=0.5, partitions=3), RandPatchMask(patch_size=16, ratio_range=0.5)],
+    ids=["selective", "random"],
+)
 def test_reconstruction_figure_rows_show_masked_tiles_their_loss_and_leave_the_training_masker_alone(masker):
     network = _unet(3)
     dataset = [{"image": torch.rand(3, 64, 48, generator=torch.Generator().manual_seed(i))} for i in range(4)]
     masker.set_random_state(7)
     before = masker.R.get_state()[1].copy()
-    handler = ReconstructionFigureHandler(dataset, network, masker, tile_size=16, tracking_uri="sqlite:///unused.db",
-                                          experiment_name="e", run_name="r", num_images=2, seed=3)
+    handler = ReconstructionFigureHandler(
+        dataset,
+        network,
+        masker,
+        tile_size=16,
+        tracking_uri="sqlite:///unused.db",
+        experiment_name="e",
+        run_name="r",
+        num_images=2,
+        seed=3,
+    )
     rows = handler.rows(torch.device("cpu"))
     assert (masker.R.get_state()[1] == before).all()  # the handler masks with its own copy
     assert [sorted(row) for row in rows] == [["image", "image_masked", "reconstruction", "tile_loss"]] * 2

@@ -55,9 +55,12 @@ def test_readme_demo_train_evaluate_and_infer_run_as_written(tmp_path):
     (tmp_path / "bundles").symlink_to(REPO / "bundles")
     commands = readme_commands()
     for kind in ("demo", "training", "evaluating", "inferring"):
-        result = subprocess.run(as_run_here(commands[kind]), cwd=tmp_path, capture_output=True, text=True,
-                                timeout=900, check=False)
-        assert result.returncode == 0, f"{kind}: {shlex.join(commands[kind])}\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+        result = subprocess.run(
+            as_run_here(commands[kind]), cwd=tmp_path, capture_output=True, text=True, timeout=900, check=False
+        )
+        assert result.returncode == 0, (
+            f"{kind}: {shlex.join(commands[kind])}\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+        )
     out = tmp_path / "outputs" / "glas"
     assert (out / "models" / "model.pt").is_file()
     assert (out / "eval" / "test" / "summary.json").is_file() or any((out / "eval").rglob("summary.json"))

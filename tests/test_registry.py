@@ -31,8 +31,16 @@ REPO = Path(__file__).resolve().parents[1]
 GLAS_TRAIN = REPO / "bundles" / "glas" / "configs" / "train.json"
 
 
-TINY_UNET = {"_target_": "UNet", "spatial_dims": 2, "in_channels": 3, "out_channels": 1, "channels": [4, 8],
-             "strides": [2], "num_res_units": 0, "norm": "batch"}
+TINY_UNET = {
+    "_target_": "UNet",
+    "spatial_dims": 2,
+    "in_channels": 3,
+    "out_channels": 1,
+    "channels": [4, 8],
+    "strides": [2],
+    "num_res_units": 0,
+    "norm": "batch",
+}
 
 
 def tiny_unet() -> UNet:
@@ -66,9 +74,16 @@ def test_registered_model_loads_by_alias_and_predicts_like_the_checkpoint(checkp
     path, state = checkpoint
     before = digest(path)
     global_uri = mlflow.get_tracking_uri()
-    version = register_checkpoint(path, TINY_UNET, "masksup-test", sqlite_uri, (3, 32, 32),
-                                  tags={"dataset": "glas", "best_val_mean_iou": "0.5"}, bundle="glas",
-                                  config_file=GLAS_TRAIN)
+    version = register_checkpoint(
+        path,
+        TINY_UNET,
+        "masksup-test",
+        sqlite_uri,
+        (3, 32, 32),
+        tags={"dataset": "glas", "best_val_mean_iou": "0.5"},
+        bundle="glas",
+        config_file=GLAS_TRAIN,
+    )
     assert mlflow.get_tracking_uri() == global_uri  # the caller's MLflow settings are left alone
     assert str(version.version) == "1"
     assert digest(path) == before  # the checkpoint is only read
@@ -77,7 +92,11 @@ def test_registered_model_loads_by_alias_and_predicts_like_the_checkpoint(checkp
     by_alias = client.get_model_version_by_alias("masksup-test", "candidate")
     assert str(by_alias.version) == "1"
     assert by_alias.tags["dataset"] == "glas" and by_alias.tags["checkpoint"] == str(path.resolve())
-    assert (by_alias.tags["bundle"], by_alias.tags["input_shape"], by_alias.tags["threshold"]) == ("glas", "3,32,32", "0.5")
+    assert (by_alias.tags["bundle"], by_alias.tags["input_shape"], by_alias.tags["threshold"]) == (
+        "glas",
+        "3,32,32",
+        "0.5",
+    )
 
     loaded = load_network("models:/masksup-test@candidate", tiny_unet(), "cpu", tracking_uri=sqlite_uri)
     assert not loaded.training
@@ -89,12 +108,20 @@ def test_registered_model_loads_by_alias_and_predicts_like_the_checkpoint(checkp
     with using_store(sqlite_uri):
         model_info = mlflow.models.get_model_info("models:/masksup-test@candidate")
         pyfunc = mlflow.pyfunc.load_model("models:/masksup-test@candidate")  # MLflow's own loader, through ours
-    assert model_info.signature is not None and model_info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 3, 32, 32)
+    assert model_info.signature is not None and model_info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (
+        -1,
+        3,
+        32,
+        32,
+    )
     assert "pytorch" not in model_info.flavors and model_info.flavors["masksup_med"]["bundle"] == "glas"
     assert pyfunc.predict(x.numpy()).shape == (2, 1, 32, 32)
 
-    files = {p.relative_to(model_dir(client, "masksup-test")).as_posix()
-             for p in model_dir(client, "masksup-test").rglob("*") if p.is_file()}
+    files = {
+        p.relative_to(model_dir(client, "masksup-test")).as_posix()
+        for p in model_dir(client, "masksup-test").rglob("*")
+        if p.is_file()
+    }
     assert {"MLmodel", "weights.pt", "network.json", "bundle/train.json"} <= files
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pth"))]  # weights and JSON, no pickled code
     assert json.loads((model_dir(client, "masksup-test") / "network.json").read_text())["channels"] == [4, 8]
@@ -183,20 +210,24 @@ def test_registration_refuses_a_config_that_does_not_build_the_trained_network(c
     experiment = client.create_experiment("exp")
     client.create_run(experiment, run_name="run-x")
     # trained: the tiny UNet; GLAS_TRAIN's network_def: the bundle's own, larger one
-    handler = ModelRegistrationHandler(path, GLAS_TRAIN, tiny_unet(), "masksup-test", sqlite_uri, "exp", "run-x",
-                                       (3, 32, 32))
+    handler = ModelRegistrationHandler(
+        path, GLAS_TRAIN, tiny_unet(), "masksup-test", sqlite_uri, "exp", "run-x", (3, 32, 32)
+    )
     with caplog.at_level(logging.ERROR):
         handler(Engine(lambda e, b: None))
     assert handler.version is None
-    assert "does not build the network that was trained" in caplog.text and "masksup-med registry register" in caplog.text
+    assert (
+        "does not build the network that was trained" in caplog.text and "masksup-med registry register" in caplog.text
+    )
 
 
 def test_failed_registration_keeps_checkpoint_and_says_how_to_register_by_hand(checkpoint, tmp_path, caplog):
     path, _ = checkpoint
     before = digest(path)
     unreachable = "sqlite:////nonexistent-folder/for/sure/mlflow.db"
-    handler = ModelRegistrationHandler(path, GLAS_TRAIN, tiny_unet(), "masksup-test", unreachable, "exp", "run-x",
-                                       (3, 32, 32))
+    handler = ModelRegistrationHandler(
+        path, GLAS_TRAIN, tiny_unet(), "masksup-test", unreachable, "exp", "run-x", (3, 32, 32)
+    )
     with caplog.at_level(logging.ERROR):
         handler(Engine(lambda e, b: None))  # must not raise: the training result is on disk
     assert handler.version is None
@@ -205,16 +236,22 @@ def test_failed_registration_keeps_checkpoint_and_says_how_to_register_by_hand(c
 
 
 def test_missing_checkpoint_is_reported_not_raised(tmp_path, sqlite_uri, caplog):
-    handler = ModelRegistrationHandler(tmp_path / "models" / "model.pt", GLAS_TRAIN, tiny_unet(), "m", sqlite_uri,
-                                       "exp", "run", (3, 32, 32))
+    handler = ModelRegistrationHandler(
+        tmp_path / "models" / "model.pt", GLAS_TRAIN, tiny_unet(), "m", sqlite_uri, "exp", "run", (3, 32, 32)
+    )
     with caplog.at_level(logging.ERROR):
         handler(Engine(lambda e, b: None))
     assert "no best checkpoint" in caplog.text
 
 
 def test_manual_command_quotes_paths_with_spaces():
-    command = manual_register_command(Path("/data/my runs/model.pt"), "bundles/glas/configs/train.json", "masksup-glas",
-                                      "sqlite:////x/mlflow.db", "abc")
+    command = manual_register_command(
+        Path("/data/my runs/model.pt"),
+        "bundles/glas/configs/train.json",
+        "masksup-glas",
+        "sqlite:////x/mlflow.db",
+        "abc",
+    )
     assert "'/data/my runs/model.pt'" in command and "--run-id abc" in command
 
 
@@ -243,8 +280,22 @@ def test_registry_cli_register_list_promote_show(checkpoint, sqlite_uri, tmp_pat
     content["image_size"] = [32, 32]
     config.write_text(json.dumps(content))
 
-    assert main(["registry", "--tracking-uri", sqlite_uri, "register", str(path), "--config", str(config),
-                 "--name", "masksup-glas"]) == 0
+    assert (
+        main(
+            [
+                "registry",
+                "--tracking-uri",
+                sqlite_uri,
+                "register",
+                str(path),
+                "--config",
+                str(config),
+                "--name",
+                "masksup-glas",
+            ]
+        )
+        == 0
+    )
     assert main(["registry", "--tracking-uri", sqlite_uri, "list"]) == 0
     listed = capsys.readouterr().out
     assert "masksup-glas" in listed and "candidate=v1" in listed
@@ -255,8 +306,24 @@ def test_registry_cli_register_list_promote_show(checkpoint, sqlite_uri, tmp_pat
     assert "version 1  aliases: candidate, champion" in shown
     assert "input_shape: 3,32,32" in shown and "bundle:" not in shown  # a config outside a bundle names none
 
-    assert main(["registry", "--tracking-uri", sqlite_uri, "register", str(path), "--config", str(config),
-                 "--name", "masksup-glas", "--bundle", "glas"]) == 0
+    assert (
+        main(
+            [
+                "registry",
+                "--tracking-uri",
+                sqlite_uri,
+                "register",
+                str(path),
+                "--config",
+                str(config),
+                "--name",
+                "masksup-glas",
+                "--bundle",
+                "glas",
+            ]
+        )
+        == 0
+    )
     loaded = load_model("models:/masksup-glas/2", tracking_uri=sqlite_uri)
     assert next(m.out_channels for m in loaded.modules() if isinstance(m, torch.nn.Conv2d)) == 4
 
@@ -272,8 +339,12 @@ def test_run_params_log_split_options_key_by_key():
     from masksup_med.transforms import RandFreeFormMaskd
 
     network = UNet(2, 3, 1, channels=(4, 8), strides=(2,))
-    params = run_params(network, {"loss": MaskSupLoss(a2=0.0), "masking": RandFreeFormMaskd(keys="image")},
-                        split={"seed": 3, "val_fraction": 0.1, "by": "sequence"}, dataset="cvc-clinicdb")
+    params = run_params(
+        network,
+        {"loss": MaskSupLoss(a2=0.0), "masking": RandFreeFormMaskd(keys="image")},
+        split={"seed": 3, "val_fraction": 0.1, "by": "sequence"},
+        dataset="cvc-clinicdb",
+    )
     assert (params["split_seed"], params["split_val_fraction"], params["split_by"]) == ("3", "0.1", "sequence")
     assert params["a2"] == "0.0" and params["dataset"] == "cvc-clinicdb" and params["masking"] == "RandFreeFormMaskd"
     assert all(isinstance(v, str) for v in params.values())  # MLflow params are strings
@@ -291,18 +362,45 @@ def test_run_params_describe_any_component_and_know_no_method():
 def test_moving_the_alias_to_a_version_that_validated_worse_says_so(checkpoint, sqlite_uri, caplog):
     path, _ = checkpoint
     same_data = {"dataset": "glas", "dataset_dir": "/data/glas"}
-    register_checkpoint(path, TINY_UNET, "masksup-test", sqlite_uri, (3, 32, 32),
-                        tags={**same_data, "best_val_mean_iou": "0.894"}, config_file=GLAS_TRAIN)
+    register_checkpoint(
+        path,
+        TINY_UNET,
+        "masksup-test",
+        sqlite_uri,
+        (3, 32, 32),
+        tags={**same_data, "best_val_mean_iou": "0.894"},
+        config_file=GLAS_TRAIN,
+    )
     with caplog.at_level(logging.WARNING, logger="masksup_med.tracking.registry"):
-        register_checkpoint(path, TINY_UNET, "masksup-test", sqlite_uri, (3, 32, 32),
-                            tags={**same_data, "best_val_mean_iou": "0.866"}, config_file=GLAS_TRAIN)
+        register_checkpoint(
+            path,
+            TINY_UNET,
+            "masksup-test",
+            sqlite_uri,
+            (3, 32, 32),
+            tags={**same_data, "best_val_mean_iou": "0.866"},
+            config_file=GLAS_TRAIN,
+        )
     assert "moves from version 1 (best_val_mean_iou 0.8940) to version 2 (best_val_mean_iou 0.8660)" in caplog.text
     assert "masksup-med registry promote masksup-test 1 --alias candidate" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="masksup_med.tracking.registry"):  # better, or other data: no warning
-        register_checkpoint(path, TINY_UNET, "masksup-test", sqlite_uri, (3, 32, 32),
-                            tags={**same_data, "best_val_mean_iou": "0.9"}, config_file=GLAS_TRAIN)
-        register_checkpoint(path, TINY_UNET, "masksup-test", sqlite_uri, (3, 32, 32),
-                            tags={"dataset": "glas", "dataset_dir": "/other", "best_val_mean_iou": "0.1"},
-                            config_file=GLAS_TRAIN)
+        register_checkpoint(
+            path,
+            TINY_UNET,
+            "masksup-test",
+            sqlite_uri,
+            (3, 32, 32),
+            tags={**same_data, "best_val_mean_iou": "0.9"},
+            config_file=GLAS_TRAIN,
+        )
+        register_checkpoint(
+            path,
+            TINY_UNET,
+            "masksup-test",
+            sqlite_uri,
+            (3, 32, 32),
+            tags={"dataset": "glas", "dataset_dir": "/other", "best_val_mean_iou": "0.1"},
+            config_file=GLAS_TRAIN,
+        )
     assert "moves from" not in caplog.text

@@ -98,8 +98,10 @@ def test_claim_keeps_an_earlier_model_unless_resuming_or_overwriting(tmp_path):
 # ----------------------------------------------------------------------------------------- resume
 
 
-@pytest.mark.parametrize(("value", "mode"), [(False, "never"), ("false", "never"), (True, "always"),
-                                             ("true", "always"), ("auto", "auto"), ("AUTO", "auto")])
+@pytest.mark.parametrize(
+    ("value", "mode"),
+    [(False, "never"), ("false", "never"), (True, "always"), ("true", "always"), ("auto", "auto"), ("AUTO", "auto")],
+)
 def test_resume_values(value, mode):
     assert resume_mode(value) == mode
 
@@ -128,8 +130,11 @@ def bundle_argv(*args: str) -> list[str]:
 
 
 def test_known_ids_nested_ids_and_merge_keys_pass():
-    checked = check_overrides(bundle_argv("--max_epochs", "2", "--train#dataloader#num_workers=0",
-                                          "--+recipe", "{}", "--logging_file", "x.conf"))
+    checked = check_overrides(
+        bundle_argv(
+            "--max_epochs", "2", "--train#dataloader#num_workers=0", "--+recipe", "{}", "--logging_file", "x.conf"
+        )
+    )
     assert checked == ["max_epochs", "train#dataloader#num_workers", "+recipe"]
 
 
@@ -225,8 +230,9 @@ def test_files_whose_names_do_not_follow_the_naming_are_named_as_left_out(demo):
     report = check_dataset("glas", demo)
     assert report.ok and report.pairs == 6
     left_out = sorted(w.split(":")[0] for w in report.warnings if ": left out: " in w)
-    assert left_out == sorted(str(demo / n) for n in ("train 1.bmp", "train 1_anno.bmp", "train_é2.bmp",
-                                                     "train_é2_anno.bmp"))
+    assert left_out == sorted(
+        str(demo / n) for n in ("train 1.bmp", "train 1_anno.bmp", "train_é2.bmp", "train_é2_anno.bmp")
+    )
     assert np.all([demo.joinpath(Path(p).name).exists() for p in left_out])
 
 

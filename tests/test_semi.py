@@ -16,7 +16,6 @@ from PIL import Image
 from torch import nn
 
 from masksup_med.data import DatasetError, DatasetNotFoundError, UnreadableFileError, with_unlabelled
-from masksup_med.tracking.figures import PseudoLabelFigureHandler, pseudo_label_image
 from masksup_med.methods.losses import ConfidentPseudoLabelLoss, MaskSupLoss, confidence_mask
 from masksup_med.methods.maskmatch import MaskMatchTrainer
 from masksup_med.methods.teacher import (
@@ -25,6 +24,7 @@ from masksup_med.methods.teacher import (
     multiscale_probabilities,
     sigmoid_rampup,
 )
+from masksup_med.tracking.figures import PseudoLabelFigureHandler, pseudo_label_image
 
 
 def test_ema_update_follows_the_formula_and_copies_integer_buffers():
@@ -108,8 +108,11 @@ def test_confident_pseudo_label_loss_counts_confident_pixels_only():
 
 def _datalist(n=8):
     items = [{"image": f"/d/train_{i}.png", "label": f"/d/train_{i}_anno.png", "id": f"train_{i}"} for i in range(n)]
-    return {"train": items, "validation": [{"image": "/d/v.png", "label": "/d/v_anno.png", "id": "v"}],
-            "test": [{"image": "/d/t.png", "label": "/d/t_anno.png", "id": "t"}]}
+    return {
+        "train": items,
+        "validation": [{"image": "/d/v.png", "label": "/d/v_anno.png", "id": "v"}],
+        "test": [{"image": "/d/t.png", "label": "/d/t_anno.png", "id": "t"}],
+    }
 
 
 def test_with_unlabelled_keeps_a_seeded_fraction_and_leaves_held_out_splits():
@@ -153,18 +156,25 @@ def test_unlabelled_dir_is_read_checked_and_missing_or_empty_is_named(tmp_path):
         with_unlabelled(_datalist(), 1.0, seed=0, unlabelled_dir=folder)
 
 
-
-
 def test_maskmatch_step_trains_the_student_and_moves_the_teacher_by_ema():
     torch.manual_seed(0)
     net = UNet(2, 3, 1, channels=(4, 8), strides=(2,), num_res_units=0)
     teacher = make_teacher(net)
     before_teacher = [p.clone() for p in teacher.parameters()]
     trainer = MaskMatchTrainer(
-        device="cpu", max_epochs=1, train_data_loader=semi_batches(3, 0), network=net,
-        optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=MaskSupLoss(a2=0.0, a3=0.0),
-        unlabelled_loader=semi_batches(2, 1, labelled=False), teacher=teacher, ema_momentum=0.5,
-        unsup_loss=ConfidentPseudoLabelLoss(threshold=0.5), rampup_epochs=0, teacher_scales=(1.0,), decollate=False,
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=semi_batches(3, 0),
+        network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        loss_function=MaskSupLoss(a2=0.0, a3=0.0),
+        unlabelled_loader=semi_batches(2, 1, labelled=False),
+        teacher=teacher,
+        ema_momentum=0.5,
+        unsup_loss=ConfidentPseudoLabelLoss(threshold=0.5),
+        rampup_epochs=0,
+        teacher_scales=(1.0,),
+        decollate=False,
     )
     momenta = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: momenta.append(e.current_ema_momentum()))
@@ -184,16 +194,29 @@ def test_maskmatch_step_trains_the_student_and_moves_the_teacher_by_ema():
 def test_a_teacher_activation_other_than_the_student_loss_one_is_refused_at_start():
     net = UNet(2, 3, 1, channels=(4, 8), strides=(2,), num_res_units=0)
     with pytest.raises(ValueError, match="activation 'softmax' but unsup_loss uses 'sigmoid'"):
-        MaskMatchTrainer(device="cpu", max_epochs=1, train_data_loader=semi_batches(1, 0), network=net,
-                         optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=MaskSupLoss(activation="softmax"),
-                         unlabelled_loader=semi_batches(1, 1, labelled=False))
+        MaskMatchTrainer(
+            device="cpu",
+            max_epochs=1,
+            train_data_loader=semi_batches(1, 0),
+            network=net,
+            optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+            loss_function=MaskSupLoss(activation="softmax"),
+            unlabelled_loader=semi_batches(1, 1, labelled=False),
+        )
 
 
 def test_ema_momentum_warms_up_as_in_mean_teacher():
     net = UNet(2, 3, 1, channels=(4, 8), strides=(2,), num_res_units=0)
-    trainer = MaskMatchTrainer(device="cpu", max_epochs=1, train_data_loader=semi_batches(1, 0), network=net,
-                               optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=MaskSupLoss(),
-                               unlabelled_loader=semi_batches(1, 1, labelled=False), ema_momentum=0.99)
+    trainer = MaskMatchTrainer(
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=semi_batches(1, 0),
+        network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        loss_function=MaskSupLoss(),
+        unlabelled_loader=semi_batches(1, 1, labelled=False),
+        ema_momentum=0.99,
+    )
     seen = {}
     for step in (1, 9, 99, 500):
         trainer.state.iteration = step
@@ -212,8 +235,12 @@ def test_best_network_selector_keeps_whichever_network_scores_best(tmp_path):
         student.weight.fill_(2.0)
     evaluators = {name: SimpleNamespace(state=SimpleNamespace(metrics={}, epoch=0)) for name in ("teacher", "student")}
     path = tmp_path / "models" / "model.pt"
-    selector = BestNetworkSelectionHandler(str(path), evaluators, {"teacher": teacher, "student": student},
-                                   {"teacher": "val_mean_iou", "student": "val_student_mean_iou"})
+    selector = BestNetworkSelectionHandler(
+        str(path),
+        evaluators,
+        {"teacher": teacher, "student": student},
+        {"teacher": "val_mean_iou", "student": "val_student_mean_iou"},
+    )
 
     def round_(name, metric, score, epoch):
         evaluators[name].state.metrics[metric], evaluators[name].state.epoch = score, epoch
@@ -223,8 +250,12 @@ def test_best_network_selector_keeps_whichever_network_scores_best(tmp_path):
     assert not round_("teacher", "val_mean_iou", 0.45, 2)  # better than its own best, not than the student's
     assert torch.load(path, weights_only=True)["weight"].flatten().tolist() == [2.0, 2.0]
     assert selector.tags() == {"selected_network": "student", "best_val_mean_iou": "0.5000", "best_epoch": "1"}
-    restored = BestNetworkSelectionHandler(str(path), evaluators, {"teacher": teacher, "student": student},
-                                   {"teacher": "val_mean_iou", "student": "val_student_mean_iou"})
+    restored = BestNetworkSelectionHandler(
+        str(path),
+        evaluators,
+        {"teacher": teacher, "student": student},
+        {"teacher": "val_mean_iou", "student": "val_student_mean_iou"},
+    )
     restored.load_state_dict(selector.state_dict())
     assert restored.tags() == selector.tags()
 
@@ -251,11 +282,24 @@ def test_pseudo_label_figure_rows_repeat_each_round_and_leave_the_student_as_it_
     teacher = make_teacher(student)
     g = torch.Generator().manual_seed(1)
     dataset = [{"image": torch.rand(3, 32, 32, generator=g), "label": torch.ones(1, 32, 32)} for _ in range(3)]
-    strong = [CopyItemsd(keys="image", names="image_strong"),
-              RandScaleIntensityd(keys="image_strong", prob=1.0, factors=0.5)]
+    strong = [
+        CopyItemsd(keys="image", names="image_strong"),
+        RandScaleIntensityd(keys="image_strong", prob=1.0, factors=0.5),
+    ]
     masker = RandPatchMask(0.5, patch_size=8)
-    handler = PseudoLabelFigureHandler(dataset, teacher, student, strong, masker, "sqlite:///unused.db", "e", "r",
-                                       threshold=0.5, scales=(1.0,), num_images=2)
+    handler = PseudoLabelFigureHandler(
+        dataset,
+        teacher,
+        student,
+        strong,
+        masker,
+        "sqlite:///unused.db",
+        "e",
+        "r",
+        threshold=0.5,
+        scales=(1.0,),
+        num_images=2,
+    )
     student.train()
     first, second = handler.rows(torch.device("cpu")), handler.rows(torch.device("cpu"))
     assert student.training  # put back in training mode

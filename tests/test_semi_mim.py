@@ -10,8 +10,8 @@ from monai.networks.nets import UNet
 from torch import nn
 
 from masksup_med.methods.losses import ClassWiseReconstructionLoss, FeatureAggregationLoss, MaskSupLoss, class_regions
-from masksup_med.methods.mim import ReconstructionHeads
 from masksup_med.methods.maskmatch import MaskMatchTrainer
+from masksup_med.methods.mim import ReconstructionHeads
 from masksup_med.transforms import RandPatchMask
 
 
@@ -158,14 +158,21 @@ def test_heads_refuse_a_ddp_network_saying_to_train_in_one_process(tmp_path):
         dist.destroy_process_group()
 
 
-
-
 def _trainer(net, heads, optimizer=None, **kwargs):
     return MaskMatchTrainer(
-        device="cpu", max_epochs=1, train_data_loader=semi_batches(2, 0), network=net,
-        optimizer=optimizer or torch.optim.SGD(heads.parameters(), lr=0.1), loss_function=MaskSupLoss(),
-        batch_masker=RandPatchMask(0.5, patch_size=8), unlabelled_loader=semi_batches(2, 1, labelled=False),
-        rampup_epochs=0, teacher_scales=(1.0,), decollate=False, mim_network=heads, **kwargs,
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=semi_batches(2, 0),
+        network=net,
+        optimizer=optimizer or torch.optim.SGD(heads.parameters(), lr=0.1),
+        loss_function=MaskSupLoss(),
+        batch_masker=RandPatchMask(0.5, patch_size=8),
+        unlabelled_loader=semi_batches(2, 1, labelled=False),
+        rampup_epochs=0,
+        teacher_scales=(1.0,),
+        decollate=False,
+        mim_network=heads,
+        **kwargs,
     )
 
 
@@ -177,8 +184,14 @@ def test_maskmatch_step_adds_the_weighted_mim_terms_and_trains_the_head():
     trainer = _trainer(net, heads, mim_weight=0.5, mim_feature_weight=0.25)
     trainer.run()
     out = trainer.state.output
-    expected = (out["loss_seg"] + out["loss_context"] + out["loss_tasksim"] + out["unsup_weight"] * out["loss_unsup"]
-                + 0.5 * out["loss_mim"] + 0.25 * out["loss_mim_feature"])
+    expected = (
+        out["loss_seg"]
+        + out["loss_context"]
+        + out["loss_tasksim"]
+        + out["unsup_weight"] * out["loss_unsup"]
+        + 0.5 * out["loss_mim"]
+        + 0.25 * out["loss_mim_feature"]
+    )
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert 0 < out["loss_mim"].item() < 1 and 0 <= out["loss_mim_feature"].item() <= 2
     moved = [not torch.equal(a, b) for a, b in zip(head_before, heads.head.parameters())]
@@ -194,9 +207,16 @@ def test_maskmatch_refuses_a_mim_network_it_would_not_train_properly():
     with pytest.raises(ValueError, match="must wrap the trainer's network"):
         _trainer(net, ReconstructionHeads(_unet()), optimizer=torch.optim.SGD(heads.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="needs batch_masker"):
-        MaskMatchTrainer(device="cpu", max_epochs=1, train_data_loader=semi_batches(1, 0), network=net,
-                         optimizer=torch.optim.SGD(heads.parameters(), lr=0.1), loss_function=MaskSupLoss(),
-                         unlabelled_loader=semi_batches(1, 1, labelled=False), mim_network=heads)
+        MaskMatchTrainer(
+            device="cpu",
+            max_epochs=1,
+            train_data_loader=semi_batches(1, 0),
+            network=net,
+            optimizer=torch.optim.SGD(heads.parameters(), lr=0.1),
+            loss_function=MaskSupLoss(),
+            unlabelled_loader=semi_batches(1, 1, labelled=False),
+            mim_network=heads,
+        )
 
 
 @pytest.mark.slow
@@ -209,9 +229,23 @@ def test_semi_mim_config_trains_logs_the_mim_terms_and_registers_a_one_channel_m
 
     demo = CASES["glas"].make_demo(tmp_path / "demo")
     out = tmp_path / "out"
-    result = run_training(demo, out, "--max_epochs", "1", "--val_interval", "1", "--image_size", "[64,64]",
-                          "--batch_size", "2", "--label_fraction", "0.5", "--mim_feature_weight", "0.1",
-                          config=[TRAIN_CONFIG, CONFIGS / "semi_train.json", CONFIGS / "semi_mim.json"])
+    result = run_training(
+        demo,
+        out,
+        "--max_epochs",
+        "1",
+        "--val_interval",
+        "1",
+        "--image_size",
+        "[64,64]",
+        "--batch_size",
+        "2",
+        "--label_fraction",
+        "0.5",
+        "--mim_feature_weight",
+        "0.1",
+        config=[TRAIN_CONFIG, CONFIGS / "semi_train.json", CONFIGS / "semi_mim.json"],
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     tracking_uri = f"sqlite:///{out / 'mlflow.db'}"
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
@@ -229,7 +263,15 @@ def test_semi_mim_config_trains_logs_the_mim_terms_and_registers_a_one_channel_m
     assert not any(key.startswith("head.") for key in best)  # the head was dropped
     checkpoint = torch.load(out / "models" / "checkpoint_epoch=1.pt", map_location="cpu", weights_only=False)
     assert "mim_head" in checkpoint and "teacher" in checkpoint  # resuming restores the head too
-    evaluated = run_bundle("evaluating", [TRAIN_CONFIG, CONFIGS / "evaluate.json"], "--dataset_dir", str(demo),
-                           "--output_dir", str(out), "--image_size", "[64,64]")
+    evaluated = run_bundle(
+        "evaluating",
+        [TRAIN_CONFIG, CONFIGS / "evaluate.json"],
+        "--dataset_dir",
+        str(demo),
+        "--output_dir",
+        str(out),
+        "--image_size",
+        "[64,64]",
+    )
     assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
     assert (out / "eval" / "glas" / "test" / "summary.json").is_file()

@@ -27,13 +27,20 @@ from PIL import Image
 from servers import LOOPBACK, free_port, job_env, masksup_command, masksup_server
 
 from masksup_med.cli import main
-from masksup_med.tracking.model_format import build_network
-from masksup_med.tracking.registry import register_checkpoint
 from masksup_med.serving.app import clean_error
 from masksup_med.serving.limits import RequestRejected, ServingLimits, image_header
+from masksup_med.tracking.model_format import build_network
+from masksup_med.tracking.registry import register_checkpoint
 
-TINY_UNET = {"_target_": "UNet", "spatial_dims": 2, "in_channels": 3, "out_channels": 1, "channels": [4, 8],
-             "strides": [2], "num_res_units": 0}
+TINY_UNET = {
+    "_target_": "UNet",
+    "spatial_dims": 2,
+    "in_channels": 3,
+    "out_channels": 1,
+    "channels": [4, 8],
+    "strides": [2],
+    "num_res_units": 0,
+}
 MODEL = "models:/tiny@candidate"
 BODY_LIMIT = 1_000_000
 PIXEL_LIMIT = 4_000_000
@@ -43,6 +50,7 @@ PATHS = re.compile(r"/tmp/|/home/|/work/|/usr/|site-packages|\.py\b")
 # ------------------------------------------------------------------------------------------ images
 def png_bomb(width: int, height: int) -> bytes:
     """A valid 1-bit PNG of ``width`` x ``height`` black pixels: ~100 KB that decodes to width x height bytes."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -87,15 +95,26 @@ def store(tmp_path_factory) -> str:
 def server(store, tmp_path_factory) -> SimpleNamespace:
     workdir = tmp_path_factory.mktemp("serve-work")
     port = free_port()
-    args = ["--model", MODEL, "--port", str(port), "--device", "cpu",
-            "--max-body-bytes", str(BODY_LIMIT), "--max-pixels", str(PIXEL_LIMIT)]
+    args = [
+        "--model",
+        MODEL,
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--max-body-bytes",
+        str(BODY_LIMIT),
+        "--max-pixels",
+        str(PIXEL_LIMIT),
+    ]
     log = workdir / "serve.log"
     with masksup_server(args, workdir, job_env(MLFLOW_TRACKING_URI=store), log) as (base, proc):
         yield SimpleNamespace(base=base, port=port, proc=proc, log=log, workdir=workdir)
 
 
-def post(server: SimpleNamespace, body: bytes, content_type: str | None = "application/json",
-         path: str = "/invocations") -> tuple[int, bytes, float]:
+def post(
+    server: SimpleNamespace, body: bytes, content_type: str | None = "application/json", path: str = "/invocations"
+) -> tuple[int, bytes, float]:
     """POST ``body``; ``(status, response body, seconds)``."""
     connection = http.client.HTTPConnection(LOOPBACK, server.port, timeout=120)
     started = time.monotonic()
@@ -155,8 +174,12 @@ REFUSALS = {
     "not an image": (records(b"hello world"), "application/json", 400, "not a PNG, JPEG, BMP or TIFF file"),
     "not base64": (b'{"dataframe_records": [{"image": "not base64 !!"}]}', "application/json", 400, "base64"),
     "declares 30000 x 30000": (records(png_bomb(30000, 30000)), "application/json", 413, "30000 x 30000"),
-    "over the pixel limit": (records(encoded(Image.new("L", (2500, 2000)))), "application/json", 413,
-                             "2500 x 2000 = 5,000,000 pixels; the limit is 4,000,000"),
+    "over the pixel limit": (
+        records(encoded(Image.new("L", (2500, 2000)))),
+        "application/json",
+        413,
+        "2500 x 2000 = 5,000,000 pixels; the limit is 4,000,000",
+    ),
     "second image bad": (records(encoded(picture()), b"GIF89a"), "application/json", 400, "image 2 of 2: not a PNG"),
     "16-bit grey": (records(grey16()), "application/json", 400, "16-bit grey"),
     "palette": (records(encoded(picture().convert("P"))), "application/json", 400, "palette-indexed"),
@@ -183,7 +206,9 @@ def test_refused_requests_get_a_4xx_with_a_message_and_no_stack_trace(server, na
 @pytest.mark.slow
 def test_a_body_over_the_limit_is_refused_before_it_is_read(server):
     status, answer = declared_only(server, 200 * 1024 * 1024)  # a 200 MB body announced, none sent
-    assert_clean_refusal(status, answer, 413, "209,715,200 bytes; the limit is 1,000,000 bytes (serve --max-body-bytes)")
+    assert_clean_refusal(
+        status, answer, 413, "209,715,200 bytes; the limit is 1,000,000 bytes (serve --max-body-bytes)"
+    )
     status, answer = chunked_over_the_limit(server)  # no Content-Length: counted while read
     assert_clean_refusal(status, answer, 413, "the limit is 1,000,000 bytes")
     assert server.proc.poll() is None
@@ -208,10 +233,20 @@ def test_server_still_answers_after_the_refusals(server):
 
 @pytest.mark.parametrize("command", ["serve", "predict"])
 def test_without_a_store_serve_and_predict_say_so_and_create_none(command, tmp_path):
-    extra = ["--port", str(free_port())] if command == "serve" else ["--input", str(tmp_path), "--output",
-                                                                       str(tmp_path / "masks")]
-    result = subprocess.run([*masksup_command(), command, "--model", "models:/masksup-glas@champion", *extra],
-                            cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=300, check=False)
+    extra = (
+        ["--port", str(free_port())]
+        if command == "serve"
+        else ["--input", str(tmp_path), "--output", str(tmp_path / "masks")]
+    )
+    result = subprocess.run(
+        [*masksup_command(), command, "--model", "models:/masksup-glas@champion", *extra],
+        cwd=tmp_path,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode != 0
     assert "no MLflow store at" in result.stderr and "--tracking-uri" in result.stderr, result.stderr[-3000:]
     assert not list(tmp_path.rglob("*.db"))  # MLflow was not left to create an empty store
@@ -223,8 +258,10 @@ def test_serve_refuses_a_limit_that_is_not_positive():
 
 
 # ------------------------------------------------------------------------------------------ units
-@pytest.mark.parametrize("mode,fmt,per_pixel", [("L", "PNG", 1), ("RGB", "PNG", 3), ("RGBA", "PNG", 4),
-                                                 ("LA", "PNG", 2), ("RGB", "JPEG", 3), ("RGB", "BMP", 3)])
+@pytest.mark.parametrize(
+    "mode,fmt,per_pixel",
+    [("L", "PNG", 1), ("RGB", "PNG", 3), ("RGBA", "PNG", 4), ("LA", "PNG", 2), ("RGB", "JPEG", 3), ("RGB", "BMP", 3)],
+)
 def test_image_header_reads_size_and_decoded_bytes(mode, fmt, per_pixel):
     header = image_header(encoded(Image.new(mode, (40, 30)), fmt))
     assert (header.width, header.height, header.decoded_bytes, header.eight_bit) == (40, 30, 1200 * per_pixel, True)
@@ -254,18 +291,21 @@ def test_header_checks_refuse_before_decoding():
 
 
 def test_clean_error_keeps_the_message_and_drops_trace_input_and_paths():
-    mlflow_style = json.dumps({
-        "error_code": "INVALID_PARAMETER_VALUE",
-        "message": "Failed to predict data '   image\n0  iVBORw0KGgo...'. \nError: cannot open /srv/x/y.png",
-        "stack_trace": 'Traceback (most recent call last):\n  File "/usr/lib/python3.11/site-packages/a.py"',
-    }).encode()
+    mlflow_style = json.dumps(
+        {
+            "error_code": "INVALID_PARAMETER_VALUE",
+            "message": "Failed to predict data '   image\n0  iVBORw0KGgo...'. \nError: cannot open /srv/x/y.png",
+            "stack_trace": 'Traceback (most recent call last):\n  File "/usr/lib/python3.11/site-packages/a.py"',
+        }
+    ).encode()
     status, payload = clean_error(400, mlflow_style)
     assert status == 400 and payload == {"error_code": "BAD_REQUEST", "message": "cannot open <path>"}
     ours = RequestRejected("the image is too big", 413).serialize_as_json().encode()
     assert clean_error(400, ours) == (413, {"error_code": "REQUEST_TOO_LARGE", "message": "the image is too big"})
     assert clean_error(500, b'{"message": "boom at /a/b.py"}')[1]["message"].startswith("internal server error")
     assert clean_error(415, b"This predictor only supports application/json")[1]["message"] == (
-        "This predictor only supports application/json")
+        "This predictor only supports application/json"
+    )
 
 
 def test_serving_limits_travel_in_a_model_config():

@@ -31,18 +31,42 @@ def demo(tmp_path_factory) -> Path:
     return make_glas_demo(tmp_path_factory.mktemp("demo") / "glas", n_train=6, n_test_a=1, n_test_b=1, size=(64, 48))
 
 
-def bundle_run(run_id: str, configs: list[str], *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def bundle_run(
+    run_id: str, configs: list[str], *overrides: str, env: dict | None = None
+) -> subprocess.CompletedProcess:
     config_file = str(CONFIGS / configs[0]) if len(configs) == 1 else str([str(CONFIGS / c) for c in configs])
-    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_file,
-           "--num_workers", "0", "--image_size", "[64,64]", "--max_epochs", "1", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        run_id,
+        "--config_file",
+        config_file,
+        "--num_workers",
+        "0",
+        "--image_size",
+        "[64,64]",
+        "--max_epochs",
+        "1",
+        *overrides,
+    ]
     inherited = {k: v for k, v in os.environ.items() if k != "MASKSUP_MED_TRACEBACK"}
     env = {**inherited, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env, check=False)
 
 
 def train(dataset_dir: Path, output_dir: Path, *overrides: str, **kwargs) -> subprocess.CompletedProcess:
-    return bundle_run("training", ["train.json"], "--dataset_dir", str(dataset_dir), "--output_dir", str(output_dir),
-                      *overrides, **kwargs)
+    return bundle_run(
+        "training",
+        ["train.json"],
+        "--dataset_dir",
+        str(dataset_dir),
+        "--output_dir",
+        str(output_dir),
+        *overrides,
+        **kwargs,
+    )
 
 
 def error_block(result: subprocess.CompletedProcess) -> str:
@@ -114,8 +138,9 @@ def test_output_dir_in_use_by_a_live_run(demo, tmp_path):
 
 def test_resume_with_no_checkpoint_stops_instead_of_starting_over(demo, tmp_path):
     result = train(demo, tmp_path / "out", "--resume", "true")
-    assert_stopped_with(result, "--resume true, but", "holds no usable epoch checkpoint (none found)",
-                        "run without --resume true")
+    assert_stopped_with(
+        result, "--resume true, but", "holds no usable epoch checkpoint (none found)", "run without --resume true"
+    )
     assert not (tmp_path / "out" / "models" / "model.pt").exists()
 
 
@@ -165,8 +190,16 @@ def test_broken_training_files_are_all_named_before_anything_is_written(demo, tm
 
 
 def test_label_fraction_that_labels_nothing(demo, tmp_path):
-    result = bundle_run("training", ["train.json", "semi_train.json"], "--dataset_dir", str(demo),
-                        "--output_dir", str(tmp_path / "out"), "--label_fraction", "0")
+    result = bundle_run(
+        "training",
+        ["train.json", "semi_train.json"],
+        "--dataset_dir",
+        str(demo),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--label_fraction",
+        "0",
+    )
     assert_stopped_with(result, "label_fraction must lie in (0, 1], got 0")
 
 
@@ -184,14 +217,31 @@ def test_cuda_device_on_a_machine_without_cuda(demo, tmp_path):
 
 
 def test_evaluate_with_a_misspelt_override(demo, tmp_path):
-    result = bundle_run("evaluating", ["train.json", "evaluate.json"], "--dataset_dir", str(demo),
-                        "--output_dir", str(tmp_path / "out"), "--model_sorce", "x.pt")
+    result = bundle_run(
+        "evaluating",
+        ["train.json", "evaluate.json"],
+        "--dataset_dir",
+        str(demo),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--model_sorce",
+        "x.pt",
+    )
     assert_stopped_with(result, "unknown override --model_sorce", "did you mean --model_source?")
 
 
 def test_masksup_med_train_command_ends_with_the_same_message(tmp_path):
-    cmd = [sys.executable, "-m", "masksup_med", "train", "glas", "--dataset_dir", str(tmp_path / "nowhere"),
-           "--output_dir", str(tmp_path / "out")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "masksup_med",
+        "train",
+        "glas",
+        "--dataset_dir",
+        str(tmp_path / "nowhere"),
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
     assert_stopped_with(result, "does not exist")
 
@@ -200,7 +250,9 @@ def test_masksup_med_data_check_names_a_missing_folder_on_its_last_line(tmp_path
     cmd = [sys.executable, "-m", "masksup_med", "data", "check", "glas", str(tmp_path / "nowhere")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode != 0
-    assert result.stderr.splitlines()[-1].startswith(f"problem: GLaS dataset folder {tmp_path / 'nowhere'} does not exist")
+    assert result.stderr.splitlines()[-1].startswith(
+        f"problem: GLaS dataset folder {tmp_path / 'nowhere'} does not exist"
+    )
     assert result.stdout.splitlines()[-1].startswith("FAILED: 1 problem(s)")
     assert "Traceback" not in result.stderr
 

@@ -48,7 +48,9 @@ def _imports(path: Path, top_level_only: bool) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             found.add(base)
             found |= {f"{base}.{alias.name}" for alias in node.names}
     modules = {_module_name(p) for p in PACKAGE.rglob("*.py")}
@@ -116,7 +118,7 @@ def test_no_import_loops_at_module_level():
         state[module] = 1
         for name in sorted(graph.get(module, ())):
             if state.get(name) == 1 and not module.startswith(name + "."):  # a package importing its own module is fine
-                cycle = path[path.index(name):] + [name] if name in path else [module, name]
+                cycle = path[path.index(name) :] + [name] if name in path else [module, name]
                 raise AssertionError("import loop: " + " -> ".join(cycle))
             if name not in state:
                 visit(name, [*path, name])

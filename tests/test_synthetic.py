@@ -32,8 +32,11 @@ def demo(tmp_path_factory):
 
 
 def _digests(folder):
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _load(pair):
@@ -126,8 +129,32 @@ def _cvc_files(folder):
 
 
 def test_cvc_frame_ids_are_real_and_spread_over_sequences():
-    assert cvc_clinicdb_demo_frames(24) == [7, 19, 70, 76, 109, 121, 183, 194, 211, 222, 283, 293, 324, 336,
-                                            390, 402, 433, 443, 485, 497, 533, 542, 597, 607]
+    assert cvc_clinicdb_demo_frames(24) == [
+        7,
+        19,
+        70,
+        76,
+        109,
+        121,
+        183,
+        194,
+        211,
+        222,
+        283,
+        293,
+        324,
+        336,
+        390,
+        402,
+        433,
+        443,
+        485,
+        497,
+        533,
+        542,
+        597,
+        607,
+    ]
     assert cvc_clinicdb_demo_frames(612) == list(range(1, 613))
     for n in (3, 4, 5, 24, 57, 58, 59, 100, 611):
         frames = cvc_clinicdb_demo_frames(n)
@@ -145,8 +172,10 @@ def test_cvc_frame_ids_are_real_and_spread_over_sequences():
 
 @pytest.mark.parametrize("n_frames", range(CVC_MIN_FRAMES, 60))
 def test_cvc_sequence_split_has_every_part(n_frames):
-    items = [{"id": str(f), "image": f"Original/{f}.tif", "label": f"Ground Truth/{f}.tif", "sequence": _sequence(f)}
-             for f in cvc_clinicdb_demo_frames(n_frames)]
+    items = [
+        {"id": str(f), "image": f"Original/{f}.tif", "label": f"Ground Truth/{f}.tif", "sequence": _sequence(f)}
+        for f in cvc_clinicdb_demo_frames(n_frames)
+    ]
     for seed in range(3):
         splits = assign_cvc_clinicdb(items, seed=seed)
         sequences = [{it["sequence"] for it in part} for part in splits.values()]
@@ -172,8 +201,9 @@ def test_cvc_adapter_check_and_default_split(cvc):
     splits = get_dataset("cvc-clinicdb").split(cvc)
     assert [len(splits[k]) for k in ("train", "validation", "test")] == [4, 2, 2]
     sequences = [{it["sequence"] for it in part} for part in splits.values()]
-    assert all(sequences) and not (sequences[0] & sequences[1] or sequences[0] & sequences[2]
-                                   or sequences[1] & sequences[2])
+    assert all(sequences) and not (
+        sequences[0] & sequences[1] or sequences[0] & sequences[2] or sequences[1] & sequences[2]
+    )
 
 
 def test_cvc_smallest_demo_splits_into_three_parts(tmp_path):
@@ -287,13 +317,16 @@ def test_cvc_full_size_frames_leave_no_temporary_files(tmp_path):
 
 # --- Kvasir-SEG look-alike ---------------------------------------------------------------------
 
+
 def test_kvasir_demo_is_in_the_release_layout_with_sizes_of_its_own(tmp_path):
     from masksup_med.data import make_kvasir_seg_demo
     from masksup_med.data.synthetic import kvasir_seg_demo_sizes
 
     out = make_kvasir_seg_demo(tmp_path / "kvasir", n_images=6, size=(96, 80), seed=3)
     names = [f"synthetic_{i:04d}.jpg" for i in range(1, 7)]
-    assert sorted(p.name for p in (out / "images").iterdir()) == names == sorted(p.name for p in (out / "masks").iterdir())
+    assert (
+        sorted(p.name for p in (out / "images").iterdir()) == names == sorted(p.name for p in (out / "masks").iterdir())
+    )
     assert "SYNTHETIC" in (out / "README.txt").read_text()
     sizes = kvasir_seg_demo_sizes(6, (96, 80), seed=3)
     assert len(set(sizes)) > 1  # sizes vary, as the release's do

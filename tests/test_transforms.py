@@ -345,9 +345,12 @@ def test_free_form_2d_strokes_are_capsules():
     """The 2D drawing (Pillow) covers what the capsule definition says, up to the pixel grid at the edge."""
     from masksup_med.transforms.free_form import StrokeGeometry, _first_covering_segment
 
-    geometry = StrokeGeometry(starts=np.array([[10.0, 12.0], [40.0, 50.0], [20.0, 70.0]]),
-                              ends=np.array([[40.0, 50.0], [60.0, 20.0], [22.0, 71.0]]),
-                              radii=np.array([4.0, 6.5, 3.0]), target_ratio=1.0)  # target 1: every segment drawn
+    geometry = StrokeGeometry(
+        starts=np.array([[10.0, 12.0], [40.0, 50.0], [20.0, 70.0]]),
+        ends=np.array([[40.0, 50.0], [60.0, 20.0], [22.0, 71.0]]),
+        radii=np.array([4.0, 6.5, 3.0]),
+        target_ratio=1.0,
+    )  # target 1: every segment drawn
     shape = (72, 96)
     drawn = RandFreeFormMask().rasterize(geometry, shape, torch.device("cpu"))
     exact = _first_covering_segment(geometry.starts, geometry.ends, geometry.radii, shape, torch.device("cpu")) < 3

@@ -51,7 +51,9 @@ def bundle_dir(name: str, root: str | os.PathLike | None = None) -> Path:
     base = bundles_root(root)
     folder = base / name
     if not (folder / "configs" / "train.json").is_file():
-        found = sorted(p.name for p in base.iterdir() if (p / "configs" / "train.json").is_file()) if base.is_dir() else []
+        found = (
+            sorted(p.name for p in base.iterdir() if (p / "configs" / "train.json").is_file()) if base.is_dir() else []
+        )
         raise SystemExit(
             f"error: no bundle {name!r} under {base} (expected {folder / 'configs' / 'train.json'}); "
             f"bundles there: {', '.join(found) or 'none'}. Set --bundles-dir or ${BUNDLES_ENV}."
@@ -82,8 +84,9 @@ def bundle_command(config_file: str | os.PathLike, run_id: str, folder: Path, ov
     return cmd + list(overrides)
 
 
-def _run_bundle(folder: Path, run_id: str, configs: Sequence[str], overrides: Sequence[str],
-                env: dict[str, str] | None = None) -> int:
+def _run_bundle(
+    folder: Path, run_id: str, configs: Sequence[str], overrides: Sequence[str], env: dict[str, str] | None = None
+) -> int:
     """Run ``configs`` of the bundle in ``folder``, merged in order (a bundle runs from any working directory)."""
     files = [str(folder / "configs" / name) for name in configs]
     config = files[0] if len(files) == 1 else str(files)
@@ -180,7 +183,7 @@ def _model_image_size(source: str, store: str) -> list[int] | None:
 def _require_existing_store(uri: str) -> str:
     """``uri``, unless it is a SQLite file that does not exist (MLflow would create an empty store there)."""
     if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
+        path = Path(uri[len("sqlite:///") :])
         if not path.is_file():
             raise SystemExit(
                 f"error: no MLflow store at {path} (nothing was trained or registered there). Pass --tracking-uri "
@@ -217,8 +220,11 @@ def bundle_for_model(args: argparse.Namespace, store: str | None) -> str:
             print(f"{args.model} was trained with bundle {name} (its version tag 'bundle')", file=sys.stderr)
             return name
     why = "no version tag 'bundle'" if registered else "a checkpoint file carries no bundle"
-    print(f"warning: {args.model} names no bundle ({why}); using the {DEFAULT_BUNDLE} bundle's preprocessing. "
-          "Pass --bundle to choose the one it was trained with.", file=sys.stderr)
+    print(
+        f"warning: {args.model} names no bundle ({why}); using the {DEFAULT_BUNDLE} bundle's preprocessing. "
+        "Pass --bundle to choose the one it was trained with.",
+        file=sys.stderr,
+    )
     return DEFAULT_BUNDLE
 
 
@@ -230,24 +236,37 @@ def _predict(args: argparse.Namespace) -> int:
     input_dir = Path(args.input)
     if not input_dir.is_dir():
         raise SystemExit(f"error: input folder {input_dir} does not exist")
-    cmd_overrides = ["--model_source", args.model, "--input_dir", str(input_dir.resolve()),
-                     "--prediction_dir", str(Path(args.output).resolve()), "--output_ext", FORMATS[args.format]]
+    cmd_overrides = [
+        "--model_source",
+        args.model,
+        "--input_dir",
+        str(input_dir.resolve()),
+        "--prediction_dir",
+        str(Path(args.output).resolve()),
+        "--output_ext",
+        FORMATS[args.format],
+    ]
     if args.overlays:
         cmd_overrides += ["--save_overlays", "true"]
     if store and not _has_override(overrides, "image_size"):
         size = _model_image_size(args.model, store)
         if size:
             cmd_overrides += ["--image_size", str(size)]
-    return _run_bundle(folder, "inferring", ["train.json", "inference.json"], cmd_overrides + overrides,
-                       env=_tracking_env(store or args.tracking_uri))
+    return _run_bundle(
+        folder,
+        "inferring",
+        ["train.json", "inference.json"],
+        cmd_overrides + overrides,
+        env=_tracking_env(store or args.tracking_uri),
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
-    from masksup_med.serving.model import build_serving_model
     from masksup_med.serving.app import server_command
     from masksup_med.serving.limits import ServingLimits
+    from masksup_med.serving.model import build_serving_model
 
     try:
         limits = ServingLimits(args.max_body_bytes, args.max_pixels, args.max_image_bytes)
@@ -264,13 +283,23 @@ def _serve(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         try:
-            model_dir = build_serving_model(args.model, folder / "configs" / "train.json", workdir / "model",
-                                            device=args.device, threshold=args.threshold, tracking_uri=store,
-                                            limits=limits)
+            model_dir = build_serving_model(
+                args.model,
+                folder / "configs" / "train.json",
+                workdir / "model",
+                device=args.device,
+                threshold=args.threshold,
+                tracking_uri=store,
+                limits=limits,
+            )
         except (MlflowException, ValueError, OSError) as e:
             raise SystemExit(f"error: cannot serve {args.model} from {store}: {e}") from None
-        print(f"serving {args.model} with bundle {folder.name} on http://{args.host}:{args.port} "
-              f"(POST /invocations, GET /ping); limits: {limits}", file=sys.stderr, flush=True)
+        print(
+            f"serving {args.model} with bundle {folder.name} on http://{args.host}:{args.port} "
+            f"(POST /invocations, GET /ping); limits: {limits}",
+            file=sys.stderr,
+            flush=True,
+        )
         cmd, env = server_command(model_dir, args.host, args.port, args.workers, args.timeout)
         proc = subprocess.Popen(cmd, env={**os.environ, **env})
         return proc.wait()
@@ -290,26 +319,40 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _bundle_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bundles-dir", metavar="DIR",
-                        help=f"folder holding the bundles (default: ${BUNDLES_ENV}, else the checkout's bundles/, "
-                             "else ./bundles)")
+    parser.add_argument(
+        "--bundles-dir",
+        metavar="DIR",
+        help=f"folder holding the bundles (default: ${BUNDLES_ENV}, else the checkout's bundles/, else ./bundles)",
+    )
 
 
 def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     """Add ``train``, ``evaluate``, ``predict`` and ``serve``."""
     from masksup_med.serving.limits import ServingLimits
 
-    passthrough = ("bundle overrides, passed verbatim to `python -m monai.bundle run` "
-                   "(e.g. --dataset_dir /data/glas --output_dir /outputs/glas --max_epochs 50)")
+    passthrough = (
+        "bundle overrides, passed verbatim to `python -m monai.bundle run` "
+        "(e.g. --dataset_dir /data/glas --output_dir /outputs/glas --max_epochs 50)"
+    )
 
     bundle_jobs = (
-        ("train", _train, "train a bundle (python -m monai.bundle run training)",
-         "Train BUNDLE with its configs/train.json. Every argument after BUNDLE is a bundle override.",
-         "masksup-med train glas --dataset_dir /data/glas --output_dir /outputs/glas --max_epochs 100"),
-        ("evaluate", _evaluate, "test-set report of a bundle (python -m monai.bundle run evaluating)",
-         ("Evaluate BUNDLE with configs/train.json + configs/evaluate.json (per-image CSV, summary JSON). "
-         "Every argument after BUNDLE is a bundle override, e.g. --model_source models:/masksup-glas@champion."),
-         "masksup-med evaluate glas --dataset_dir /data/glas --output_dir /outputs/glas"),
+        (
+            "train",
+            _train,
+            "train a bundle (python -m monai.bundle run training)",
+            "Train BUNDLE with its configs/train.json. Every argument after BUNDLE is a bundle override.",
+            "masksup-med train glas --dataset_dir /data/glas --output_dir /outputs/glas --max_epochs 100",
+        ),
+        (
+            "evaluate",
+            _evaluate,
+            "test-set report of a bundle (python -m monai.bundle run evaluating)",
+            (
+                "Evaluate BUNDLE with configs/train.json + configs/evaluate.json (per-image CSV, summary JSON). "
+                "Every argument after BUNDLE is a bundle override, e.g. --model_source models:/masksup-glas@champion."
+            ),
+            "masksup-med evaluate glas --dataset_dir /data/glas --output_dir /outputs/glas",
+        ),
     )
     for name, handler, summary, description, example in bundle_jobs:
         job = commands.add_parser(name, help=summary, description=description, epilog=f"example: {example}")
@@ -319,57 +362,97 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
         job.set_defaults(handler=handler, command_parser=job)
 
     predict = commands.add_parser(
-        "predict", help="masks for a folder of images (python -m monai.bundle run inferring)",
+        "predict",
+        help="masks for a folder of images (python -m monai.bundle run inferring)",
         description="Write a mask for every PNG/JPEG/BMP/TIFF image in --input, each at the image's own size. "
-                    "A registered model is run with the bundle it was trained with (its version tag 'bundle') "
-                    "at the size it was trained at (from its signature). "
-                    "Further bundle overrides may follow after `--`.",
-        epilog="example: masksup-med predict --model models:/masksup-glas@champion --input /data/new --output /outputs/masks",
+        "A registered model is run with the bundle it was trained with (its version tag 'bundle') "
+        "at the size it was trained at (from its signature). "
+        "Further bundle overrides may follow after `--`.",
+        epilog=(
+            "example: masksup-med predict --model models:/masksup-glas@champion "
+            "--input /data/new --output /outputs/masks"
+        ),
     )
     _bundle_options(predict)
-    predict.add_argument("--model", required=True, metavar="SOURCE",
-                         help="models:/NAME@ALIAS, models:/NAME/VERSION, or a checkpoint file (model.pt)")
+    predict.add_argument(
+        "--model",
+        required=True,
+        metavar="SOURCE",
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, or a checkpoint file (model.pt)",
+    )
     predict.add_argument("--input", required=True, metavar="DIR", help="folder of images")
     predict.add_argument("--output", required=True, metavar="DIR", help="folder for the masks (<stem>_mask.png)")
-    predict.add_argument("--bundle", help="bundle whose inference config runs (default: the registered version's "
-                                          "'bundle' tag, else glas)")
-    predict.add_argument("--format", choices=sorted(FORMATS), default="png",
-                         help="png (0/255, default) or nifti (.nii.gz, 0/1)")
-    predict.add_argument("--overlays", action="store_true", help="also write <stem>_overlay.png for a person to look at")
-    predict.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ sources (default: $MLFLOW_TRACKING_URI, else the "
-                              "SQLite store in the output_dir of --bundle or glas, where training wrote it; it must exist)")
+    predict.add_argument(
+        "--bundle",
+        help="bundle whose inference config runs (default: the registered version's 'bundle' tag, else glas)",
+    )
+    predict.add_argument(
+        "--format", choices=sorted(FORMATS), default="png", help="png (0/255, default) or nifti (.nii.gz, 0/1)"
+    )
+    predict.add_argument(
+        "--overlays", action="store_true", help="also write <stem>_overlay.png for a person to look at"
+    )
+    predict.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI for models:/ sources (default: $MLFLOW_TRACKING_URI, else the "
+        "SQLite store in the output_dir of --bundle or glas, where training wrote it; it must exist)",
+    )
     predict.add_argument("overrides", nargs="*", metavar="-- OVERRIDES", help="bundle overrides, e.g. -- --device cpu")
     predict.set_defaults(handler=_predict)
 
     serve = commands.add_parser(
-        "serve", help="serve a registered model over REST (MLflow scoring server: images in, masks out)",
+        "serve",
+        help="serve a registered model over REST (MLflow scoring server: images in, masks out)",
         description="Serve a registered model with MLflow's scoring server: GET /ping is the health check, "
-                    "POST /invocations takes base64-encoded image files in column 'image' and answers with "
-                    "base64 PNG masks (0/255) at each image's size. See docker/README.md for the request format.",
+        "POST /invocations takes base64-encoded image files in column 'image' and answers with "
+        "base64 PNG masks (0/255) at each image's size. See docker/README.md for the request format.",
         epilog="example: masksup-med serve --model models:/masksup-glas@champion --port 8080   (binds 127.0.0.1: "
-               "the server has no authentication; put it behind an authenticating proxy to expose it)",
+        "the server has no authentication; put it behind an authenticating proxy to expose it)",
     )
     _bundle_options(serve)
     serve.add_argument("--model", required=True, metavar="SOURCE", help="models:/NAME@ALIAS or models:/NAME/VERSION")
-    serve.add_argument("--bundle", help="bundle whose preprocessing is used (default: the registered version's "
-                                        "'bundle' tag, else glas)")
+    serve.add_argument(
+        "--bundle",
+        help="bundle whose preprocessing is used (default: the registered version's 'bundle' tag, else glas)",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
     serve.add_argument("--workers", type=int, default=1, help="server worker processes (default: 1)")
     serve.add_argument("--timeout", type=int, default=None, help="seconds allowed per request (MLflow default: 60)")
     defaults = ServingLimits()
-    serve.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes, metavar="N",
-                       help=f"largest request body, base64 images included (default: {defaults.max_body_bytes:,}); "
-                            "larger: 413")
-    serve.add_argument("--max-pixels", type=int, default=defaults.max_pixels, metavar="N",
-                       help=f"largest image, width x height, read from its header before decoding "
-                            f"(default: {defaults.max_pixels:,}); larger: 413")
-    serve.add_argument("--max-image-bytes", type=int, default=defaults.max_image_bytes, metavar="N",
-                       help=f"largest image decoded, width x height x channels x bytes per sample "
-                            f"(default: {defaults.max_image_bytes:,}); larger: 413")
+    serve.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=defaults.max_body_bytes,
+        metavar="N",
+        help=f"largest request body, base64 images included (default: {defaults.max_body_bytes:,}); larger: 413",
+    )
+    serve.add_argument(
+        "--max-pixels",
+        type=int,
+        default=defaults.max_pixels,
+        metavar="N",
+        help=f"largest image, width x height, read from its header before decoding "
+        f"(default: {defaults.max_pixels:,}); larger: 413",
+    )
+    serve.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=defaults.max_image_bytes,
+        metavar="N",
+        help=f"largest image decoded, width x height x channels x bytes per sample "
+        f"(default: {defaults.max_image_bytes:,}); larger: 413",
+    )
     serve.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, …")
-    serve.add_argument("--threshold", type=float, default=None,
-                       help="probability threshold (default: the registered model's, else 0.5)")
-    serve.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the SQLite "
-                                             "store in the output_dir of --bundle or glas, as predict; it must exist)")
+    serve.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="probability threshold (default: the registered model's, else 0.5)",
+    )
+    serve.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the SQLite "
+        "store in the output_dir of --bundle or glas, as predict; it must exist)",
+    )
     serve.set_defaults(handler=_serve)

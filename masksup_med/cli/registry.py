@@ -78,12 +78,22 @@ def _register(args: argparse.Namespace) -> int:
     input_shape = (in_channels, *(int(s) for s in parser.get_parsed_content("image_size")))
     threshold = float(parser.get_parsed_content("threshold")) if "threshold" in parser else 0.5
     version = register_checkpoint(
-        args.checkpoint, definition, args.name, _tracking_uri(args), input_shape,
-        run_id=args.run_id, tags={"registered_by": "masksup-med registry register"}, alias=args.alias,
-        bundle=args.bundle or _bundle_name(args.config), threshold=threshold, config_file=args.config,
+        args.checkpoint,
+        definition,
+        args.name,
+        _tracking_uri(args),
+        input_shape,
+        run_id=args.run_id,
+        tags={"registered_by": "masksup-med registry register"},
+        alias=args.alias,
+        bundle=args.bundle or _bundle_name(args.config),
+        threshold=threshold,
+        config_file=args.config,
     )
-    print(f"registered {args.checkpoint} as {args.name} version {version.version}"
-          + (f" (alias {args.alias})" if args.alias else ""))
+    print(
+        f"registered {args.checkpoint} as {args.name} version {version.version}"
+        + (f" (alias {args.alias})" if args.alias else "")
+    )
     return 0
 
 
@@ -107,11 +117,15 @@ def add_registry_commands(commands: argparse._SubParsersAction) -> None:
 
     register = actions.add_parser("register", help="register a checkpoint by hand (e.g. after a failed upload)")
     register.add_argument("checkpoint", type=Path)
-    register.add_argument("--config", required=True, type=Path,
-                          help="the bundle's train.json (its network_def, image_size and threshold)")
+    register.add_argument(
+        "--config", required=True, type=Path, help="the bundle's train.json (its network_def, image_size and threshold)"
+    )
     register.add_argument("--name", required=True, help="registered model name, e.g. masksup-glas")
     register.add_argument("--run-id", help="attach the model to this training run")
     register.add_argument("--alias", default="candidate", help="alias for the new version (default: candidate)")
-    register.add_argument("--bundle", help="the bundle the model was trained with (version tag 'bundle'; default: "
-                                           "BUNDLE of a BUNDLE/configs/train.json --config)")
+    register.add_argument(
+        "--bundle",
+        help="the bundle the model was trained with (version tag 'bundle'; default: "
+        "BUNDLE of a BUNDLE/configs/train.json --config)",
+    )
     register.set_defaults(handler=_register)

@@ -19,11 +19,20 @@ from .registry import DatasetSpec, available_datasets, get_dataset
 from .splits import carve_validation, read_datalist, split_groups, write_datalist
 
 # loaded on first use: the MONAI-backed parts, and the demo-data generator (never on the training path)
-_LAZY = {"TiffReader": "readers", "loader_reader": "readers", "read_array": "readers",
-         "check_dataset": "checks", "CheckReport": "checks", "check_training_data": "preflight",
-         "make_glas_demo": "synthetic", "make_cvc_clinicdb_demo": "synthetic", "make_kvasir_seg_demo": "synthetic",
-         "with_unlabelled": "unlabelled", "list_unlabelled_images": "unlabelled",
-         "pretraining_images": "unlabelled"}
+_LAZY = {
+    "TiffReader": "readers",
+    "loader_reader": "readers",
+    "read_array": "readers",
+    "check_dataset": "checks",
+    "CheckReport": "checks",
+    "check_training_data": "preflight",
+    "make_glas_demo": "synthetic",
+    "make_cvc_clinicdb_demo": "synthetic",
+    "make_kvasir_seg_demo": "synthetic",
+    "with_unlabelled": "unlabelled",
+    "list_unlabelled_images": "unlabelled",
+    "pretraining_images": "unlabelled",
+}
 
 
 def __getattr__(name: str):

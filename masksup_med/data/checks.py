@@ -67,8 +67,10 @@ class CheckReport:
         if self.splits:
             lines.append("splits: " + ", ".join(f"{k} {v}" for k, v in self.splits.items()))
         if self.split_groups:
-            lines.append("split by video sequence, no sequence in two splits; sequences: "
-                         + ", ".join(f"{k} {v}" for k, v in self.split_groups.items()))
+            lines.append(
+                "split by video sequence, no sequence in two splits; sequences: "
+                + ", ".join(f"{k} {v}" for k, v in self.split_groups.items())
+            )
         return lines
 
 
@@ -128,12 +130,16 @@ def _check_label(array: np.ndarray, spec: DatasetSpec) -> tuple[str | None, floa
     if array.dtype != np.uint8:
         return f"label is {kind_of(array)}, an 8-bit 0/255 mask expected", fraction
     if grey.max() == 1:
-        return (f"label values are 0/1, but this dataset's masks are 0/255 (foreground > {spec.label_threshold:g}): "
-                "it would read as all background; save it as 0/255"), fraction
+        return (
+            f"label values are 0/1, but this dataset's masks are 0/255 (foreground > {spec.label_threshold:g}): "
+            "it would read as all background; save it as 0/255"
+        ), fraction
     mid = float(((grey >= MID_GREY[0]) & (grey <= MID_GREY[1])).mean())
     if mid > MAX_MID_GREY_FRACTION:
-        return (f"label is ambiguous: {mid:.1%} of its pixels are mid-grey ({MID_GREY[0]}..{MID_GREY[1]}), more than "
-                f"{MAX_MID_GREY_FRACTION:.0%}; a 0/255 mask (soft edges allowed) is expected"), fraction
+        return (
+            f"label is ambiguous: {mid:.1%} of its pixels are mid-grey ({MID_GREY[0]}..{MID_GREY[1]}), more than "
+            f"{MAX_MID_GREY_FRACTION:.0%}; a 0/255 mask (soft edges allowed) is expected"
+        ), fraction
     return None, fraction
 
 
@@ -166,9 +172,14 @@ def check_pair(item: dict, spec: DatasetSpec, report: CheckReport) -> None:
     if label.dtype.kind in "biu" and len(report.label_values) <= 1024:
         report.label_values.update(np.unique(label).tolist())
     if image is not None and image.shape[:2] != label.shape[:2]:
-        report.problems.append(Problem(
-            label_path, f"label is {label.shape[1]}x{label.shape[0]} but its image {image_path.name} is "
-                        f"{image.shape[1]}x{image.shape[0]} (H x W)", "size"))
+        report.problems.append(
+            Problem(
+                label_path,
+                f"label is {label.shape[1]}x{label.shape[0]} but its image {image_path.name} is "
+                f"{image.shape[1]}x{image.shape[0]} (H x W)",
+                "size",
+            )
+        )
     problem, fraction = _check_label(label, spec)
     if problem:
         report.problems.append(Problem(label_path, problem, "label"))

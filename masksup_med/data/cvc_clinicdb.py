@@ -21,8 +21,37 @@ SUFFIXES = (".tif", ".tiff", ".png")
 LABEL_THRESHOLD = 127
 
 # First frame of sequences 1..29 and the last frame, from the release's README.txt.
-_SEQUENCE_STARTS = (1, 26, 51, 68, 79, 104, 127, 152, 178, 200, 206, 228, 253, 278, 298, 318, 343, 364,
-                    384, 409, 429, 448, 467, 479, 504, 529, 547, 572, 592)
+_SEQUENCE_STARTS = (
+    1,
+    26,
+    51,
+    68,
+    79,
+    104,
+    127,
+    152,
+    178,
+    200,
+    206,
+    228,
+    253,
+    278,
+    298,
+    318,
+    343,
+    364,
+    384,
+    409,
+    429,
+    448,
+    467,
+    479,
+    504,
+    529,
+    547,
+    572,
+    592,
+)
 _LAST_FRAME = 612
 _ROW = re.compile(r"(\d+)\s+to\s+(\d+)\s*\|\s*(\d+)")
 _LAYOUTS = ((None, "official layout"), ("TIF", "TIF re-release layout"), ("PNG", "PNG re-release layout"))
@@ -89,10 +118,14 @@ def scan_cvc_clinicdb(dataset_dir: str | os.PathLike) -> Scan:
         {"image": str(image), "label": str(label), "id": key, "sequence": sequence_of(key, table)}
         for key, image, label in pairs
     ]
-    layout = (f"{description}: {images.relative_to(folder)}/ + {labels.relative_to(folder)}/; "
-              f"sequences from {source}")
-    return require_pairs_found(Scan(items, problems, layout), folder, "CVC-ClinicDB dataset",
-                               "e.g. Original/1.tif + Ground Truth/1.tif", _HOW_TO_GET)
+    layout = f"{description}: {images.relative_to(folder)}/ + {labels.relative_to(folder)}/; sequences from {source}"
+    return require_pairs_found(
+        Scan(items, problems, layout),
+        folder,
+        "CVC-ClinicDB dataset",
+        "e.g. Original/1.tif + Ground Truth/1.tif",
+        _HOW_TO_GET,
+    )
 
 
 def find_cvc_clinicdb_pairs(dataset_dir: str | os.PathLike) -> list[dict]:
@@ -101,7 +134,10 @@ def find_cvc_clinicdb_pairs(dataset_dir: str | os.PathLike) -> list[dict]:
 
 
 def assign_cvc_clinicdb(
-    items: list[dict], val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0,
+    items: list[dict],
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
     by: str = "sequence",
 ) -> dict[str, list[dict]]:
     """Split into train / validation / test by video sequence (default) or, leaking, by frame.
@@ -112,7 +148,8 @@ def assign_cvc_clinicdb(
         warnings.warn(
             "CVC-ClinicDB split by frame: frames of one video sequence are near-duplicates, so train and "
             "test share polyps and test scores are optimistic (leakage); split by sequence to avoid it",
-            UserWarning, stacklevel=2,
+            UserWarning,
+            stacklevel=2,
         )
         return split_groups(items, "id", test_fraction, val_fraction, seed, what="frame")
     if by != "sequence":
@@ -129,7 +166,10 @@ def assign_cvc_clinicdb(
 
 
 def split_cvc_clinicdb(
-    dataset_dir: str | os.PathLike, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0,
+    dataset_dir: str | os.PathLike,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
     by: str = "sequence",
 ) -> dict[str, list[dict]]:
     """Find the pairs in ``dataset_dir`` and split them (see :func:`assign_cvc_clinicdb`)."""

@@ -37,8 +37,9 @@ def _classify(path: Path):
 def scan_glas(dataset_dir: str | os.PathLike) -> Scan:
     """Pair every GLaS image with its annotation, collecting all problems (see :class:`Scan`)."""
     folder = require_folder(dataset_dir, "GLaS dataset", _HOW_TO_GET)
-    pairs, problems = pair_files(folder.iterdir(), _classify, SUFFIXES,
-                                 " (expected NAME.bmp|png next to NAME_anno.bmp|png)")
+    pairs, problems = pair_files(
+        folder.iterdir(), _classify, SUFFIXES, " (expected NAME.bmp|png next to NAME_anno.bmp|png)"
+    )
     items = [
         {"image": str(image), "label": str(label), "id": key, "split": _FILE.match(image.name)["split"]}
         for key, image, label in pairs
@@ -70,9 +71,7 @@ def assign_glas(items: list[dict], val_fraction: float = 0.2, seed: int = 0) -> 
     }
 
 
-def split_glas(
-    dataset_dir: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0
-) -> dict[str, list[dict]]:
+def split_glas(dataset_dir: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0) -> dict[str, list[dict]]:
     """Split GLaS into ``train``, ``validation``, ``testA``, ``testB`` and ``test``.
 
     ``validation`` is carved from the official training images by ``seed``; ``test`` is

@@ -30,8 +30,10 @@ from .splits import carve_validation, natural_key
 LABEL_THRESHOLD = 127
 NAME = "kvasir-cvc"
 # (dataset, folder name prefix, scanner) of the two releases the protocol combines
-SOURCES = (("kvasir-seg", "kvasir", kvasir_seg.scan_kvasir_seg),
-           ("cvc-clinicdb", "cvc", cvc_clinicdb.scan_cvc_clinicdb))
+SOURCES = (
+    ("kvasir-seg", "kvasir", kvasir_seg.scan_kvasir_seg),
+    ("cvc-clinicdb", "cvc", cvc_clinicdb.scan_cvc_clinicdb),
+)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 
 _HOW_TO_GET = (
@@ -56,8 +58,9 @@ def _release_folders(folder: Path) -> dict[str, Path]:
         for dataset, prefix, _ in SOURCES:
             if _key(child.name).startswith(prefix):
                 if dataset in found:
-                    raise DatasetError(f"{folder} holds two {dataset} folders, {found[dataset].name}/ and {child.name}/; "
-                                       "keep one")
+                    raise DatasetError(
+                        f"{folder} holds two {dataset} folders, {found[dataset].name}/ and {child.name}/; keep one"
+                    )
                 found[dataset] = child
     return found
 
@@ -79,8 +82,10 @@ def scan_kvasir_cvc(dataset_dir: str | os.PathLike) -> Scan:
     for dataset, _, scan in SOURCES:
         if dataset in releases:
             found = scan(releases[dataset])
-            items += [{**item, "id": f"{dataset}/{item['id']}", "source": dataset, "sequence": _sequence(item)}
-                      for item in found.items]
+            items += [
+                {**item, "id": f"{dataset}/{item['id']}", "source": dataset, "sequence": _sequence(item)}
+                for item in found.items
+            ]
             problems += found.problems
             layouts.append(f"{releases[dataset].name}/: {found.layout}")
     return Scan(items, problems, "; ".join(layouts))
@@ -90,8 +95,10 @@ def read_train_list(train_list: str | os.PathLike) -> list[str]:
     """The names a training list gives: lines of a text file (``#`` comments), or the image files of a folder."""
     path = Path(train_list)
     if path.is_dir():
-        return sorted((p.name for p in path.iterdir() if p.is_file() and not is_stray(p)
-                       and p.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
+        return sorted(
+            (p.name for p in path.iterdir() if p.is_file() and not is_stray(p) and p.suffix.lower() in IMAGE_SUFFIXES),
+            key=natural_key,
+        )
     if not path.is_file():
         raise DatasetNotFoundError(f"train_list {path} does not exist; {_NO_LIST}")
     lines = (line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines())
@@ -112,20 +119,25 @@ def _listed(names: list[str], items: list[dict], train_list) -> set[str]:
         dataset = next((d for d, *_ in SOURCES if len(parts) > 1 and _key(parts[-2]).startswith(_key(d))), None)
         ids = [i for i in by_stem.get(stem, []) if dataset is None or i.startswith(f"{dataset}/")]
         if len(ids) > 1:
-            raise DatasetError(f"train_list {train_list}: {name!r} names an image of both datasets; write "
-                               f"{ids[0].split('/')[0]}/{stem} or {ids[1].split('/')[0]}/{stem}")
+            raise DatasetError(
+                f"train_list {train_list}: {name!r} names an image of both datasets; write "
+                f"{ids[0].split('/')[0]}/{stem} or {ids[1].split('/')[0]}/{stem}"
+            )
         if ids:
             chosen.add(ids[0])
         elif dataset is None or dataset in present:
             unknown.append(name)
     if unknown and len(present) == len(SOURCES):
-        raise DatasetError(f"train_list {train_list}: {len(unknown)} name(s) match no image of Kvasir-SEG or "
-                           f"CVC-ClinicDB, e.g. {unknown[0]!r}")
+        raise DatasetError(
+            f"train_list {train_list}: {len(unknown)} name(s) match no image of Kvasir-SEG or "
+            f"CVC-ClinicDB, e.g. {unknown[0]!r}"
+        )
     return chosen
 
 
-def assign_kvasir_cvc(items: list[dict], train_list: str | os.PathLike | None = None, val_fraction: float = 0.1,
-                      seed: int = 0) -> dict[str, list[dict]]:
+def assign_kvasir_cvc(
+    items: list[dict], train_list: str | os.PathLike | None = None, val_fraction: float = 0.1, seed: int = 0
+) -> dict[str, list[dict]]:
     """``train`` (the listed images) and ``validation`` carved from it by ``seed``; ``test`` (every other image)
     and ``test_<dataset>`` for each release. Warns when only one of the two releases is there."""
     if train_list is None:
@@ -133,20 +145,30 @@ def assign_kvasir_cvc(items: list[dict], train_list: str | os.PathLike | None = 
     present = [d for d, *_ in SOURCES if any(item["source"] == d for item in items)]
     if len(present) < len(SOURCES):
         missing = [d for d, *_ in SOURCES if d not in present]
-        warnings.warn(f"only {', '.join(present)} found, no {', '.join(missing)}: the PraNet protocol trains and tests "
-                      f"on both, so this split ({', '.join(present)} alone) is not comparable with its results",
-                      UserWarning, stacklevel=2)
+        warnings.warn(
+            f"only {', '.join(present)} found, no {', '.join(missing)}: the PraNet protocol trains and tests "
+            f"on both, so this split ({', '.join(present)} alone) is not comparable with its results",
+            UserWarning,
+            stacklevel=2,
+        )
     chosen = _listed(read_train_list(train_list), items, train_list)
     if not chosen:
         raise DatasetError(f"train_list {train_list} names none of the images found")
     train, validation = carve_validation([it for it in items if it["id"] in chosen], val_fraction, seed)
-    test = [{**it, "split": f"test_{it['source']}"} for it in sorted(items, key=lambda it: natural_key(it["id"]))
-            if it["id"] not in chosen]
+    test = [
+        {**it, "split": f"test_{it['source']}"}
+        for it in sorted(items, key=lambda it: natural_key(it["id"]))
+        if it["id"] not in chosen
+    ]
     per_dataset = {f"test_{d}": [it for it in test if it["source"] == d] for d in present}
     return {"train": train, "validation": validation, "test": test, **per_dataset}
 
 
-def split_kvasir_cvc(dataset_dir: str | os.PathLike, train_list: str | os.PathLike | None = None,
-                     val_fraction: float = 0.1, seed: int = 0) -> dict[str, list[dict]]:
+def split_kvasir_cvc(
+    dataset_dir: str | os.PathLike,
+    train_list: str | os.PathLike | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> dict[str, list[dict]]:
     """Find both releases in ``dataset_dir`` and split them by ``train_list`` (see :func:`assign_kvasir_cvc`)."""
     return assign_kvasir_cvc(scan_kvasir_cvc(dataset_dir).require_pairs(), train_list, val_fraction, seed)

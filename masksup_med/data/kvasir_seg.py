@@ -39,8 +39,13 @@ def scan_kvasir_seg(dataset_dir: str | os.PathLike) -> Scan:
     pairs, problems = pair_folders(images, labels, SUFFIXES)
     items = [{"image": str(image), "label": str(label), "id": key} for key, image, label in pairs]
     layout = f"{images.relative_to(folder)}/ + {labels.relative_to(folder)}/"
-    return require_pairs_found(Scan(items, problems, layout), folder, "Kvasir-SEG dataset",
-                               "e.g. images/NAME.jpg + masks/NAME.jpg", _HOW_TO_GET)
+    return require_pairs_found(
+        Scan(items, problems, layout),
+        folder,
+        "Kvasir-SEG dataset",
+        "e.g. images/NAME.jpg + masks/NAME.jpg",
+        _HOW_TO_GET,
+    )
 
 
 def find_kvasir_seg_pairs(dataset_dir: str | os.PathLike) -> list[dict]:

@@ -117,17 +117,21 @@ def pair_files(
         found = classify(path)
         if found is None:
             if path.suffix.lower() in allowed:
-                problems.append(Problem(path, f"left out: its name does not follow the dataset's naming{hint}", LEFT_OUT))
+                problems.append(
+                    Problem(path, f"left out: its name does not follow the dataset's naming{hint}", LEFT_OUT)
+                )
             continue
         role, key, supported = found
         if not supported:
-            problems.append(Problem(path, f"unsupported extension {path.suffix!r} (expected {expected})",
-                                    "unsupported"))
+            problems.append(
+                Problem(path, f"unsupported extension {path.suffix!r} (expected {expected})", "unsupported")
+            )
             continue
         other = tables[role].setdefault(key, path)
         if other != path:
-            problems.append(Problem(path, f"both {other.name} and {path.name} found for {role} {key!r}; "
-                                          "keep only one", "duplicate"))
+            problems.append(
+                Problem(path, f"both {other.name} and {path.name} found for {role} {key!r}; keep only one", "duplicate")
+            )
     images, labels = tables["image"], tables["label"]
     for key in images.keys() - labels.keys():
         problems.append(Problem(images[key], f"image has no label{hint}", "unpaired"))

@@ -37,12 +37,12 @@ def _groups(folder: Path) -> list[tuple[str, Path, Path]]:
         missing = " and ".join(n for n, p in ((TRAIN_NAME, train), ("TestDataset", test)) if p is None)
         raise DatasetNotFoundError(f"PraNet-layout folder {folder} has no {missing}/ folder. {_HOW_TO_GET}")
     groups = []
-    for name, base in [(TRAIN_NAME, train)] + sorted(((p.name, p) for p in test.iterdir() if p.is_dir()),
-                                                       key=lambda t: natural_key(t[0])):
+    for name, base in [(TRAIN_NAME, train)] + sorted(
+        ((p.name, p) for p in test.iterdir() if p.is_dir()), key=lambda t: natural_key(t[0])
+    ):
         found = _image_mask_folders(base)
         if found is None:
-            raise DatasetNotFoundError(f"PraNet-layout folder {base} has no images/ and masks/ folders. "
-                                       f"{_HOW_TO_GET}")
+            raise DatasetNotFoundError(f"PraNet-layout folder {base} has no images/ and masks/ folders. {_HOW_TO_GET}")
         groups.append((name, *found))
     return groups
 
@@ -60,8 +60,13 @@ def scan_pranet(dataset_dir: str | os.PathLike) -> Scan:
             item |= {"split": "train"} if name == TRAIN_NAME else {"split": "test", "test_set": name}
             items.append(item)
     layout = f"{TRAIN_NAME}/ + TestDataset/{{{', '.join(name for name, *_ in groups[1:])}}}/"
-    return require_pairs_found(Scan(items, problems, layout), folder, "PraNet-layout dataset",
-                               "e.g. TrainDataset/image/1.png + TrainDataset/mask/1.png", _HOW_TO_GET)
+    return require_pairs_found(
+        Scan(items, problems, layout),
+        folder,
+        "PraNet-layout dataset",
+        "e.g. TrainDataset/image/1.png + TrainDataset/mask/1.png",
+        _HOW_TO_GET,
+    )
 
 
 def find_pranet_pairs(dataset_dir: str | os.PathLike) -> list[dict]:

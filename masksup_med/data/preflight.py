@@ -31,8 +31,10 @@ logger = logging.getLogger(__name__)
 
 
 def default_cache_file() -> Path:
-    """``$MASKSUP_MED_CACHE_DIR`` or ``$XDG_CACHE_HOME/masksup-med`` (``~/.cache/masksup-med``), ``data-checks.json``."""
-    folder = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "masksup-med"
+    """``data-checks.json`` in ``$MASKSUP_MED_CACHE_DIR`` or ``$XDG_CACHE_HOME/masksup-med`` (``~/.cache/...``)."""
+    folder = (
+        os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "masksup-med"
+    )
     return Path(folder) / "data-checks.json"
 
 
@@ -92,7 +94,9 @@ def _items(datalist: Mapping[str, Iterable[Mapping]], splits: Iterable[str]) -> 
 
 
 def check_training_data(
-    datalist: Mapping[str, Iterable[Mapping]], dataset: str, splits: Iterable[str] = SPLITS_READ_BY_TRAINING,
+    datalist: Mapping[str, Iterable[Mapping]],
+    dataset: str,
+    splits: Iterable[str] = SPLITS_READ_BY_TRAINING,
     cache_file: str | os.PathLike | None = None,
 ) -> int:
     """Check every item of ``datalist``'s ``splits`` as dataset ``dataset``; return how many were checked.
@@ -112,8 +116,10 @@ def check_training_data(
         problems += entry["problems"]
     if fresh:
         _save_cache(cache_path, cache)
-    logger.info(f"data check: {len(items)} items of {', '.join(splits)} checked ({fresh} read, "
-                f"{len(items) - fresh} unchanged since an earlier check), {len(problems)} problem(s)")
+    logger.info(
+        f"data check: {len(items)} items of {', '.join(splits)} checked ({fresh} read, "
+        f"{len(items) - fresh} unchanged since an earlier check), {len(problems)} problem(s)"
+    )
     if problems:
         listed = "\n".join(f"  {p}" for p in problems[:MAX_LISTED])
         more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""

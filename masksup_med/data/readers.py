@@ -53,7 +53,10 @@ class TiffReader(ImageReader):
             arrays.append(array)
             if not meta:
                 meta = {
-                    "format": "TIFF", "mode": _mode(array), "width": width, "height": height,
+                    "format": "TIFF",
+                    "mode": _mode(array),
+                    "width": width,
+                    "height": height,
                     "spatial_shape": np.asarray((width, height) if self.reverse_indexing else (height, width)),
                     "original_channel_dim": -1 if array.ndim == 3 else float("nan"),
                 }

@@ -43,8 +43,12 @@ class DatasetSpec:
         """
         ignored = sorted(set(options) - set(self.split_options))
         if ignored:
-            warnings.warn(f"split option(s) {', '.join(ignored)} do not apply to dataset {self.name} and are ignored "
-                          f"(it takes: {', '.join(self.split_options)})", UserWarning, stacklevel=3)
+            warnings.warn(
+                f"split option(s) {', '.join(ignored)} do not apply to dataset {self.name} and are ignored "
+                f"(it takes: {', '.join(self.split_options)})",
+                UserWarning,
+                stacklevel=3,
+            )
         return {k: v for k, v in options.items() if k in self.split_options}
 
     def split(self, dataset_dir: str | os.PathLike, **options) -> dict[str, list[dict]]:
@@ -67,17 +71,46 @@ class DatasetSpec:
 _DATASETS = {
     spec.name: spec
     for spec in (
-        DatasetSpec("glas", "GLaS (gland segmentation, H&E histology)", glas.scan_glas, glas.assign_glas,
-                    glas.LABEL_THRESHOLD, binary_labels=False),
-        DatasetSpec("cvc-clinicdb", "CVC-ClinicDB (colonoscopy polyps)", cvc_clinicdb.scan_cvc_clinicdb,
-                    cvc_clinicdb.assign_cvc_clinicdb, cvc_clinicdb.LABEL_THRESHOLD, binary_labels=True),
-        DatasetSpec("kvasir-seg", "Kvasir-SEG (colonoscopy polyps)", kvasir_seg.scan_kvasir_seg,
-                    kvasir_seg.assign_kvasir_seg, kvasir_seg.LABEL_THRESHOLD, binary_labels=True),
-        DatasetSpec("pranet", "PraNet polyp benchmark layout", pranet.scan_pranet, pranet.assign_pranet,
-                    pranet.LABEL_THRESHOLD, binary_labels=True),
-        DatasetSpec(kvasir_cvc.NAME, "Kvasir-SEG + CVC-ClinicDB releases, split by a list of training images "
-                    "(the PraNet protocol)", kvasir_cvc.scan_kvasir_cvc, kvasir_cvc.assign_kvasir_cvc,
-                    kvasir_cvc.LABEL_THRESHOLD, binary_labels=True),
+        DatasetSpec(
+            "glas",
+            "GLaS (gland segmentation, H&E histology)",
+            glas.scan_glas,
+            glas.assign_glas,
+            glas.LABEL_THRESHOLD,
+            binary_labels=False,
+        ),
+        DatasetSpec(
+            "cvc-clinicdb",
+            "CVC-ClinicDB (colonoscopy polyps)",
+            cvc_clinicdb.scan_cvc_clinicdb,
+            cvc_clinicdb.assign_cvc_clinicdb,
+            cvc_clinicdb.LABEL_THRESHOLD,
+            binary_labels=True,
+        ),
+        DatasetSpec(
+            "kvasir-seg",
+            "Kvasir-SEG (colonoscopy polyps)",
+            kvasir_seg.scan_kvasir_seg,
+            kvasir_seg.assign_kvasir_seg,
+            kvasir_seg.LABEL_THRESHOLD,
+            binary_labels=True,
+        ),
+        DatasetSpec(
+            "pranet",
+            "PraNet polyp benchmark layout",
+            pranet.scan_pranet,
+            pranet.assign_pranet,
+            pranet.LABEL_THRESHOLD,
+            binary_labels=True,
+        ),
+        DatasetSpec(
+            kvasir_cvc.NAME,
+            "Kvasir-SEG + CVC-ClinicDB releases, split by a list of training images (the PraNet protocol)",
+            kvasir_cvc.scan_kvasir_cvc,
+            kvasir_cvc.assign_kvasir_cvc,
+            kvasir_cvc.LABEL_THRESHOLD,
+            binary_labels=True,
+        ),
     )
 }
 

@@ -124,8 +124,9 @@ def split_groups(
         if not 0 <= fraction < 1:
             raise ValueError(f"{name} fraction must be in [0, 1), got {fraction!r}")
     if test_fraction + val_fraction >= 1:
-        raise ValueError(f"test + validation fractions must leave some training data, got "
-                         f"{test_fraction!r} + {val_fraction!r}")
+        raise ValueError(
+            f"test + validation fractions must leave some training data, got {test_fraction!r} + {val_fraction!r}"
+        )
     groups = sorted({item[group_key] for item in items}, key=natural_key)
     n_test, n_val = _group_counts(len(groups), test_fraction, val_fraction)
     for name, fraction, count in (("test", test_fraction, n_test), ("validation", val_fraction, n_val)):
@@ -133,10 +134,11 @@ def split_groups(
             warnings.warn(
                 f"only {len(groups)} {what}(s) found: the {name} split is left empty (asked for "
                 f"{fraction:g} of the {what}s, but training must keep at least one)",
-                UserWarning, stacklevel=2,
+                UserWarning,
+                stacklevel=2,
             )
     order = [groups[i] for i in np.random.default_rng(seed).permutation(len(groups))]
-    part = {g: "test" for g in order[:n_test]} | {g: "validation" for g in order[n_test:n_test + n_val]}
+    part = {g: "test" for g in order[:n_test]} | {g: "validation" for g in order[n_test : n_test + n_val]}
     ordered = sorted(items, key=_item_key)
     return {
         name: [it for it in ordered if part.get(it[group_key], "train") == name]

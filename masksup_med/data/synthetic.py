@@ -65,8 +65,9 @@ def _blob(rng: np.random.Generator, shape: tuple[int, int], near_border: bool) -
     return rho <= 1, rho
 
 
-def _irregular_ellipse(shape: tuple[int, int], cy: float, cx: float, a: float, b: float, angle: float,
-                       harmonics) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _irregular_ellipse(
+    shape: tuple[int, int], cy: float, cx: float, a: float, b: float, angle: float, harmonics
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rho, theta, radius) of an ellipse rotated by ``angle`` whose radius is scaled by ``harmonics``.
 
     ``rho`` is the distance to (cy, cx) over the outline's radius in that direction (1 on the
@@ -243,9 +244,15 @@ def _cvc_scene(seed: int, sequence: int, shape: tuple[int, int]) -> dict:
     canvas = (h + 2 * pad, w + 2 * pad)
     base = _MUCOSA * rng.uniform(0.85, 1.05) * np.array([1.0, rng.uniform(0.85, 1.12), rng.uniform(0.8, 1.15)])
     scene = {
-        "shape": shape, "pad": pad, "base": base,
-        "lumen": (rng.uniform(0, canvas[0]), rng.uniform(0, canvas[1]), rng.uniform(0.12, 0.22) * s,
-                  rng.uniform(0.4, 0.85)),
+        "shape": shape,
+        "pad": pad,
+        "base": base,
+        "lumen": (
+            rng.uniform(0, canvas[0]),
+            rng.uniform(0, canvas[1]),
+            rng.uniform(0.12, 0.22) * s,
+            rng.uniform(0.4, 0.85),
+        ),
         "folds": (rng.uniform(0.12, 0.22) * s, rng.uniform(0.04, 0.12), rng.uniform(0, 2 * np.pi)),
         "vessel_strength": rng.uniform(0.2, 0.6),
         "illumination": _coarse_field(rng, canvas, 2),
@@ -265,13 +272,23 @@ def _cvc_scene(seed: int, sequence: int, shape: tuple[int, int]) -> dict:
         else:
             break
         pale = rng.random() < 0.3
-        tint = ([rng.uniform(1.02, 1.1), rng.uniform(1.02, 1.15), rng.uniform(1.05, 1.2)] if pale
-                else [rng.uniform(1.0, 1.1), rng.uniform(0.72, 0.9), rng.uniform(0.75, 0.92)])
-        scene["polyps"].append({
-            "cy": cy, "cx": cx, "a": a, "b": a * rng.uniform(0.65, 1.0), "angle": rng.uniform(0, np.pi),
-            "harmonics": [(k, rng.uniform(0.02, 0.1), rng.uniform(0, 2 * np.pi)) for k in (2, 3, 4)],
-            "tint": np.array(tint), "light": rng.uniform(0, 2 * np.pi),
-        })
+        tint = (
+            [rng.uniform(1.02, 1.1), rng.uniform(1.02, 1.15), rng.uniform(1.05, 1.2)]
+            if pale
+            else [rng.uniform(1.0, 1.1), rng.uniform(0.72, 0.9), rng.uniform(0.75, 0.92)]
+        )
+        scene["polyps"].append(
+            {
+                "cy": cy,
+                "cx": cx,
+                "a": a,
+                "b": a * rng.uniform(0.65, 1.0),
+                "angle": rng.uniform(0, np.pi),
+                "harmonics": [(k, rng.uniform(0.02, 0.1), rng.uniform(0, 2 * np.pi)) for k in (2, 3, 4)],
+                "tint": np.array(tint),
+                "light": rng.uniform(0, 2 * np.pi),
+            }
+        )
     return scene
 
 
@@ -314,7 +331,7 @@ def _draw_polyp(image, coverage, glints, light, scene, polyp, origin, rng) -> No
         away = 0.5 - 0.5 * np.cos(theta + angle - polyp["light"])  # 1 on the side away from the light
         shade = 1 - 0.45 * np.clip(1 - (rho - 1) / 0.3, 0, 1) * (rho > 1) * away  # rim shadow, outside
         dome = np.sqrt(np.clip(1 - rho**2, 0, 1))
-        texture = 0.88 + 0.24 * scene["polyp_texture"][origin[0]:origin[0] + h, origin[1]:origin[1] + w][window]
+        texture = 0.88 + 0.24 * scene["polyp_texture"][origin[0] : origin[0] + h, origin[1] : origin[1] + w][window]
         surface = (texture * light[window] * (0.72 + 0.4 * dome))[..., None] * (scene["base"] * polyp["tint"])
         alpha = np.clip((1 - rho) * radius + 0.5, 0, 1)
         blend = alpha[..., None]
@@ -334,15 +351,16 @@ def _render_cvc_frame(scene: dict, rng: np.random.Generator) -> tuple[np.ndarray
     oy, ox = (int(v) for v in rng.integers(0, 2 * pad + 1, size=2))
 
     def crop(name):
-        return scene[name][oy:oy + h, ox:ox + w]
+        return scene[name][oy : oy + h, ox : ox + w]
 
     yy, xx = (np.arange(n, dtype=np.float32) for n in (h, w))
     yy, xx = yy[:, None], xx[None, :]
     ly, lx, lumen_sigma, lumen_depth = scene["lumen"]
     to_lumen = np.hypot(yy - np.float32(ly - oy), xx - np.float32(lx - ox))
     period, fold_amplitude, phase = scene["folds"]
-    folds = 1 + fold_amplitude * np.sin(np.float32(2 * np.pi) * (to_lumen / np.float32(period) + crop("warp"))
-                                        + np.float32(phase))
+    folds = 1 + fold_amplitude * np.sin(
+        np.float32(2 * np.pi) * (to_lumen / np.float32(period) + crop("warp")) + np.float32(phase)
+    )
     lumen = 1 - lumen_depth * np.exp(-0.5 * (to_lumen / np.float32(lumen_sigma)) ** 2)
     vignette = 1 - 0.28 * (((yy - (h - 1) / 2) / (h / 2)) ** 2 + ((xx - (w - 1) / 2) / (w / 2)) ** 2)
     light = (vignette * (0.8 + 0.35 * crop("illumination"))).astype(np.float32)
@@ -355,13 +373,13 @@ def _render_cvc_frame(scene: dict, rng: np.random.Generator) -> tuple[np.ndarray
     for polyp in scene["polyps"]:
         _draw_polyp(image, coverage, glints, light, scene, polyp, (oy, ox), rng)
     for _ in range(int(rng.integers(4, 14))):
-        _add_spot(glints, rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0.5, 1.6) * s / 288,
-                  rng.uniform(0.5, 1.0))
+        _add_spot(glints, rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0.5, 1.6) * s / 288, rng.uniform(0.5, 1.0))
     view = _field_of_view((h, w)).astype(np.float32)
     glints = np.clip(glints, 0, 1) * view
     grain = 1 + 0.06 * (_smooth_noise(rng, (h, w), 1.0).astype(np.float32) - 0.5)
-    image = image * (grain * view * (1 - glints))[..., None] + (glints[..., None] * _GLINT.astype(np.float32)
-                                                                 + (_OUTSIDE * (1 - view))[..., None])
+    image = image * (grain * view * (1 - glints))[..., None] + (
+        glints[..., None] * _GLINT.astype(np.float32) + (_OUTSIDE * (1 - view))[..., None]
+    )
     image += rng.standard_normal(image.shape, dtype=np.float32) * np.float32(2.5)
     coverage *= view
     mask = np.where(coverage >= 0.5, 255, np.rint(coverage * 60))  # faint halo below 30, like the real masks
@@ -383,8 +401,9 @@ def _cvc_frame_rng(seed: int, sequence: int, frame: int) -> np.random.Generator:
 def _sequence_of_frame(frame: int) -> int:
     sequence = sequence_of(str(frame), builtin_sequence_table())
     if isinstance(frame, bool) or sequence is None:
-        raise ValueError(f"frame must be a CVC-ClinicDB frame number (1..{builtin_sequence_table()[-1][1]}), "
-                         f"got {frame!r}")
+        raise ValueError(
+            f"frame must be a CVC-ClinicDB frame number (1..{builtin_sequence_table()[-1][1]}), got {frame!r}"
+        )
     return sequence
 
 
@@ -405,13 +424,15 @@ def render_cvc_clinicdb_like(
 def _save_tiff(array: np.ndarray, path: Path) -> None:
     """Write as the release does: uncompressed, 16-row strips, 'min-is-black' even for RGB frames."""
     with atomic_path(path) as tmp:
-        tifffile.imwrite(tmp, array, photometric="minisblack", planarconfig="contig", rowsperstrip=16,
-                         metadata=None, software=False)
+        tifffile.imwrite(
+            tmp, array, photometric="minisblack", planarconfig="contig", rowsperstrip=16, metadata=None, software=False
+        )
 
 
 def _cvc_readme(frames: list[int], size: tuple[int, int], seed: int) -> str:
-    rows = "\n".join(f"       |    {first:3d} to {last:3d}    |  {seq:2d}  |" for first, last, seq in
-                     builtin_sequence_table())
+    rows = "\n".join(
+        f"       |    {first:3d} to {last:3d}    |  {seq:2d}  |" for first, last, seq in builtin_sequence_table()
+    )
     return (
         "CVC-ClinicDB look-alike: SYNTHETIC DATA, not the CVC-ClinicDB release\n\n"
         f"Written by `masksup-med data demo cvc-clinicdb` (seed {seed}): {len(frames)} frames of "
@@ -481,8 +502,10 @@ def make_kvasir_seg_demo(
     image depends only on (seed, index, size), so the same seed gives byte-identical files.
     """
     if isinstance(n_images, bool) or int(n_images) != n_images or n_images < KVASIR_MIN_IMAGES:
-        raise ValueError(f"n_images must be an integer >= {KVASIR_MIN_IMAGES} (for non-empty train, validation and "
-                         f"test parts of the default split), got {n_images!r}")
+        raise ValueError(
+            f"n_images must be an integer >= {KVASIR_MIN_IMAGES} (for non-empty train, validation and "
+            f"test parts of the default split), got {n_images!r}"
+        )
     sizes = kvasir_seg_demo_sizes(n_images, size, seed)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -495,7 +518,10 @@ def make_kvasir_seg_demo(
             with atomic_path(out / folder / name) as tmp:
                 Image.fromarray(array).save(tmp, format="JPEG", quality=90)
     with atomic_path(out / "README.txt") as tmp:
-        tmp.write_text(f"Kvasir-SEG look-alike: SYNTHETIC DATA, not the Kvasir-SEG release\n\nWritten by `masksup-med data "
-                       f"demo kvasir-seg` (seed {seed}): {len(sizes)} images of about {size[0]}x{size[1]} pixels,\n"
-                       "images/NAME.jpg (RGB) + masks/NAME.jpg (RGB JPEG polyp mask).\n", encoding="ascii")
+        tmp.write_text(
+            f"Kvasir-SEG look-alike: SYNTHETIC DATA, not the Kvasir-SEG release\n\nWritten by `masksup-med data "
+            f"demo kvasir-seg` (seed {seed}): {len(sizes)} images of about {size[0]}x{size[1]} pixels,\n"
+            "images/NAME.jpg (RGB) + masks/NAME.jpg (RGB JPEG polyp mask).\n",
+            encoding="ascii",
+        )
     return out

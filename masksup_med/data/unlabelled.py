@@ -31,16 +31,20 @@ def list_unlabelled_images(folder: str | os.PathLike) -> list[dict]:
     from .readers import read_array  # MONAI-backed: loaded only when unlabelled images are used
 
     root = require_folder(folder, "unlabelled_dir", "Pass --unlabelled_dir with a folder of images, or null for none.")
-    files = sorted((p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                    and not is_stray(p)), key=lambda p: natural_key(str(p.relative_to(root))))
+    files = sorted(
+        (p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not is_stray(p)),
+        key=lambda p: natural_key(str(p.relative_to(root))),
+    )
     if not files:
         raise DatasetNotFoundError(
             f"unlabelled_dir {root} holds no images ({', '.join(IMAGE_SUFFIXES)}); pass a folder of images, or null."
         )
     for path in files:
         read_array(path)  # raises UnreadableFileError naming the file
-    return [{"image": str(p), "id": f"unlabelled/{p.relative_to(root).with_suffix('')}", "source": "unlabelled_dir"}
-            for p in files]
+    return [
+        {"image": str(p), "id": f"unlabelled/{p.relative_to(root).with_suffix('')}", "source": "unlabelled_dir"}
+        for p in files
+    ]
 
 
 def with_unlabelled(
@@ -65,8 +69,9 @@ def with_unlabelled(
         )
     keep = set(np.random.default_rng(seed).permutation(len(train))[:n_labelled].tolist())
     labelled = [item for i, item in enumerate(train) if i in keep]
-    unlabelled = [{"image": item["image"], "id": item["id"], "source": "train"}
-                  for i, item in enumerate(train) if i not in keep]
+    unlabelled = [
+        {"image": item["image"], "id": item["id"], "source": "train"} for i, item in enumerate(train) if i not in keep
+    ]
     if unlabelled_dir not in (None, ""):
         unlabelled += list_unlabelled_images(Path(unlabelled_dir))
     if not unlabelled:

@@ -34,7 +34,9 @@ def named_terms(terms: Any) -> dict[str, torch.Tensor]:
     return as_dict
 
 
-def loss_terms(output: Mapping[str, Any] | Sequence[Mapping[str, Any]], extra_keys: Sequence[str] = ()) -> dict[str, float]:
+def loss_terms(
+    output: Mapping[str, Any] | Sequence[Mapping[str, Any]], extra_keys: Sequence[str] = ()
+) -> dict[str, float]:
     """``output_transform`` for StatsHandler / MLFlowHandler: every loss term of the trainer's output as a float.
 
     Accepts the output before or after decollation (a list of per-sample dicts, scalars repeated).
@@ -52,8 +54,9 @@ class LossTermAveragesHandler:
     """Epoch means of every loss term the trainer writes, as ``engine.state.metrics["train_<key>"]``.
 
     The terms are found in the output (see :func:`loss_terms`), so any method's terms are averaged
-    without naming them; ``extra_keys`` adds other scalars a method reports (not losses). Under DistributedDataParallel the sums are reduced over processes. List it
-    before StatsHandler and MLFlowHandler, which read the metrics at the same event.
+    without naming them; ``extra_keys`` adds other scalars a method reports (not losses). Under
+    DistributedDataParallel the sums are reduced over processes. List it before StatsHandler and
+    MLFlowHandler, which read the metrics at the same event.
     """
 
     def __init__(self, prefix: str = "train_", extra_keys: Sequence[str] = ()) -> None:

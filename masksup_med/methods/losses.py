@@ -20,7 +20,6 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-
 __all__ = [
     "ClassWiseReconstructionLoss",
     "ConfidentPseudoLabelLoss",

@@ -33,16 +33,16 @@ import torch
 from monai.data import MetaTensor
 from torch import nn
 
-from masksup_med.methods.masksup import MaskSupTrainer, rank_seed
 from masksup_med.methods.losses import (
     ClassWiseReconstructionLoss,
     ConfidentPseudoLabelLoss,
     FeatureAggregationLoss,
     class_regions,
 )
+from masksup_med.methods.masksup import MaskSupTrainer, rank_seed
 from masksup_med.methods.mim import MIMOutputs, ReconstructionHeads
-from masksup_med.run.runtime import check_same_on_every_process
 from masksup_med.methods.teacher import ema_update, make_teacher, multiscale_probabilities, sigmoid_rampup
+from masksup_med.run.runtime import check_same_on_every_process
 from masksup_med.transforms.base import RandMask
 from masksup_med.transforms.patch import RandPatchMask
 
@@ -96,9 +96,11 @@ class MaskMatchTrainer(MaskSupTrainer):
             The teacher, validation and the best checkpoint use ``network`` alone. The labelled batch's
             masked pass needs a ``batch_masker`` (which says which pixels it hid); with a2 = a3 = 0
             there is no such pass and only unlabelled images are reconstructed.
-        mim_loss: the reconstruction loss (default :class:`~masksup_med.methods.losses.ClassWiseReconstructionLoss`, L1).
+        mim_loss: the reconstruction loss (default
+            :class:`~masksup_med.methods.losses.ClassWiseReconstructionLoss`, L1).
         mim_weight: its weight (constant: the reconstruction target needs no teacher, so no ramp-up).
-        mim_feature_loss: the feature-aggregation loss (default :class:`~masksup_med.methods.losses.FeatureAggregationLoss`).
+        mim_feature_loss: the feature-aggregation loss (default
+            :class:`~masksup_med.methods.losses.FeatureAggregationLoss`).
         mim_feature_weight: its weight; 0 (default) logs the term without training on it.
 
     ``engine.state.output`` adds ``loss_unsup`` (unweighted), ``unsup_weight`` and
@@ -141,9 +143,11 @@ class MaskMatchTrainer(MaskSupTrainer):
         self.unsup_loss = unsup_loss if unsup_loss is not None else ConfidentPseudoLabelLoss()
         supervised_activation = getattr(self.loss_function, "activation", self.unsup_loss.activation)
         if supervised_activation != self.unsup_loss.activation:
-            raise ValueError(f"the supervised loss uses activation {supervised_activation!r} but unsup_loss uses "
-                             f"{self.unsup_loss.activation!r}: the teacher's pseudo-labels would not match the "
-                             "student's loss. Set both (loss#activation and unsup_loss#activation) alike.")
+            raise ValueError(
+                f"the supervised loss uses activation {supervised_activation!r} but unsup_loss uses "
+                f"{self.unsup_loss.activation!r}: the teacher's pseudo-labels would not match the "
+                "student's loss. Set both (loss#activation and unsup_loss#activation) alike."
+            )
         self.unsup_weight = float(unsup_weight)
         self.rampup_epochs = float(rampup_epochs)
         self.teacher_scales = tuple(float(s) for s in teacher_scales)
@@ -162,20 +166,27 @@ class MaskMatchTrainer(MaskSupTrainer):
     def _check_mim_network(self, mim_network: ReconstructionHeads) -> None:
         """Refuse at start what would train the head wrongly or not at all."""
         if isinstance(self.network, nn.parallel.DistributedDataParallel):
-            raise TypeError("masked image modelling (mim_network, semi_mim.json) does not run under "
-                            "DistributedDataParallel yet: train it in one process.")
+            raise TypeError(
+                "masked image modelling (mim_network, semi_mim.json) does not run under "
+                "DistributedDataParallel yet: train it in one process."
+            )
         if min(self.mim_weight, self.mim_feature_weight) < 0:
-            raise ValueError(f"mim_weight and mim_feature_weight must be >= 0, got {self.mim_weight}, "
-                             f"{self.mim_feature_weight}.")
+            raise ValueError(
+                f"mim_weight and mim_feature_weight must be >= 0, got {self.mim_weight}, {self.mim_feature_weight}."
+            )
         if mim_network.segmenter is not self.network:
             raise ValueError("mim_network must wrap the trainer's network itself (its segmenter is another module).")
         optimised = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         if not all(id(p) in optimised for p in mim_network.head.parameters()):
-            raise ValueError("the optimiser does not update the reconstruction head: build it from "
-                             "mim_network.parameters() (the network's and the head's).")
+            raise ValueError(
+                "the optimiser does not update the reconstruction head: build it from "
+                "mim_network.parameters() (the network's and the head's)."
+            )
         if self.loss_function.uses_masked_pass and self.batch_masker is None:
-            raise ValueError("masked image modelling on labelled images needs batch_masker (it says which pixels "
-                             "were hidden); a masked copy from the data pipeline does not.")
+            raise ValueError(
+                "masked image modelling on labelled images needs batch_masker (it says which pixels "
+                "were hidden); a masked copy from the data pipeline does not."
+            )
 
     def next_unlabelled(self) -> dict[str, Any]:
         """The next unlabelled batch, starting the loader over when it runs out.
@@ -215,7 +226,7 @@ class MaskMatchTrainer(MaskSupTrainer):
     def forward_passes(
         self, inputs: torch.Tensor, masked: torch.Tensor | None, holes: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """MaskSup's passes; with masked image modelling the masked one also reconstructs (kept for :meth:`compute_terms`)."""
+        """MaskSup's passes; with masked image modelling the masked one reconstructs too (:meth:`compute_terms`)."""
         if self.mim_network is None or masked is None:
             return super().forward_passes(inputs, masked, holes)
         if holes is None:
@@ -269,13 +280,16 @@ class MaskMatchTrainer(MaskSupTrainer):
         range; colour augmentation may push a few pixels out). The feature term is computed
         without gradients when its weight is 0 (logged only).
         """
+
         def cat(parts: list[torch.Tensor]) -> torch.Tensor:
             return parts[0] if len(parts) == 1 else torch.cat(parts)
 
         if len({v.regions.shape[1] for v in views}) > 1:
-            raise ValueError("masked image modelling: the labels and the teacher's pseudo-labels give different "
-                             f"numbers of classes ({[v.regions.shape[1] for v in views]}); labels must be binary "
-                             "(one channel) or one-hot, as the network's output.")
+            raise ValueError(
+                "masked image modelling: the labels and the teacher's pseudo-labels give different "
+                f"numbers of classes ({[v.regions.shape[1] for v in views]}); labels must be binary "
+                "(one channel) or one-hot, as the network's output."
+            )
         target = cat([v.target.float().clamp(0.0, 1.0) for v in views])
         holes = cat([v.holes.reshape(v.holes.shape[0], *v.target.shape[2:]) for v in views])
         regions = cat([v.regions for v in views])
@@ -351,13 +365,20 @@ class BestNetworkSelectionHandler:
 
     def tags(self) -> dict[str, str]:
         """Which network was kept, its score and epoch."""
-        return {"selected_network": self.best_name, "best_val_mean_iou": f"{self.best:.4f}",
-                "best_epoch": str(self.best_epoch)}
+        return {
+            "selected_network": self.best_name,
+            "best_val_mean_iou": f"{self.best:.4f}",
+            "best_epoch": str(self.best_epoch),
+        }
 
     def state_dict(self) -> dict[str, Any]:
-        """The best score so far, for resuming (the keys of :class:`~masksup_med.run.resume.BestMetricState`, plus which)."""
+        """The best score so far, for resuming (:class:`~masksup_med.run.resume.BestMetricState`'s keys, plus which)."""
         return {"best_metric": self.best, "best_metric_epoch": self.best_epoch, "selected_network": self.best_name}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
-        self.best, self.best_epoch, self.best_name = state["best_metric"], state["best_metric_epoch"], state["selected_network"]
+        self.best, self.best_epoch, self.best_name = (
+            state["best_metric"],
+            state["best_metric_epoch"],
+            state["selected_network"],
+        )

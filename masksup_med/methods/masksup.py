@@ -23,8 +23,7 @@ from masksup_med.methods.losses import MaskSupLoss
 from masksup_med.transforms.base import RandMask
 
 # the generic loss-term handlers live in masksup_med.methods.handlers; re-exported for MaskSup users
-__all__ = ["LossTermAveragesHandler", "MaskSupKeys", "MaskSupTrainer", "backward_and_step", "loss_terms",
-           "rank_seed"]
+__all__ = ["LossTermAveragesHandler", "MaskSupKeys", "MaskSupTrainer", "backward_and_step", "loss_terms", "rank_seed"]
 
 
 class MaskSupKeys:
@@ -144,7 +143,9 @@ class MaskSupTrainer(SupervisedTrainer):
         """One step: forward pass(es) and loss terms (:meth:`compute_terms`), one backward, one optimiser step."""
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
-        inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)[:2]
+        inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)[
+            :2
+        ]
         engine.state.output = {CommonKeys.IMAGE: inputs, CommonKeys.LABEL: targets}
 
         engine.network.train()

@@ -69,8 +69,10 @@ class ReconstructionHeads(nn.Module):
     def __init__(self, segmenter: nn.Module, image_channels: int = 3, hidden_channels: int = 16) -> None:
         super().__init__()
         if isinstance(segmenter, nn.parallel.DistributedDataParallel):
-            raise TypeError("masked image modelling (semi_mim.json) does not run under DistributedDataParallel yet "
-                            "(the heads read the network's own layers, which DDP hides): train it in one process.")
+            raise TypeError(
+                "masked image modelling (semi_mim.json) does not run under DistributedDataParallel yet "
+                "(the heads read the network's own layers, which DDP hides): train it in one process."
+            )
         model = getattr(segmenter, "model", None)
         if not isinstance(model, nn.Sequential) or len(model) < 2:
             raise TypeError(
@@ -82,8 +84,14 @@ class ReconstructionHeads(nn.Module):
         self.image_channels = int(image_channels)
         self.spatial_dims = spatial_dims
         self.head = nn.Sequential(
-            Convolution(spatial_dims, int(_first_conv(model[-1]).in_channels), hidden_channels, kernel_size=3,
-                        act="prelu", norm="batch"),
+            Convolution(
+                spatial_dims,
+                int(_first_conv(model[-1]).in_channels),
+                hidden_channels,
+                kernel_size=3,
+                act="prelu",
+                norm="batch",
+            ),
             Convolution(spatial_dims, hidden_channels, self.image_channels, kernel_size=1, conv_only=True),
         )
 

@@ -29,8 +29,8 @@ from monai.metrics import compute_ms_ssim
 from monai.utils import CommonKeys
 from torch import nn
 
-from masksup_med.methods.masksup import backward_and_step, rank_seed
 from masksup_med.methods.handlers import named_terms
+from masksup_med.methods.masksup import backward_and_step, rank_seed
 from masksup_med.run.overrides import config_flag
 
 __all__ = [
@@ -84,11 +84,19 @@ class SelectiveTileMasker:
         fill_value: value written into masked tiles.
     """
 
-    def __init__(self, tile_size: int = 16, ratio: float = 0.5, partitions: int = 10, refresh_every: int = 1,
-                 fill_value: float = 0.5) -> None:
+    def __init__(
+        self,
+        tile_size: int = 16,
+        ratio: float = 0.5,
+        partitions: int = 10,
+        refresh_every: int = 1,
+        fill_value: float = 0.5,
+    ) -> None:
         if not 0 < ratio < 1 or partitions < 1 or refresh_every < 1 or tile_size < 1:
-            raise ValueError(f"invalid selective masking: tile_size={tile_size}, ratio={ratio}, "
-                             f"partitions={partitions}, refresh_every={refresh_every}")
+            raise ValueError(
+                f"invalid selective masking: tile_size={tile_size}, ratio={ratio}, "
+                f"partitions={partitions}, refresh_every={refresh_every}"
+            )
         self.tile_size, self.ratio, self.partitions = int(tile_size), float(ratio), int(partitions)
         self.refresh_every, self.fill_value = int(refresh_every), float(fill_value)
         self.R = np.random.RandomState()
@@ -102,8 +110,13 @@ class SelectiveTileMasker:
 
     def hyperparameters(self) -> dict[str, Any]:
         """Logged with the run."""
-        return {"masking": type(self).__name__, "mask_tile_size": self.tile_size, "mask_ratio": self.ratio,
-                "mask_partitions": self.partitions, "mask_refresh_every": self.refresh_every}
+        return {
+            "masking": type(self).__name__,
+            "mask_tile_size": self.tile_size,
+            "mask_ratio": self.ratio,
+            "mask_partitions": self.partitions,
+            "mask_refresh_every": self.refresh_every,
+        }
 
     def _grid(self, spatial_shape: Sequence[int]) -> tuple[int, int]:
         return math.ceil(spatial_shape[0] / self.tile_size), math.ceil(spatial_shape[1] / self.tile_size)
@@ -171,15 +184,22 @@ class MaskedReconstructionLoss(nn.Module):
         """Logged with the run."""
         return {"loss": type(self).__name__, "ssim_weight": self.ssim_weight, "ssim_kernel_size": self.kernel_size}
 
-    def forward(self, reconstruction: torch.Tensor, image: torch.Tensor, holes: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, reconstruction: torch.Tensor, image: torch.Tensor, holes: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """``holes``: ``B, 1, H, W`` (or ``B, H, W``) boolean, true where the input was masked."""
         holes = holes if holes.dim() == image.dim() else holes[:, None]
         weight = holes.expand_as(image).to(reconstruction.dtype)
         l1 = ((reconstruction - image).abs() * weight).sum() / weight.sum().clamp_min(1)
         composite = torch.where(holes, reconstruction, image)
         if min(image.shape[2:]) > (self.kernel_size - 1) * 2 ** (MS_SSIM_SCALES - 1):
-            similarity = compute_ms_ssim(composite.float(), image.float(), spatial_dims=2, data_range=self.data_range,
-                                         kernel_size=self.kernel_size).mean()
+            similarity = compute_ms_ssim(
+                composite.float(),
+                image.float(),
+                spatial_dims=2,
+                data_range=self.data_range,
+                kernel_size=self.kernel_size,
+            ).mean()
             ssim = 1.0 - similarity
         else:
             ssim = self.single_scale(composite.float(), image.float())
@@ -203,7 +223,8 @@ class ReconstructionTrainer(SupervisedTrainer):
     def _iteration(self, engine: ReconstructionTrainer, batchdata: dict[str, Any]) -> dict:  # type: ignore[override]
         images = batchdata[CommonKeys.IMAGE]
         images = (images.as_tensor() if isinstance(images, MetaTensor) else torch.as_tensor(images)).to(
-            engine.state.device, non_blocking=engine.non_blocking)
+            engine.state.device, non_blocking=engine.non_blocking
+        )
         masked, holes = mask_images(engine.masker, images, engine.network)
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
@@ -211,7 +232,12 @@ class ReconstructionTrainer(SupervisedTrainer):
             reconstruction = engine.inferer(masked, engine.network)
             terms = named_terms(engine.loss_function(reconstruction.float(), images, holes))
         total = terms.pop("total")
-        engine.state.output = {CommonKeys.IMAGE: images, "image_masked": masked, CommonKeys.PRED: reconstruction,
-                               CommonKeys.LOSS: total, **{f"loss_{k}": v.detach() for k, v in terms.items()}}
+        engine.state.output = {
+            CommonKeys.IMAGE: images,
+            "image_masked": masked,
+            CommonKeys.PRED: reconstruction,
+            CommonKeys.LOSS: total,
+            **{f"loss_{k}": v.detach() for k, v in terms.items()},
+        }
         backward_and_step(engine, total)
         return engine.state.output

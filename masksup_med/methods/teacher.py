@@ -48,7 +48,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 
 
 def sigmoid_rampup(epoch: float, length: float) -> float:
-    """Mean Teacher's ramp-up ``exp(-5 (1 - t)^2)`` with ``t = epoch / length`` clipped to [0, 1]; 1 when ``length`` <= 0."""
+    """Mean Teacher's ramp-up ``exp(-5 (1 - t)^2)``, ``t = epoch / length`` clipped to [0, 1]; 1 if ``length`` <= 0."""
     if length <= 0:
         return 1.0
     t = min(max(float(epoch) / float(length), 0.0), 1.0)

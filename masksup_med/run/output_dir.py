@@ -66,8 +66,12 @@ def acquire_lock(folder: str | os.PathLike) -> Path:
     holder (or one on another host) makes this fail, naming it.
     """
     lock_file = Path(folder) / LOCK_NAME
-    me = {"pid": os.getpid(), "host": socket.gethostname(),
-          "started": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
+    me = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+    }
     for _ in range(2):
         try:
             fd = os.open(lock_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -86,7 +90,9 @@ def acquire_lock(folder: str | os.PathLike) -> Path:
             json.dump(me, f)
         atexit.register(release_lock, lock_file)
         return lock_file
-    raise OutputDirError(f"output_dir {folder}: could not create the lock file {lock_file}; another run keeps taking it.")
+    raise OutputDirError(
+        f"output_dir {folder}: could not create the lock file {lock_file}; another run keeps taking it."
+    )
 
 
 def _check_writable(folder: Path) -> None:
@@ -97,18 +103,22 @@ def _check_writable(folder: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise OutputDirError(
-            f"output_dir {folder} cannot be written ({type(e).__name__}: {e.strerror or e}); pass a writable --output_dir."
+            f"output_dir {folder} cannot be written ({type(e).__name__}: {e.strerror or e}); "
+            "pass a writable --output_dir."
         ) from e
 
 
 def claim(
-    output_dir: str | os.PathLike, resume_from: str | os.PathLike | None, best_model_file: str | os.PathLike | None = None,
+    output_dir: str | os.PathLike,
+    resume_from: str | os.PathLike | None,
+    best_model_file: str | os.PathLike | None = None,
     overwrite: bool | str = False,
 ) -> Path:
     """Make ``output_dir`` this run's: writable, locked, and holding no earlier model unless resuming.
 
-    A fresh run (``resume_from`` None: no checkpoint to resume) into a folder that already holds ``best_model_file`` is refused
-    unless ``overwrite`` is true, so an earlier run's best model is never replaced without asking.
+    A fresh run (``resume_from`` None: no checkpoint to resume) into a folder that already holds
+    ``best_model_file`` is refused unless ``overwrite`` is true, so an earlier run's best model is never
+    replaced without asking.
     Returns the lock file.
     """
     folder = Path(output_dir)

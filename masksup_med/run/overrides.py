@@ -21,8 +21,20 @@ from masksup_med.errors import ConfigError
 __all__ = ["RUNNER_OPTIONS", "bundle_run_config", "bundle_run_overrides", "check_overrides"]
 
 # parameters of monai.bundle's ``run`` itself, not config ids
-RUNNER_OPTIONS = frozenset({"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file",
-                            "tracking", "args_file", "workflow_type", "properties_path"})
+RUNNER_OPTIONS = frozenset(
+    {
+        "run_id",
+        "init_id",
+        "final_id",
+        "meta_file",
+        "config_file",
+        "logging_file",
+        "tracking",
+        "args_file",
+        "workflow_type",
+        "properties_path",
+    }
+)
 
 
 def bundle_run_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, str]] | None:

@@ -24,7 +24,9 @@ logger = logging.getLogger(__name__)
 
 def _state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     if not path.is_file():
-        raise MissingInputError(f"pretrained_weights {path} does not exist; pass the pretraining run's models/pretrained.pt.")
+        raise MissingInputError(
+            f"pretrained_weights {path} does not exist; pass the pretraining run's models/pretrained.pt."
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -55,6 +57,8 @@ def load_pretrained_weights(network: nn.Module, path: str | os.PathLike | None) 
             f"{', '.join(list(state)[:3]) or 'none'}); it was written for another network."
         )
     network.load_state_dict({k: state[k] for k in loaded}, strict=False)
-    logger.info(f"pretrained weights from {path}: {len(loaded)} of {len(own)} tensors loaded"
-                + (f", re-initialised (shape differs): {', '.join(reinitialised)}" if reinitialised else ""))
+    logger.info(
+        f"pretrained weights from {path}: {len(loaded)} of {len(own)} tensors loaded"
+        + (f", re-initialised (shape differs): {', '.join(reinitialised)}" if reinitialised else "")
+    )
     return {"loaded": loaded, "reinitialised": reinitialised, "unused": unused}

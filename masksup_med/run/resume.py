@@ -98,7 +98,10 @@ class BestMetricState:
 
     def state_dict(self) -> dict:
         """The evaluator's best metric, its epoch, and the best-model saver's tracking list."""
-        state = {"best_metric": self.evaluator.state.best_metric, "best_metric_epoch": self.evaluator.state.best_metric_epoch}
+        state = {
+            "best_metric": self.evaluator.state.best_metric,
+            "best_metric_epoch": self.evaluator.state.best_metric_epoch,
+        }
         tracker = getattr(self.best_saver, "_key_metric_checkpoint", None)  # MONAI keeps ignite's Checkpoint here
         if tracker is not None:
             state["best_saver"] = tracker.state_dict()

@@ -108,7 +108,7 @@ def check_image_size(image_size: Sequence[int], network: torch.nn.Module) -> Non
         multiple = factors[0] if len(set(factors)) == 1 else factors
         raise ConfigError(
             f"image_size {sizes} does not suit {type(network).__name__}: every side must be a multiple of {multiple} "
-            f"(the product of its strides {list(strides)}); use e.g. --image_size \"{fitting}\""
+            f'(the product of its strides {list(strides)}); use e.g. --image_size "{fitting}"'
         )
 
 
@@ -121,9 +121,14 @@ def check_augmentation_keeps_size(augmentation: Sequence[Any], image_size: Seque
     sizes = [int(s) for s in image_size]
     for transform in augmentation:
         axes = getattr(transform, "spatial_axes", None)
-        if isinstance(transform, (RandRotate90, RandRotate90d)) and transform.prob > 0 and sizes[axes[0]] != sizes[axes[1]]:
+        if (
+            isinstance(transform, (RandRotate90, RandRotate90d))
+            and transform.prob > 0
+            and sizes[axes[0]] != sizes[axes[1]]
+        ):
             raise ConfigError(
-                f"augmentation {type(transform).__name__}(prob={transform.prob}, spatial_axes={tuple(axes)}) swaps sides "
-                f"{sizes[axes[0]]} and {sizes[axes[1]]} of image_size {sizes}, so samples in a batch would differ in shape: "
+                f"augmentation {type(transform).__name__}(prob={transform.prob}, spatial_axes={tuple(axes)}) "
+                f"swaps sides {sizes[axes[0]]} and {sizes[axes[1]]} of image_size {sizes}, so samples in a batch "
+                "would differ in shape: "
                 "use a square image_size, set its prob to 0, or remove it"
             )

@@ -31,8 +31,15 @@ __all__ = ["MODEL_DIR_ENV", "RequestGuard", "clean_error", "create_app", "server
 MODEL_DIR_ENV = "MASKSUP_SERVE_MODEL_DIR"
 TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"  # read by MLflow's scoring server
 MAX_MESSAGE_CHARS = 1000
-ERROR_CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "REQUEST_TOO_LARGE",
-               415: "UNSUPPORTED_MEDIA_TYPE", 500: "INTERNAL_ERROR", 504: "TIMEOUT"}
+ERROR_CODES = {
+    400: "BAD_REQUEST",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    413: "REQUEST_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+    500: "INTERNAL_ERROR",
+    504: "TIMEOUT",
+}
 EXAMPLE = '{"dataframe_records": [{"image": "<base64 of a PNG, JPEG, BMP or TIFF file>"}]}'
 
 Scope = MutableMapping[str, Any]
@@ -124,8 +131,9 @@ class RequestGuard:
             if refusal is not None:
                 status, message = refusal
                 logger.warning("%s: %d %s", where, status, message)
-                await _send_json(send, status, {"error_code": ERROR_CODES[status], "message": message},
-                                 close=status == 413)
+                await _send_json(
+                    send, status, {"error_code": ERROR_CODES[status], "message": message}, close=status == 413
+                )
                 return
             if body is None:  # the client went away
                 return
@@ -133,8 +141,10 @@ class RequestGuard:
         await self.app(scope, receive, _CleanErrors(send, where))
 
     def _too_large(self, size: str) -> tuple[int, str]:
-        return 413, (f"request body is {size}; the limit is {self.max_body_bytes:,} bytes (serve --max-body-bytes). "
-                     "Send fewer or smaller images per request.")
+        return 413, (
+            f"request body is {size}; the limit is {self.max_body_bytes:,} bytes (serve --max-body-bytes). "
+            "Send fewer or smaller images per request."
+        )
 
     async def _read_body(self, scope: Scope, receive: Receive) -> tuple[tuple[int, str] | None, bytes | None]:
         """``(refusal, None)``, ``(None, body)``, or ``(None, None)`` when the client disconnected."""
@@ -197,12 +207,25 @@ def create_app() -> RequestGuard:
     return RequestGuard(scoring_server.init(model), limits.max_body_bytes)
 
 
-def server_command(model_dir: str | os.PathLike, host: str, port: int, workers: int = 1,
-                   timeout: int | None = None) -> tuple[list[str], dict[str, str]]:
+def server_command(
+    model_dir: str | os.PathLike, host: str, port: int, workers: int = 1, timeout: int | None = None
+) -> tuple[list[str], dict[str, str]]:
     """The ``uvicorn`` command (in this Python) serving a folder written by ``build_serving_model``, and its
     extra environment."""
-    cmd = [sys.executable, "-m", "uvicorn", "--factory", f"{__name__}:create_app", "--host", host,
-           "--port", str(port), "--workers", str(workers), "--no-server-header"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        f"{__name__}:create_app",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--no-server-header",
+    ]
     env = {MODEL_DIR_ENV: os.fspath(model_dir)}
     if timeout:
         env[TIMEOUT_ENV] = str(timeout)

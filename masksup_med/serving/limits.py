@@ -31,9 +31,20 @@ _MAGIC = (
 )
 _FORMATS = {".png": "PNG", ".jpg": "JPEG", ".bmp": "BMP", ".tif": "TIFF"}
 _EIGHT_BIT_MODES = ("L", "LA", "RGB", "RGBA")
-_MODE_NAMES = {"1": "1-bit black-and-white", "P": "palette-indexed", "PA": "palette-indexed", "I;16": "16-bit grey",
-               "I;16B": "16-bit grey", "I;16L": "16-bit grey", "I": "32-bit integer", "F": "32-bit float",
-               "CMYK": "CMYK", "YCbCr": "YCbCr", "LAB": "LAB", "HSV": "HSV"}
+_MODE_NAMES = {
+    "1": "1-bit black-and-white",
+    "P": "palette-indexed",
+    "PA": "palette-indexed",
+    "I;16": "16-bit grey",
+    "I;16B": "16-bit grey",
+    "I;16L": "16-bit grey",
+    "I": "32-bit integer",
+    "F": "32-bit float",
+    "CMYK": "CMYK",
+    "YCbCr": "YCbCr",
+    "LAB": "LAB",
+    "HSV": "HSV",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +92,9 @@ class RequestRejected(MlflowException, ValueError):
 
     def for_image(self, index: int, count: int) -> RequestRejected:
         """The same refusal, saying which image of the request it was about."""
-        return RequestRejected(f"image {index + 1} of {count}: {self.reason}" if count > 1 else self.reason, self.status)
+        return RequestRejected(
+            f"image {index + 1} of {count}: {self.reason}" if count > 1 else self.reason, self.status
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,15 +118,20 @@ class ImageHeader:
         if pixels > limits.max_pixels:
             raise RequestRejected(
                 f"the image is {self.width} x {self.height} = {pixels:,} pixels; the limit is "
-                f"{limits.max_pixels:,} pixels (serve --max-pixels)", 413)
+                f"{limits.max_pixels:,} pixels (serve --max-pixels)",
+                413,
+            )
         if self.decoded_bytes > limits.max_image_bytes:
             raise RequestRejected(
                 f"the image is {self.decoded_bytes:,} bytes decoded ({self.width} x {self.height}); the limit is "
-                f"{limits.max_image_bytes:,} bytes (serve --max-image-bytes)", 413)
+                f"{limits.max_image_bytes:,} bytes (serve --max-image-bytes)",
+                413,
+            )
         if not self.eight_bit:
             raise RequestRejected(
                 f"{_FORMATS[self.suffix]} image with {self.samples} samples: the model reads 8-bit grey or RGB(A) "
-                "images (values 0..255) and would see this one wrongly; convert it to 8-bit RGB")
+                "images (values 0..255) and would see this one wrongly; convert it to 8-bit RGB"
+            )
         return self
 
 
@@ -136,8 +154,11 @@ def _pil_header(data: bytes, suffix: str) -> ImageHeader:
     import numpy as np
     from PIL import BmpImagePlugin, ImageMode, JpegImagePlugin, PngImagePlugin
 
-    plugin = {".png": PngImagePlugin.PngImageFile, ".jpg": JpegImagePlugin.JpegImageFile,
-              ".bmp": BmpImagePlugin.BmpImageFile}[suffix]
+    plugin = {
+        ".png": PngImagePlugin.PngImageFile,
+        ".jpg": JpegImagePlugin.JpegImageFile,
+        ".bmp": BmpImagePlugin.BmpImageFile,
+    }[suffix]
     try:
         with plugin(io.BytesIO(data)) as image:
             mode = ImageMode.getmode(image.mode)

@@ -67,8 +67,14 @@ IMAGE_COLUMN = "image"
 OUTPUT_COLUMNS = ("mask", "width", "height", "foreground_fraction")
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
-    outputs=Schema([ColSpec("string", "mask"), ColSpec("long", "width"), ColSpec("long", "height"),
-                    ColSpec("double", "foreground_fraction")]),
+    outputs=Schema(
+        [
+            ColSpec("string", "mask"),
+            ColSpec("long", "width"),
+            ColSpec("long", "height"),
+            ColSpec("double", "foreground_fraction"),
+        ]
+    ),
 )
 NETWORK_DIR = "network"  # the registered model's files, in the pyfunc's data folder
 BUNDLE_CONFIG = "train.json"
@@ -139,7 +145,8 @@ def _column(model_input: Any) -> list:
     if isinstance(model_input, (list, tuple, np.ndarray, pd.Series)):
         return [v[IMAGE_COLUMN] if isinstance(v, dict) else v for v in model_input]
     raise RequestRejected(
-        f"unsupported input type {type(model_input).__name__}; send a table with column {IMAGE_COLUMN!r}")
+        f"unsupported input type {type(model_input).__name__}; send a table with column {IMAGE_COLUMN!r}"
+    )
 
 
 class MaskSupSegmenter:
@@ -158,8 +165,8 @@ class MaskSupSegmenter:
         from monai.transforms import Compose
 
         from masksup_med.inference import native_mask_postprocessing
-        from masksup_med.tracking.model_format import load_model
         from masksup_med.run.runtime import select_device
+        from masksup_med.tracking.model_format import load_model
 
         config = dict(config or {})
         data_path = Path(data_path)
@@ -187,8 +194,12 @@ class MaskSupSegmenter:
         native = self.postprocessing(item)["pred_native"]
         mask = torch.as_tensor(native)[0].numpy().T > 0.5  # thresholded already; W, H -> H, W
         height, width = mask.shape
-        return {"mask": encode_mask(mask), "width": int(width), "height": int(height),
-                "foreground_fraction": float(mask.mean())}
+        return {
+            "mask": encode_mask(mask),
+            "width": int(width),
+            "height": int(height),
+            "foreground_fraction": float(mask.mean()),
+        }
 
     def predict(self, model_input: Any, params: Mapping[str, Any] | None = None) -> pd.DataFrame:
         """One row per input image: ``mask`` (base64 PNG), ``width``, ``height``, ``foreground_fraction``.
@@ -207,8 +218,11 @@ class MaskSupSegmenter:
                 raise e.for_image(index, len(values)) from None
             except Exception:
                 logger.exception("segmenting image %d of %d failed", index + 1, len(values))
-                raise RequestRejected(f"internal error while segmenting image {index + 1} of {len(values)}; "
-                                      "the server's log has the details", 500) from None
+                raise RequestRejected(
+                    f"internal error while segmenting image {index + 1} of {len(values)}; "
+                    "the server's log has the details",
+                    500,
+                ) from None
         return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
 
 
@@ -263,8 +277,12 @@ def build_serving_model(
         input_shape = registered.get("input_shape") or []
         if threshold is None:
             threshold = float(registered.get("threshold") or 0.5)
-        config = {"image_size": [int(s) for s in input_shape[1:]] or None, "threshold": threshold, "device": device,
-                  **(limits or ServingLimits()).as_config()}
+        config = {
+            "image_size": [int(s) for s in input_shape[1:]] or None,
+            "threshold": threshold,
+            "device": device,
+            **(limits or ServingLimits()).as_config(),
+        }
         mlflow.pyfunc.save_model(
             path=str(path),
             loader_module=__name__,

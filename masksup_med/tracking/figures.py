@@ -21,14 +21,22 @@ import torch
 from ignite.engine import Engine, Events
 from monai.transforms import Compose
 
-from masksup_med.methods.pretraining import mask_images, tile_losses, tiles_to_pixels
 from masksup_med.methods.losses import confidence_mask
+from masksup_med.methods.pretraining import mask_images, tile_losses, tiles_to_pixels
 from masksup_med.methods.teacher import multiscale_probabilities
 from masksup_med.tracking.store import find_run_id
 from masksup_med.transforms.base import RandMask
 
-__all__ = ["LearningCurveHandler", "PseudoLabelFigureHandler", "ReconstructionFigureHandler", "ValidationFigureHandler",
-           "learning_curve_figure", "per_group_figure", "pseudo_label_image", "validation_figure"]
+__all__ = [
+    "LearningCurveHandler",
+    "PseudoLabelFigureHandler",
+    "ReconstructionFigureHandler",
+    "ValidationFigureHandler",
+    "learning_curve_figure",
+    "per_group_figure",
+    "pseudo_label_image",
+    "validation_figure",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +79,18 @@ def pseudo_label_image(probabilities: torch.Tensor, threshold: float) -> torch.T
     return torch.where(confident, level.expand(3, *level.shape[1:]), colour)
 
 
-COLUMN_TITLES = {"image": "image", "label": "ground truth", "pred": "prediction", "image_masked": "masked input",
-                 "pred_masked": "prediction on masked", "pseudo_label": "teacher pseudo-label\n(grey: not confident)",
-                 "student_input": "student input\n(strong view, masked)", "student_pred": "student prediction",
-                 "reconstruction": "reconstruction", "tile_loss": "L1 per masked tile"}
+COLUMN_TITLES = {
+    "image": "image",
+    "label": "ground truth",
+    "pred": "prediction",
+    "image_masked": "masked input",
+    "pred_masked": "prediction on masked",
+    "pseudo_label": "teacher pseudo-label\n(grey: not confident)",
+    "student_input": "student input\n(strong view, masked)",
+    "student_pred": "student prediction",
+    "reconstruction": "reconstruction",
+    "tile_loss": "L1 per masked tile",
+}
 
 
 def validation_figure(rows: Sequence[dict[str, torch.Tensor]], title: str, heatmaps: Sequence[str] = ()) -> plt.Figure:
@@ -85,8 +101,11 @@ def validation_figure(rows: Sequence[dict[str, torch.Tensor]], title: str, heatm
     """
     columns = tuple(rows[0]) if rows else ("image",)
     names = tuple(COLUMN_TITLES.get(key, key.replace("_", " ")) for key in columns)
-    finite = {key: np.concatenate([_as_display(row[key], clamp=False).ravel() for row in rows]) for key in heatmaps
-              if key in columns}
+    finite = {
+        key: np.concatenate([_as_display(row[key], clamp=False).ravel() for row in rows])
+        for key in heatmaps
+        if key in columns
+    }
     top = {key: float(values[np.isfinite(values)].max(initial=0.0)) for key, values in finite.items()}
     fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.4 * len(columns), 2.4 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
@@ -126,8 +145,9 @@ def learning_curve_figure(histories: dict[str, list[tuple[int, float]]], title: 
     return fig
 
 
-def per_group_figure(summaries: Mapping[str, Mapping[str, Mapping[str, float]]], metrics: Sequence[str],
-                     title: str) -> plt.Figure:
+def per_group_figure(
+    summaries: Mapping[str, Mapping[str, Mapping[str, float]]], metrics: Sequence[str], title: str
+) -> plt.Figure:
     """Bars of each metric's mean (± std) per group, e.g. per video sequence, each group's image count above."""
     names = list(summaries)
     fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(names) * len(metrics) + 1.5), 3.6))
@@ -135,8 +155,14 @@ def per_group_figure(summaries: Mapping[str, Mapping[str, Mapping[str, float]]],
     for i, metric in enumerate(metrics):
         means = [summaries[n][metric]["mean"] for n in names]
         stds = [summaries[n][metric]["std"] for n in names]
-        ax.bar([x + (i - (len(metrics) - 1) / 2) * width for x in range(len(names))], means, width, yerr=stds,
-               capsize=2, label=metric)
+        ax.bar(
+            [x + (i - (len(metrics) - 1) / 2) * width for x in range(len(names))],
+            means,
+            width,
+            yerr=stds,
+            capsize=2,
+            label=metric,
+        )
     for x, name in enumerate(names):
         count = max(s["n"] for s in summaries[name].values())
         ax.annotate(f"n={count}", (x, 1.0), ha="center", va="bottom", fontsize=7)
@@ -323,8 +349,9 @@ class PseudoLabelFigureHandler(_ExampleFigureHandler):
         self.strong.set_random_state(self.seed)
         self.masker.set_random_state(self.seed)
         images = torch.stack([torch.as_tensor(item["image"]).float() for item in items]).to(device)
-        strong = torch.stack([torch.as_tensor(self.strong({"image": item["image"]})["image_strong"]).float()
-                              for item in items]).to(device)
+        strong = torch.stack(
+            [torch.as_tensor(self.strong({"image": item["image"]})["image_strong"]).float() for item in items]
+        ).to(device)
         student_input = self.masker.mask_batch(strong)[0]
         probabilities = multiscale_probabilities(self.teacher, images, self.scales, self.activation)
         was_training = self.student.training
@@ -333,13 +360,22 @@ class PseudoLabelFigureHandler(_ExampleFigureHandler):
             student_pred = _masks(self.student(student_input))
         finally:
             self.student.train(was_training)
-        return [{"image": images[i], "label": torch.as_tensor(item["label"]).float(),
-                 "pseudo_label": pseudo_label_image(probabilities[i], self.threshold),
-                 "student_input": student_input[i], "student_pred": student_pred[i]} for i, item in enumerate(items)]
+        return [
+            {
+                "image": images[i],
+                "label": torch.as_tensor(item["label"]).float(),
+                "pseudo_label": pseudo_label_image(probabilities[i], self.threshold),
+                "student_input": student_input[i],
+                "student_pred": student_pred[i],
+            }
+            for i, item in enumerate(items)
+        ]
 
     def __call__(self, engine: Engine) -> None:
         epoch = engine.state.epoch
-        title = f"{self.run_name}: teacher pseudo-labels (confidence >= {self.threshold:g}) and the student, epoch {epoch}"
+        title = (
+            f"{self.run_name}: teacher pseudo-labels (confidence >= {self.threshold:g}) and the student, epoch {epoch}"
+        )
 
         def draw() -> plt.Figure | None:
             rows = self.rows(next(self.student.parameters()).device)
@@ -349,7 +385,8 @@ class PseudoLabelFigureHandler(_ExampleFigureHandler):
 
 
 class ReconstructionFigureHandler(_ExampleFigureHandler):
-    """Every ``interval`` epochs of pretraining (and after the last), log image / masked input / reconstruction / tile loss.
+    """Every ``interval`` epochs of pretraining (and after the last), log image / masked input / reconstruction /
+    tile loss.
 
     The examples are the first ``num_images`` items of ``dataset`` (preprocessed, not augmented: the
     same images every time). They are masked as in training, by a copy of the trainer's masker
@@ -387,7 +424,7 @@ class ReconstructionFigureHandler(_ExampleFigureHandler):
 
     @torch.no_grad()
     def rows(self, device: torch.device) -> list[dict[str, torch.Tensor]]:
-        """The fixed examples, masked, reconstructed by the current network, and the per-tile loss of the masked tiles."""
+        """The fixed examples, masked, reconstructed by the current network, and the masked tiles' per-tile loss."""
         items = self.examples()
         if not items:
             return []
@@ -402,9 +439,18 @@ class ReconstructionFigureHandler(_ExampleFigureHandler):
             self.network.train(was_training)
         losses = tile_losses((reconstruction - images).abs().mean(dim=1), self.tile_size)
         hidden = tile_losses(holes.float(), self.tile_size) > 0.5
-        heat = tiles_to_pixels(torch.where(hidden, losses, torch.full_like(losses, float("nan"))), images.shape[2:], self.tile_size)
-        return [{"image": images[i], "image_masked": masked[i], "reconstruction": reconstruction[i], "tile_loss": heat[i][None]}
-                for i in range(len(items))]
+        heat = tiles_to_pixels(
+            torch.where(hidden, losses, torch.full_like(losses, float("nan"))), images.shape[2:], self.tile_size
+        )
+        return [
+            {
+                "image": images[i],
+                "image_masked": masked[i],
+                "reconstruction": reconstruction[i],
+                "tile_loss": heat[i][None],
+            }
+            for i in range(len(items))
+        ]
 
     def __call__(self, engine: Engine) -> None:
         epoch = engine.state.epoch

@@ -64,7 +64,9 @@ def network_class(target: str) -> type[torch.nn.Module]:
     module_name, _, name = str(target).rpartition(".")
     allowed = [m for m in NETWORK_MODULES if not module_name or module_name == m or module_name.startswith(m + ".")]
     if not allowed or not name.isidentifier():
-        raise UnsafeModelError(f"network {target!r} is not allowed: only classes of {', '.join(NETWORK_MODULES)} are built")
+        raise UnsafeModelError(
+            f"network {target!r} is not allowed: only classes of {', '.join(NETWORK_MODULES)} are built"
+        )
     module = importlib.import_module(module_name or allowed[0])
     cls = getattr(module, name, None)
     if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
@@ -76,14 +78,17 @@ def _checked_definition(definition: Any, source: str) -> dict[str, Any]:
     """``definition`` as a plain-JSON network definition with an allowed ``_target_``, else ValueError."""
     if not isinstance(definition, Mapping) or not isinstance(definition.get("_target_"), str):
         raise ValueError(  # noqa: TRY004 - a malformed file, not a caller's mistake
-            f"{source}: a network definition must be an object with a '_target_' class name")
+            f"{source}: a network definition must be an object with a '_target_' class name"
+        )
     try:
         plain = json.loads(json.dumps(dict(definition), allow_nan=False))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{source}: network definition values must be plain JSON values: {e}") from e
     for key in plain:
         if "pretrained" in key.lower():
-            raise UnsafeModelError(f"{source}: network argument {key!r} is not allowed (the weights are the model's own)")
+            raise UnsafeModelError(
+                f"{source}: network argument {key!r} is not allowed (the weights are the model's own)"
+            )
     cls = network_class(plain["_target_"])
     return {**plain, "_target_": f"{cls.__module__}.{cls.__qualname__}"}
 
@@ -172,7 +177,9 @@ def _read_model_dir(model_dir: Path, source: str) -> torch.nn.Module:
     return network
 
 
-def load_model(source: str | Path, device: torch.device | str = "cpu", tracking_uri: str | None = None) -> torch.nn.Module:
+def load_model(
+    source: str | Path, device: torch.device | str = "cpu", tracking_uri: str | None = None
+) -> torch.nn.Module:
     """The network of a registered model, in eval mode on ``device``; nothing is unpickled but tensors.
 
     ``source``: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/…`` (downloaded from the
@@ -226,13 +233,20 @@ def save_model(
         (path / BUNDLE_DIR).mkdir(exist_ok=True)
         shutil.copy(config_file, path / BUNDLE_DIR / Path(config_file).name)
     (path / "requirements.txt").write_text(
-        f"masksup-med=={masksup_med.__version__}\ntorch\nmonai=={_version('monai')}\n", encoding="utf-8")
+        f"masksup-med=={masksup_med.__version__}\ntorch\nmonai=={_version('monai')}\n", encoding="utf-8"
+    )
     mlflow_model = mlflow_model or Model()
     mlflow_model.signature = signature
     mlflow_model.add_flavor(
-        FLAVOR, format_version=FORMAT_VERSION, weights=WEIGHTS_FILE, network=NETWORK_FILE,
-        input_shape=[int(s) for s in input_shape], bundle=bundle, threshold=float(threshold),
-        masksup_med_version=masksup_med.__version__, torch_version=str(torch.__version__),
+        FLAVOR,
+        format_version=FORMAT_VERSION,
+        weights=WEIGHTS_FILE,
+        network=NETWORK_FILE,
+        input_shape=[int(s) for s in input_shape],
+        bundle=bundle,
+        threshold=float(threshold),
+        masksup_med_version=masksup_med.__version__,
+        torch_version=str(torch.__version__),
     )
     mlflow.pyfunc.add_to_model(mlflow_model, loader_module=__name__)
     mlflow_model.save(str(path / "MLmodel"))

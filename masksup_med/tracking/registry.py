@@ -21,9 +21,9 @@ from ignite.engine import Engine, Events
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import Model, infer_signature
 
+from masksup_med.run.overrides import bundle_run_config
 from masksup_med.tracking import model_format
 from masksup_med.tracking.model_format import build_network, load_model, network_definition
-from masksup_med.run.overrides import bundle_run_config
 from masksup_med.tracking.store import find_run_id, using_store
 
 __all__ = [
@@ -44,7 +44,9 @@ def load_checkpoint(network: torch.nn.Module, checkpoint: str | Path) -> torch.n
     """Load weights saved by MONAI's CheckpointSaver (``{"model": state}`` or a bare state dict) into ``network``."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist (train the bundle first, or pass model_source).")
+        raise FileNotFoundError(
+            f"checkpoint {checkpoint} does not exist (train the bundle first, or pass model_source)."
+        )
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
         state = state["model"]
@@ -70,8 +72,18 @@ def manual_register_command(
     checkpoint: str | Path, config_file: str | Path, name: str, tracking_uri: str, run_id: str | None = None
 ) -> str:
     """The shell command that registers ``checkpoint`` by hand (printed when registration fails)."""
-    parts = ["masksup-med", "registry", "register", str(checkpoint), "--config", str(config_file),
-             "--name", name, "--tracking-uri", tracking_uri]
+    parts = [
+        "masksup-med",
+        "registry",
+        "register",
+        str(checkpoint),
+        "--config",
+        str(config_file),
+        "--name",
+        name,
+        "--tracking-uri",
+        tracking_uri,
+    ]
     if run_id:
         parts += ["--run-id", run_id]
     return shlex.join(parts)
@@ -97,7 +109,8 @@ def register_checkpoint(
 
     Args:
         checkpoint: a state dict saved by MONAI's CheckpointSaver (``{"model": ...}`` or a bare state dict).
-        network_def: the network definition, plain JSON (see :func:`~masksup_med.tracking.model_format.network_definition`).
+        network_def: the network definition, plain JSON (see
+            :func:`~masksup_med.tracking.model_format.network_definition`).
         name: registered model name, e.g. ``masksup-glas``.
         tracking_uri: MLflow tracking URI (SQLite file or server).
         input_shape: one input sample ``C, *spatial`` used for the signature.
@@ -115,15 +128,29 @@ def register_checkpoint(
         output = model(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, output)
 
-    version_tags = {**(tags or {}), "input_shape": ",".join(str(int(s)) for s in input_shape),
-                    "threshold": threshold, "network": type(model).__name__, "model_format": "masksup-med weights"}
+    version_tags = {
+        **(tags or {}),
+        "input_shape": ",".join(str(int(s)) for s in input_shape),
+        "threshold": threshold,
+        "network": type(model).__name__,
+        "model_format": "masksup-med weights",
+    }
     if bundle:
         version_tags["bundle"] = bundle
     with using_store(tracking_uri):
         with mlflow.start_run(run_id=run_id) as run:
-            info = Model.log(None, model_format, name="model", state_dict=model.state_dict(), network=network_def,
-                             input_shape=input_shape, signature=signature, bundle=bundle, threshold=threshold,
-                             config_file=config_file)
+            info = Model.log(
+                None,
+                model_format,
+                name="model",
+                state_dict=model.state_dict(),
+                network=network_def,
+                input_shape=input_shape,
+                signature=signature,
+                bundle=bundle,
+                threshold=threshold,
+                config_file=config_file,
+            )
         version = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in version_tags.items()})
     client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     client.set_model_version_tag(name, version.version, "run_id", run.info.run_id)
@@ -272,17 +299,25 @@ class ModelRegistrationHandler:
         run_id = None
         try:
             if not self.checkpoint.is_file():
-                raise FileNotFoundError(
-                    f"no best checkpoint at {self.checkpoint} (did validation run at least once?)"
-                )
+                raise FileNotFoundError(f"no best checkpoint at {self.checkpoint} (did validation run at least once?)")
             run_id = find_run_id(self.tracking_uri, self.experiment_name, self.run_name)
             self.version = register_checkpoint(
-                self.checkpoint, self._network_def(), self.name, self.tracking_uri, self.input_shape,
-                run_id=run_id, tags=self._version_tags(), alias=self.alias, bundle=self.bundle,
-                threshold=self.threshold, config_file=self.config_file,
+                self.checkpoint,
+                self._network_def(),
+                self.name,
+                self.tracking_uri,
+                self.input_shape,
+                run_id=run_id,
+                tags=self._version_tags(),
+                alias=self.alias,
+                bundle=self.bundle,
+                threshold=self.threshold,
+                config_file=self.config_file,
             )
-            logger.info(f"registered {self.checkpoint} as MLflow model {self.name} version {self.version.version}"
-                        + (f" (alias {self.alias})" if self.alias else ""))
+            logger.info(
+                f"registered {self.checkpoint} as MLflow model {self.name} version {self.version.version}"
+                + (f" (alias {self.alias})" if self.alias else "")
+            )
         except Exception as e:  # noqa: BLE001 - registration must never lose the training result
             logger.error(
                 f"registering {self.checkpoint} as {self.name!r} failed: {type(e).__name__}: {e}. The checkpoint "

@@ -16,8 +16,8 @@ from typing import Any
 from ignite.engine import Engine
 from monai.handlers import MLFlowHandler
 
-from masksup_med.tracking.figures import LearningCurveHandler, ValidationFigureHandler
 from masksup_med.methods.handlers import loss_terms
+from masksup_med.tracking.figures import LearningCurveHandler, ValidationFigureHandler
 from masksup_med.tracking.registry import ModelRegistrationHandler
 
 __all__ = ["RunTrackingHandler"]
@@ -88,14 +88,22 @@ class RunTrackingHandler:
         if not self.enabled:
             return
         on_trainer = [
-            MLFlowHandler(**self.where, iteration_log=True, epoch_log=True, tag_name="train_loss",
-                          output_transform=self.output_transform, experiment_param=self.params,
-                          artifacts=self.artifacts, close_on_complete=True),
+            MLFlowHandler(
+                **self.where,
+                iteration_log=True,
+                epoch_log=True,
+                tag_name="train_loss",
+                output_transform=self.output_transform,
+                experiment_param=self.params,
+                artifacts=self.artifacts,
+                close_on_complete=True,
+            ),
             LearningCurveHandler(**self.where),
         ]
         if self.registration is not None:
-            on_trainer.append(ModelRegistrationHandler(**self.registration, **self.where, evaluator=self.evaluator,
-                                                       tags=self.params))
+            on_trainer.append(
+                ModelRegistrationHandler(**self.registration, **self.where, evaluator=self.evaluator, tags=self.params)
+            )
         on_evaluator = []
         if self.evaluator is not None:
             on_evaluator.append(MLFlowHandler(**self.where, iteration_log=False, epoch_log=True))

@@ -63,7 +63,11 @@ def git_commit(path: str | Path = ".") -> str:
     try:
         out = subprocess.run(
             ["git", "describe", "--always", "--dirty", "--abbrev=12"],
-            cwd=path, capture_output=True, text=True, timeout=10, check=True,
+            cwd=path,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -125,7 +129,9 @@ def component_params(role: str, component: Any) -> dict[str, Any]:
 
 
 def run_params(
-    network: torch.nn.Module, components: Mapping[str, Any] | None = None, split: Mapping[str, Any] | None = None,
+    network: torch.nn.Module,
+    components: Mapping[str, Any] | None = None,
+    split: Mapping[str, Any] | None = None,
     **recipe: Any,
 ) -> dict[str, Any]:
     """Parameters that identify a training run: network, components, split, recipe, versions, commit.
@@ -144,10 +150,12 @@ def run_params(
         params.update(component_params(role, component))
     params.update({f"split_{key}": value for key, value in (split or {}).items()})
     params.update(recipe)
-    params.update({
-        "masksup_med_version": masksup_med.__version__,
-        "monai_version": monai.__version__,
-        "torch_version": torch.__version__,
-        "git_commit": git_commit(Path(masksup_med.__file__).parent),
-    })
+    params.update(
+        {
+            "masksup_med_version": masksup_med.__version__,
+            "monai_version": monai.__version__,
+            "torch_version": torch.__version__,
+            "git_commit": git_commit(Path(masksup_med.__file__).parent),
+        }
+    )
     return {key: str(value) for key, value in params.items()}

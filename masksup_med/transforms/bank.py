@@ -68,8 +68,12 @@ class RandMaskBank(RandMask):
 
     def hyperparameters(self) -> dict[str, Any]:
         """The source masker's settings, with the bank's."""
-        return {**self.source.hyperparameters(), **super().hyperparameters(),
-                "mask_source": type(self.source).__name__, "mask_bank_size": self.bank_size}
+        return {
+            **self.source.hyperparameters(),
+            **super().hyperparameters(),
+            "mask_source": type(self.source).__name__,
+            "mask_bank_size": self.bank_size,
+        }
 
     def bank(self, spatial_shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
         """The ``bank_size, *spatial_shape`` boolean masks for this shape, drawn on first use and kept."""

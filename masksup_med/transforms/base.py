@@ -57,9 +57,12 @@ class RandMask(RandomizableTransform):
 
     def hyperparameters(self) -> dict[str, Any]:
         """The settings that identify this masking in a run's record (logged as MLflow parameters)."""
-        params: dict[str, Any] = {"masking": type(self).__name__, "mask_prob": self.prob,
-                                  "mask_fill_value": self.fill_value,
-                                  "mask_ratio_range": list(getattr(self, "ratio_range", ()))}
+        params: dict[str, Any] = {
+            "masking": type(self).__name__,
+            "mask_prob": self.prob,
+            "mask_fill_value": self.fill_value,
+            "mask_ratio_range": list(getattr(self, "ratio_range", ())),
+        }
         if hasattr(self, "patch_size"):
             params["mask_patch_size"] = self.patch_size
         return params

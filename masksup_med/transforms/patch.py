@@ -100,4 +100,6 @@ class RandPatchMaskd(RandMaskd):
         prob: float = 1.0,
         allow_missing_keys: bool = False,
     ) -> None:
-        super().__init__(keys, RandPatchMask(ratio_range, patch_size, fill_value), masked_keys, hole_key, prob, allow_missing_keys)
+        super().__init__(
+            keys, RandPatchMask(ratio_range, patch_size, fill_value), masked_keys, hole_key, prob, allow_missing_keys
+        )
