@@ -15,7 +15,7 @@ resumes from its last epoch checkpoint, so the study can span several sessions::
 
     python benchmarks/ablation.py run                    # all arms, seeds 0 1 2 (hours on a CPU)
     python benchmarks/ablation.py run --arms baseline --seeds 3
-    python benchmarks/ablation.py report                 # tables into RESULTS.md and the bundle docs
+    python benchmarks/ablation.py report                 # tables into RESULTS.md
 """
 
 from __future__ import annotations
@@ -40,11 +40,9 @@ from bundle_runs import (
     run_or_report,
     train_and_evaluate,
 )
-from report import RESULTS_MD
 
 TRAIN_CONFIG = "bundles/glas/configs/train.json"
 EVAL_CONFIG = "bundles/glas/configs/evaluate.json"
-BUNDLE_DOCS = Path(__file__).resolve().parents[1] / "bundles" / "glas" / "docs" / "README.md"
 
 HEAVY, LIGHT = [0.4, 0.6], [0.1, 0.3]
 ARMS: dict[str, dict[str, Any]] = {
@@ -139,7 +137,7 @@ def ablation_tables(records: list[dict[str, Any]]) -> str:
 
 
 def write_report(args: argparse.Namespace) -> str:
-    """Put the ablation tables into RESULTS.md and the GLaS bundle's docs; return the Markdown."""
+    """Put the ablation tables into the "ablation" block of RESULTS.md; return the Markdown."""
     settings = study_settings(args)
     records = load_records(args.results, settings)
     if not records:
@@ -176,7 +174,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("action", choices=("run", "report"))
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     add_schedule_options(parser, "training epochs per run (about 8 min for full MaskSup on 2 idle cores)")
-    add_study_options(parser, "ablation.jsonl", "ablation", [RESULTS_MD, BUNDLE_DOCS])
+    add_study_options(parser, "ablation.jsonl", "ablation")
     return parser.parse_args(argv)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from report import BENCHMARKS_DIR, RESULTS_DIR, code_version, machine, replace_block
+from report import BENCHMARKS_DIR, RESULTS_DIR, RESULTS_MD, code_version, machine, replace_block
 
 from masksup_med.run.resume import latest_checkpoint
 
@@ -175,12 +175,12 @@ def add_study_options(
     parser: argparse.ArgumentParser,
     results_name: str,
     block: str,
-    markdown: Sequence[Path] | None,
     dataset_dir: str | None = "../shared/data/glas",
 ) -> None:
-    """Options every study shares: data, where runs and records go, which Markdown gets the ``block``.
+    """Options every study shares: data, where runs and records go, which Markdown gets the ``block``
+    (``benchmarks/RESULTS.md`` unless ``--markdown`` names others).
 
-    ``dataset_dir`` or ``markdown`` None: the study fills them in from its other options (e.g. the bundle's).
+    ``dataset_dir`` None: the study fills it in from its other options (e.g. the bundle's).
     """
     where = dataset_dir or "the bundle's data in ../shared/data"
     parser.add_argument(
@@ -197,8 +197,8 @@ def add_study_options(
         "--markdown",
         type=Path,
         nargs="*",
-        default=None if markdown is None else list(markdown),
-        help=f"Markdown files whose '{block}' block the report replaces",
+        default=[RESULTS_MD],
+        help=f"Markdown files whose '{block}' block the report replaces (default: benchmarks/RESULTS.md)",
     )
 
 

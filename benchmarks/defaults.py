@@ -8,7 +8,7 @@ hospital's endoscopes); every frame of such a dataset is scored, split by split,
 Finished runs go to ``benchmarks/results/defaults.jsonl`` and are skipped next time::
 
     python benchmarks/defaults.py run --bundles kvasir_seg --seeds 0 1 2
-    python benchmarks/defaults.py report      # the "defaults" block of RESULTS.md and of each bundle's docs
+    python benchmarks/defaults.py report      # the "defaults" block of RESULTS.md
 """
 
 from __future__ import annotations
@@ -57,10 +57,6 @@ class BundleStudy:
     def evaluate_config(self) -> str:
         return f"bundles/{self.bundle}/configs/evaluate.json"
 
-    @property
-    def docs(self) -> Path:
-        return ROOT / "bundles" / self.bundle / "docs" / "README.md"
-
 
 STUDIES = {
     "glas": BundleStudy("glas", "../shared/data/glas"),
@@ -71,17 +67,15 @@ STUDIES = {
 
 
 def add_bundle_study_options(parser: argparse.ArgumentParser, results_name: str, block: str) -> None:
-    """``--bundle`` (one of ``STUDIES``) and the shared study options, with the bundle's data and docs as defaults."""
+    """``--bundle`` (one of ``STUDIES``) and the shared study options, with the bundle's data as default."""
     parser.add_argument("--bundle", default="glas", choices=sorted(STUDIES))
-    add_study_options(parser, results_name, block, None, dataset_dir=None)
+    add_study_options(parser, results_name, block, dataset_dir=None)
 
 
 def bundle_study_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse ``argv``; an unset ``--dataset-dir`` or ``--markdown`` becomes the bundle's data, RESULTS.md and docs."""
+    """Parse ``argv``; an unset ``--dataset-dir`` becomes the bundle's data."""
     args = parser.parse_args(argv)
     args.dataset_dir = args.dataset_dir or STUDIES[args.bundle].dataset_dir
-    if args.markdown is None:
-        args.markdown = [RESULTS_MD, STUDIES[args.bundle].docs]
     return args
 
 
@@ -189,14 +183,11 @@ def defaults_table(records: list[dict[str, Any]]) -> str:
 
 
 def write_report(args: argparse.Namespace) -> str:
-    """Put the table into the "defaults" block of RESULTS.md and of each studied bundle's docs."""
+    """Put the table (every studied bundle) into the "defaults" block of RESULTS.md; return the Markdown."""
     records = load_records(args.results)
     if not records:
         raise SystemExit(f"no finished runs in {args.results}")
-    body = publish(defaults_table(records), "defaults", args.markdown)
-    for bundle in sorted({r["bundle"] for r in records}):
-        publish(defaults_table([r for r in records if r["bundle"] == bundle]), "defaults", [STUDIES[bundle].docs])
-    return body
+    return publish(defaults_table(records), "defaults", args.markdown)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -217,7 +208,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=Path,
         nargs="*",
         default=[RESULTS_MD],
-        help="Markdown files whose 'defaults' block the report replaces (bundle docs always)",
+        help="Markdown files whose 'defaults' block the report replaces (default: benchmarks/RESULTS.md)",
     )
     return parser.parse_args(argv)
 

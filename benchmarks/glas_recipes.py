@@ -37,7 +37,6 @@ from bundle_runs import (
     run_or_report,
     train_and_evaluate,
 )
-from report import RESULTS_MD
 
 TRAIN_CONFIG = "bundles/glas/configs/train.json"
 EVAL_CONFIG = "bundles/glas/configs/evaluate.json"
@@ -134,7 +133,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--val-interval", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", nargs=2, type=int, help="override the recipe's image size (smoke runs)")
-    add_study_options(parser, "glas_recipes.jsonl", "recipes", [RESULTS_MD])
+    add_study_options(parser, "glas_recipes.jsonl", "recipes")
     args = parser.parse_args(argv)
     unknown = [name for name in args.recipes if name not in RECIPES]
     if unknown or (args.action == "run" and not args.recipes):

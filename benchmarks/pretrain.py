@@ -20,7 +20,7 @@ started from ``--pretrained_weights <pretraining>/models/pretrained.pt``: checkp
 
     python benchmarks/pretrain.py run --seeds 0 1 2                     # GLaS, fractions 0.25 and 1.0
     python benchmarks/pretrain.py run --bundle kvasir_seg --arms none selective
-    python benchmarks/pretrain.py report --bundle glas                   # RESULTS.md and the bundle's docs
+    python benchmarks/pretrain.py report --bundle glas                   # the "pretrain-glas" block of RESULTS.md
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def pretrain_tables(records: list[dict[str, Any]]) -> str:
 
 
 def report(args: argparse.Namespace) -> str:
-    """The study's tables into the ``pretrain-<bundle>`` block of RESULTS.md and of the bundle's docs."""
+    """The study's tables into the ``pretrain-<bundle>`` block of RESULTS.md."""
     settings = study_settings(args)
     records = study.load_records(args.results, settings)
     if not records:

@@ -1,8 +1,8 @@
 """Writing benchmark figures down: JSON files under ``benchmarks/results`` and generated blocks in Markdown.
 
 A generated block sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` in a Markdown file
-(``benchmarks/RESULTS.md``, a bundle's ``docs/README.md``); everything outside the markers is
-hand-written and kept as it is.
+(``benchmarks/RESULTS.md``; the bundles' docs hold no generated blocks); everything outside the
+markers is hand-written and kept as it is.
 """
 
 from __future__ import annotations

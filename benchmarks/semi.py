@@ -18,7 +18,7 @@ like ``ablation.py``)::
 
     python benchmarks/semi.py run --fractions 0.25 0.125 --seeds 0 1 2
     python benchmarks/semi.py run --bundle kvasir_seg
-    python benchmarks/semi.py report --bundle glas       # RESULTS.md and the bundle's docs
+    python benchmarks/semi.py report --bundle glas       # the "semi-glas" block of RESULTS.md
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def run_study(args: argparse.Namespace) -> None:
 
 
 def report(args: argparse.Namespace) -> str:
-    """The study's table (mean ± std over seeds per arm and fraction) into RESULTS.md."""
+    """The study's table (mean ± std over seeds per arm and fraction) into the ``semi-<bundle>`` block of RESULTS.md."""
     settings = study_settings(args)
     records = study.load_records(args.results, settings)
     if not records:

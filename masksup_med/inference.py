@@ -120,6 +120,10 @@ class OverlayHandler:
 
     Reads ``image_native`` (the loaded image, before scaling and resizing) from the batch and
     ``pred_native`` (the mask at the image's own size) from the output; both use MONAI's PIL axes.
+
+    Args:
+        output_dir: folder the overlays are written to (made when missing).
+        enabled: False attaches nothing (``--save_overlays false``).
     """
 
     def __init__(self, output_dir: str | os.PathLike, enabled: bool = True) -> None:

@@ -23,7 +23,7 @@ import bundle_runs
 import defaults
 import glas_recipes
 import speed
-from report import replace_block
+from report import RESULTS_MD, replace_block
 
 SPEED_MEASURES = (
     "masksup_over_plain_step",
@@ -297,6 +297,24 @@ def test_defaults_table_pools_seeds_per_bundle_and_reports_the_other_dataset(tmp
     assert "eval cvc seed 0" in text and "train glas seed 1" in text and "train kvasir_seg seed 1" not in text
 
 
+def test_reports_write_their_blocks_into_results_md_only(tmp_path):
+    """Every study's report targets RESULTS.md by default; the defaults report leaves the bundles' docs alone."""
+    import pretrain
+    import semi
+
+    for study in (ablation, defaults, glas_recipes, semi, pretrain):
+        assert study.parse_args(["report"]).markdown == [RESULTS_MD], study.__name__
+    docs = {path: path.read_bytes() for path in (REPO / "bundles").glob("*/docs/README.md")}
+    assert docs
+    results, md = tmp_path / "defaults.jsonl", tmp_path / "RESULTS.md"
+    records = [_defaults_record("glas", 0, 0.78), _defaults_record("kvasir_seg", 0, 0.60, 0.40)]
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    defaults.main(["report", "--results", str(results), "--markdown", str(md)])
+    block = _block(md.read_text(), "defaults")
+    assert "| glas | 1 | 0.7000 | 0.7800 |" in block and "| kvasir_seg | 1 | 0.7000 | 0.6000 |" in block
+    assert {path: path.read_bytes() for path in docs} == docs
+
+
 @pytest.mark.slow  # about a minute: one semi-supervised and one reference run at toy size
 def test_semi_study_runs_records_and_reports(tmp_path):
     import semi
@@ -376,7 +394,7 @@ def test_pretraining_is_shared_and_refused_when_made_with_other_settings(tmp_pat
     args = pretrain.parse_args(
         ["run", "--work-dir", str(tmp_path), "--pretrain-epochs", "2", "--image-size", "32", "32"]
     )
-    assert args.dataset_dir == "../shared/data/glas" and args.markdown[-1].parts[-3:] == ("glas", "docs", "README.md")
+    assert args.dataset_dir == "../shared/data/glas" and args.markdown == [RESULTS_MD]  # never a bundle's docs
     run_dir = tmp_path / f"pretrain-glas-{bundle_runs.BUNDLE_DEFAULTS}-selective-e2-32x32-seed1"
     run_dir.mkdir()
     values = {
@@ -394,7 +412,7 @@ def test_pretraining_is_shared_and_refused_when_made_with_other_settings(tmp_pat
     with pytest.raises(SystemExit, match="was pretrained with"):
         pretrain.pretrain(args, "selective", 1)
     kvasir = pretrain.parse_args(["report", "--bundle", "kvasir_seg"])
-    assert kvasir.dataset_dir == "../shared/data/kvasir-seg" and "kvasir_seg" in str(kvasir.markdown[-1])
+    assert kvasir.dataset_dir == "../shared/data/kvasir-seg" and kvasir.markdown == [RESULTS_MD]
 
 
 @pytest.mark.slow  # about a minute: one pretraining, one fine-tuning and its evaluation at toy size

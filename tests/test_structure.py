@@ -4,6 +4,9 @@ or serving, and training never loads the demo-data generator."""
 from __future__ import annotations
 
 import ast
+import importlib
+import inspect
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -142,3 +145,78 @@ def test_training_path_does_not_load_the_demo_data_generator():
     import masksup_med.data
 
     assert callable(masksup_med.data.make_glas_demo)  # still there for the CLI and tests, loaded on first use
+
+
+def _package_classes() -> dict[str, type]:
+    """Every class defined in the package, by dotted name."""
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        module = _module_name(path)
+        if module.endswith("__main__"):
+            continue
+        for name, obj in vars(importlib.import_module(module)).items():
+            if inspect.isclass(obj) and obj.__module__ == module:
+                found[f"{module}.{name}"] = obj
+    return found
+
+
+def test_classes_that_attach_to_an_engine_are_named_handlers():
+    for name, cls in _package_classes().items():
+        if "attach" in vars(cls) and not cls.__name__.startswith("_"):
+            assert cls.__name__.endswith("Handler"), f"{name} has attach(engine): name it ...Handler"
+
+
+def _config_targets() -> set[str]:
+    """The package's names that the bundles' configs instantiate (``_target_`` or a ``$`` expression)."""
+    configs = Path(__file__).resolve().parents[1] / "bundles" / "common" / "configs"
+    names = set()
+    for config in configs.glob("*.json"):
+        text = config.read_text(encoding="utf-8")
+        names |= set(re.findall(r'_target_":\s*"(masksup_med\.[\w.]+)"', text))
+        names |= {f"masksup_med.{name}" for name in re.findall(r"\$masksup_med\.([\w.]+)\(", text)}
+    return names
+
+
+def undocumented_arguments(cls: type) -> list[str]:
+    """The parameters of ``cls.__init__`` that its docstring's ``Args:`` section does not name."""
+    parameters = [
+        p.name
+        for p in inspect.signature(cls.__init__).parameters.values()
+        if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    doc = inspect.getdoc(cls) or ""
+    if "Args:" not in doc:
+        return parameters
+    named = set()
+    for line in doc.split("Args:", 1)[1].splitlines():
+        head = re.match(r"^\s{4}([\w, ]+):", line)
+        if head:
+            named |= {part.strip() for part in head.group(1).split(",")}
+    return [p for p in parameters if p not in named]
+
+
+def test_classes_a_config_targets_document_every_argument():
+    targets = {}
+    for name in _config_targets():
+        module, _, attribute = name.rpartition(".")
+        obj = getattr(importlib.import_module(module), attribute)
+        if inspect.isclass(obj):
+            targets[name] = obj
+    assert "masksup_med.methods.masksup.MaskSupTrainer" in targets  # the scan finds the configs' classes
+    assert "masksup_med.transforms.RandMaskBank" in targets
+    missing = {name: undocumented_arguments(cls) for name, cls in sorted(targets.items())}
+    assert {name: args for name, args in missing.items() if args} == {}
+
+
+def test_an_undocumented_argument_is_caught():
+    class Documented:
+        """A class.
+
+        Args:
+            alpha, beta: two numbers.
+        """
+
+        def __init__(self, alpha, beta, gamma=0, *args, **kwargs):
+            pass
+
+    assert undocumented_arguments(Documented) == ["gamma"]

@@ -57,6 +57,10 @@ class LossTermAveragesHandler:
     without naming them; ``extra_keys`` adds other scalars a method reports (not losses). Under
     DistributedDataParallel the sums are reduced over processes. List it before StatsHandler and
     MLFlowHandler, which read the metrics at the same event.
+
+    Args:
+        prefix: prefix of the metric names (``train_loss``, ``train_loss_seg``, ...).
+        extra_keys: output keys of other scalars to average (not losses), e.g. a confident fraction.
     """
 
     def __init__(self, prefix: str = "train_", extra_keys: Sequence[str] = ()) -> None:
@@ -100,6 +104,10 @@ class FinalValidationHandler:
     With ``max_epochs`` 3 and ``val_interval`` 5, MONAI's ``ValidationHandler`` never runs: no best
     checkpoint is written and nothing can be registered. List it after the ``ValidationHandler``
     (and before the tracking and registration handlers, which run at the same event).
+
+    Args:
+        validator: the validation evaluator to run.
+        interval: the validation interval of the run, in epochs (>= 1).
     """
 
     def __init__(self, validator: Engine, interval: int) -> None:

@@ -132,6 +132,11 @@ class ConfidentPseudoLabelLoss(nn.Module):
     nowhere contributes nothing.
 
     Returns ``(loss, confident_fraction)``.
+
+    Args:
+        threshold: teacher probability of its class from which a pixel counts, in [0, 1].
+        activation: ``"sigmoid"`` (one channel, BCE) or ``"softmax"`` (several, cross entropy); the
+            teacher's probabilities must come from the same one.
     """
 
     def __init__(self, threshold: float = 0.95, activation: str = "sigmoid") -> None:

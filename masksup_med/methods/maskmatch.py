@@ -321,6 +321,13 @@ class BestNetworkSelectionHandler:
     a better one writes ``networks[name]``'s weights to ``save_path`` (a plain state dict, written to
     a temporary file first). :meth:`tags` says which network and score were kept (the registered
     model's tags); :meth:`state_dict` goes in the resume checkpoint.
+
+    Args:
+        save_path: the best model's file (``models/model.pt``).
+        evaluators: validation evaluator of each network, by name (e.g. ``teacher``, ``student``).
+        networks: the network each evaluator scores, by the same names.
+        metrics: the key metric of each evaluator, by the same names.
+        enabled: False (processes other than rank 0 under DDP) attaches nothing.
     """
 
     def __init__(

@@ -173,6 +173,11 @@ class MaskedReconstructionLoss(nn.Module):
     Zero for a perfect reconstruction of the masked part, whatever the visible part predicts.
     Single-scale SSIM stands in for MS-SSIM on images too small for its five scales.
     Returns ``{"total", "l1", "ssim"}``.
+
+    Args:
+        ssim_weight: weight of the (1 - MS-SSIM) term (0: L1 only).
+        kernel_size: SSIM's Gaussian window size, in pixels.
+        data_range: the images' value range (1 for images scaled to [0, 1]).
     """
 
     def __init__(self, ssim_weight: float = 1.0, kernel_size: int = 7, data_range: float = 1.0) -> None:
@@ -209,10 +214,14 @@ class MaskedReconstructionLoss(nn.Module):
 class ReconstructionTrainer(SupervisedTrainer):
     """SupervisedTrainer whose step masks the images and learns to reconstruct them (labels are not read).
 
-    ``masker``: a :class:`SelectiveTileMasker`, or any array masker with ``mask_batch`` (e.g.
-    ``RandPatchMask`` for random tiles). ``loss_function``: a :class:`MaskedReconstructionLoss`.
     ``engine.state.output`` holds ``image``, ``image_masked``, ``pred`` (the reconstruction),
     ``loss`` and ``loss_l1`` / ``loss_ssim``.
+
+    Args:
+        masker: a :class:`SelectiveTileMasker`, or any array masker with ``mask_batch`` (e.g.
+            ``RandPatchMask`` for random tiles).
+        args, kwargs: those of MONAI's ``SupervisedTrainer``; ``loss_function`` is a
+            :class:`MaskedReconstructionLoss`.
     """
 
     def __init__(self, *args: Any, masker: Any, **kwargs: Any) -> None:

@@ -90,6 +90,10 @@ class BestMetricState:
     best-model CheckpointSaver, so ``model.pt`` is replaced after resuming only by a better model,
     while ``model.pt`` itself stays a plain state dict. Put it in the trainer CheckpointSaver's
     ``save_dict`` and the CheckpointLoader's ``load_dict``.
+
+    Args:
+        evaluator: the validation evaluator whose best key metric is kept.
+        best_saver: the CheckpointSaver writing the best model (None: only the metric is kept).
     """
 
     def __init__(self, evaluator: Engine, best_saver: CheckpointSaver | None = None) -> None:

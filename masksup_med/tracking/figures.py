@@ -312,6 +312,19 @@ class PseudoLabelFigureHandler(_ExampleFigureHandler):
     so rounds are comparable and training's random streams are left alone. ``student`` must be the
     plain network (under DDP the module inside, since this runs on one process only). Attach to the
     evaluator.
+
+    Args:
+        dataset: the preprocessed validation items (with ground truth).
+        teacher, student: the EMA teacher and the plain student network.
+        strong: the strong augmentation(s) the student's input goes through, as in training.
+        masker: the student's masker (copied and reseeded every round).
+        tracking_uri, experiment_name, run_name: the MLflow run the figures go to.
+        threshold: the teacher's confidence threshold, as in training.
+        scales: input scales the teacher's probabilities are averaged over, as in training.
+        activation: ``"sigmoid"`` or ``"softmax"``, as the unsupervised loss.
+        num_images: how many validation items are drawn.
+        seed: seed of the reseeded copies of ``strong`` and ``masker``.
+        enabled: False attaches nothing.
     """
 
     def __init__(
@@ -394,6 +407,17 @@ class ReconstructionFigureHandler(_ExampleFigureHandler):
     network reconstructs them. The last column is the mean L1 error of the reconstruction per masked
     tile of ``tile_size`` pixels (:func:`~masksup_med.methods.pretraining.tile_losses`), the quantity the
     selective masker ranks by; visible tiles are blank. Attach to the trainer.
+
+    Args:
+        dataset: the preprocessed pretraining items the examples are taken from.
+        network: the network being pretrained.
+        masker: the trainer's masker (copied and reseeded every time).
+        tile_size: tile side of the masker, in pixels.
+        tracking_uri, experiment_name, run_name: the MLflow run the figures go to.
+        num_images: how many examples are drawn.
+        interval: draw every ``interval`` epochs (and after the last).
+        seed: seed of the reseeded masker copy.
+        enabled: False attaches nothing.
     """
 
     def __init__(

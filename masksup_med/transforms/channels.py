@@ -37,7 +37,12 @@ class EnsureRGB(Transform):
 
 
 class EnsureRGBd(MapTransform):
-    """Dictionary version of :class:`EnsureRGB`."""
+    """Dictionary version of :class:`EnsureRGB`.
+
+    Args:
+        keys: keys of the images to make three-channel.
+        allow_missing_keys: don't raise when a key is missing.
+    """
 
     backend = EnsureRGB.backend
 
