@@ -104,10 +104,11 @@ def pair_files(
     """Pair ``files`` by key; return ([(key, image, label)] in natural key order, [Problem]).
 
     Stray files are skipped; a symbolic link that leads nowhere (missing target, or a loop) is a
-    problem of its own, and its partner is not reported unpaired; an image file (one of ``suffixes``) that the classifier rejects is left
-    out, recorded as a ``left out`` problem (a warning, not an error); a file with an unsupported
-    extension, two files for one key and role, or an unpaired file is a problem; ``hint`` (the
-    expected naming) is added to the messages about unpaired and left-out files.
+    problem of its own, and its partner is not reported unpaired; an image file (one of ``suffixes``)
+    that the classifier rejects is left out, recorded as a ``left out`` problem (a warning, not an
+    error); a file with an unsupported extension, two files for one key and role, or an unpaired file
+    is a problem; ``hint`` (the expected naming) is added to the messages about unpaired and left-out
+    files.
     """
     allowed = frozenset(s.lower() for s in suffixes)
     expected = "|".join(sorted(s.lstrip(".") for s in allowed))
