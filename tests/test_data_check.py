@@ -53,6 +53,18 @@ def test_unpaired_files_both_ways(tmp_path, capsys):
     assert "cju0a.jpg: image has no label" in lines[0] and "cju0b.jpg: label has no image" in lines[1]
 
 
+@pytest.mark.parametrize("target", ["loop", "missing"])
+def test_a_dead_link_is_named_as_such_and_its_partner_is_not_called_unpaired(tmp_path, capsys, target):
+    make_kvasir(tmp_path)
+    image = tmp_path / "images" / "cju0a.jpg"
+    image.unlink()
+    image.symlink_to(image.name if target == "loop" else tmp_path / "gone.jpg")
+    code, _, err = check(capsys, "kvasir-seg", tmp_path)
+    (line,) = problem_lines(err)
+    assert code == 1 and f"{image}: a symbolic link whose target is missing or loops back to itself" in line
+    assert "has no image" not in err
+
+
 def test_size_mismatch_names_label_and_image(tmp_path, capsys):
     make_cvc(tmp_path)
     save(mask(20, 32), tmp_path / "Ground Truth" / "60.tif")

@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -264,8 +265,24 @@ def test_full_traceback_on_request(tmp_path):
 
 
 def test_the_saved_traceback_is_named_and_holds_the_chain(tmp_path):
-    result = train(tmp_path / "nowhere", tmp_path / "out")
+    cache = tmp_path / "cache"
+    result = train(tmp_path / "nowhere", tmp_path / "out", env={"MASKSUP_MED_CACHE_DIR": str(cache)})
     saved = Path(result.stderr.split("full traceback in ")[1].split(";")[0])
+    assert saved.parent == cache / "error-reports"
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o600 and stat.S_IMODE(saved.parent.stat().st_mode) == 0o700
     text = saved.read_text()
     assert "Traceback" in text and "DatasetNotFoundError" in text
-    saved.unlink()
+
+
+@pytest.mark.parametrize(
+    ("override", "value", "message"),
+    [
+        ("--batch_size", "0", "batch_size must be a whole number >= 1, got 0"),
+        ("--learning_rate", "-1", "learning_rate must be a number > 0, got -1"),
+        ("--val_fraction", "1.5", "val_fraction must be a number between 0 and 1 (both excluded), got 1.5"),
+    ],
+)
+def test_numeric_option_out_of_range_is_refused_before_anything_is_written(demo, tmp_path, override, value, message):
+    result = train(demo, tmp_path / "out", override, value)
+    assert_stopped_with(result, message, f"e.g. {override}")
+    assert written(tmp_path / "out") == []

@@ -21,7 +21,7 @@ LAYERS: dict[str, set[str]] = {
     "bundles": set(),
     "transforms": set(),
     "run": {"errors"},
-    "data": {"errors", "transforms"},
+    "data": {"errors", "transforms", "run"},
     "methods": {"errors", "transforms", "run"},
     "inference": {"errors", "transforms", "data"},
     "tracking": {"errors", "transforms", "run", "methods"},

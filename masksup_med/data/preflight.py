@@ -16,13 +16,14 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from masksup_med.run.user_cache import CACHE_ENV, user_cache_dir
+
 from .checks import CheckReport, check_image, check_pair
 from .errors import DatasetError
 from .registry import get_dataset
 
 __all__ = ["CACHE_ENV", "SPLITS_READ_BY_TRAINING", "check_training_data", "default_cache_file"]
 
-CACHE_ENV = "MASKSUP_MED_CACHE_DIR"
 SPLITS_READ_BY_TRAINING = ("train", "validation", "unlabelled")
 MAX_LISTED = 15
 _CACHE_VERSION = 2  # a cache written with another version is dropped when read
@@ -32,10 +33,7 @@ logger = logging.getLogger(__name__)
 
 def default_cache_file() -> Path:
     """``data-checks.json`` in ``$MASKSUP_MED_CACHE_DIR`` or ``$XDG_CACHE_HOME/masksup-med`` (``~/.cache/...``)."""
-    folder = (
-        os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "masksup-med"
-    )
-    return Path(folder) / "data-checks.json"
+    return user_cache_dir() / "data-checks.json"
 
 
 def _stamp(path: str) -> str:

@@ -6,23 +6,41 @@ ConfigExpression``, so the project's own message ends up in the middle of chaine
 was caused by a :class:`UserError`, stderr gets one short block ending with that message, and the
 full traceback goes to a log file. ``MASKSUP_MED_TRACEBACK=1`` prints the full traceback instead.
 Any other exception is printed as Python prints it.
+
+The log files go to a per-user folder, ``error-reports`` in the user cache folder
+(:func:`~masksup_med.run.user_cache.user_cache_dir`), made with mode 0700; each file is created
+exclusively with mode 0600 and never through a symlink, so nothing planted at a guessable name is
+followed or overwritten. Only the newest :data:`KEEP_REPORTS` are kept.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
 from types import TracebackType
 
 from masksup_med.errors import UserError
+from masksup_med.run.user_cache import private_folder, user_cache_dir
 
-__all__ = ["TRACEBACK_ENV", "find_user_error", "install", "report"]
+__all__ = ["KEEP_REPORTS", "TRACEBACK_ENV", "find_user_error", "install", "report"]
 
 TRACEBACK_ENV = "MASKSUP_MED_TRACEBACK"
+KEEP_REPORTS = 10
+
+
+def _prune(folder: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` reports of ``folder`` (never following a link)."""
+    reports = sorted(
+        (p for p in folder.glob("masksup-med-error-*.log") if not p.is_symlink()),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    for old in reports[keep:]:
+        old.unlink(missing_ok=True)
 
 
 def find_user_error(error: BaseException | None) -> UserError | None:
@@ -37,10 +55,17 @@ def find_user_error(error: BaseException | None) -> UserError | None:
 
 
 def _write_traceback(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> Path | None:
-    """Write the full traceback to a new file in the temporary folder; its path (None if it cannot be written)."""
-    path = Path(tempfile.gettempdir()) / f"masksup-med-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    """Write the full traceback to a new private file (see the module docstring); its path, None if it cannot be."""
+    text = "".join(traceback.format_exception(kind, error, tb))
     try:
-        path.write_text("".join(traceback.format_exception(kind, error, tb)))
+        folder = private_folder(user_cache_dir() / "error-reports")
+        name = f"masksup-med-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(4)}.log"
+        path = folder / name
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        descriptor = os.open(path, flags, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        _prune(folder, KEEP_REPORTS)
     except OSError:
         return None
     return path

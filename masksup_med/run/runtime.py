@@ -8,7 +8,7 @@ import datetime
 import math
 import secrets
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ignite.distributed as idist
@@ -20,6 +20,7 @@ from masksup_med.errors import ConfigError
 __all__ = [
     "check_augmentation_keeps_size",
     "check_image_size",
+    "check_numbers",
     "check_same_on_every_process",
     "distributed_backend",
     "keep_freed_memory",
@@ -132,3 +133,47 @@ def check_augmentation_keeps_size(augmentation: Sequence[Any], image_size: Seque
                 "would differ in shape: "
                 "use a square image_size, set its prob to 0, or remove it"
             )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+# what each numeric option of the bundles must be: (the rule in words, the test, an example value)
+NUMBER_RULES: dict[str, tuple[str, Any, str]] = {
+    "batch_size": ("a whole number >= 1", lambda v: _is_int(v) and v >= 1, "4"),
+    "max_epochs": ("a whole number >= 1", lambda v: _is_int(v) and v >= 1, "40"),
+    "val_interval": ("a whole number >= 1", lambda v: _is_int(v) and v >= 1, "2"),
+    "seed": ("a whole number >= 0", lambda v: _is_int(v) and v >= 0, "0"),
+    "learning_rate": ("a number > 0", lambda v: _is_number(v) and v > 0, "1e-3"),
+    "val_fraction": ("a number between 0 and 1 (both excluded)", lambda v: _is_number(v) and 0 < v < 1, "0.2"),
+    "test_fraction": ("a number between 0 and 1 (both excluded)", lambda v: _is_number(v) and 0 < v < 1, "0.1"),
+    "label_fraction": ("a number in (0, 1]", lambda v: _is_number(v) and 0 < v <= 1, "0.25"),
+    "image_size": (
+        "a list of whole numbers >= 1, [width, height]",
+        lambda v: isinstance(v, (list, tuple)) and len(v) in (2, 3) and all(_is_int(s) and s >= 1 for s in v),
+        '"[256,256]"',
+    ),
+}
+
+
+def check_numbers(*groups: Mapping[str, Any]) -> None:
+    """Fail at start, before anything is written, when a numeric option has a value it cannot take.
+
+    Each group maps option names to values (a config's ``recipe``, ``split_options``, ...); the names
+    of :data:`NUMBER_RULES` are checked (``seed`` in ``split_options`` is the split seed), others ignored.
+    Every wrong value is named in one message, with the rule and an example.
+    """
+    problems = []
+    for group in groups:
+        for name, value in group.items():
+            rule = NUMBER_RULES.get(name)
+            if rule is not None and not rule[1](value):
+                what, _, example = rule
+                problems.append(f"{name} must be {what}, got {value!r} (e.g. --{name} {example})")
+    if problems:
+        raise ConfigError("; ".join(problems) + ".")
