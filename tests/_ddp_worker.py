@@ -1,4 +1,4 @@
-"""A worker for tests/test_semi.py's two-process DDP check, in a module of its own so that the
+"""A worker for tests/test_maskmatch.py's two-process DDP check, in a module of its own so that the
 spawned processes import only torch, MONAI's UNet and masksup_med.run.runtime (not the test module's
 heavier imports)."""
 
