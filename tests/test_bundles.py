@@ -70,6 +70,8 @@ DEMOS = {  # a small demo of each bundle's dataset, 64 x 48 pixels (Kvasir-SEG: 
     "cvc_clinicdb": lambda folder: make_cvc_clinicdb_demo(folder, n_frames=14, size=(64, 48)),
     "kvasir_seg": lambda folder: make_kvasir_seg_demo(folder, n_images=12, size=(64, 48)),
 }
+ONE_TINY_EPOCH = ("--max_epochs", "1", "--val_interval", "1", "--image_size", "[64,64]")  # the smallest run
+
 CASES = {
     "glas": BundleCase("glas", "glas", frozenset({"test", "testA", "testB"}), "Warwick"),
     "cvc_clinicdb": BundleCase("cvc_clinicdb", "cvc-clinicdb", frozenset({"test"}), "CVC-ClinicDB"),
@@ -146,12 +148,7 @@ def test_one_epoch_on_demo_data_saves_checkpoint_split_and_mlflow_run(case, demo
     result = run_training(
         demo,
         out,
-        "--max_epochs",
-        "1",
-        "--val_interval",
-        "1",
-        "--image_size",
-        "[64,64]",
+        *ONE_TINY_EPOCH,
         "--batch_size",
         "4",
         config=case.configs / "train.json",
@@ -251,12 +248,7 @@ def test_baseline_arm_runs_through_the_same_bundle(tmp_path):
     result = run_training(
         CASES["glas"].make_demo(tmp_path / "demo"),
         out,
-        "--max_epochs",
-        "1",
-        "--val_interval",
-        "1",
-        "--image_size",
-        "[64,64]",
+        *ONE_TINY_EPOCH,
         "--loss_weights",
         "{'a1': 1.0, 'a2': 0.0, 'a3': 0.0}",
     )
@@ -316,12 +308,7 @@ def test_semi_supervised_config_trains_with_a_label_fraction_and_an_unlabelled_f
     result = run_training(
         demo,
         out,
-        "--max_epochs",
-        "1",
-        "--val_interval",
-        "1",
-        "--image_size",
-        "[64,64]",
+        *ONE_TINY_EPOCH,
         "--batch_size",
         "2",
         "--label_fraction",
@@ -409,12 +396,7 @@ def test_pretraining_writes_weights_that_training_starts_from(tmp_path):
     result = run_training(
         demo,
         out,
-        "--max_epochs",
-        "1",
-        "--val_interval",
-        "1",
-        "--image_size",
-        "[64,64]",
+        *ONE_TINY_EPOCH,
         "--pretrained_weights",
         str(pretrained),
     )
@@ -436,12 +418,7 @@ def test_mixed_precision_bf16_trains_one_epoch_on_cpu(tmp_path):
     result = run_training(
         CASES["glas"].make_demo(tmp_path / "demo"),
         out,
-        "--max_epochs",
-        "1",
-        "--val_interval",
-        "1",
-        "--image_size",
-        "[64,64]",
+        *ONE_TINY_EPOCH,
         "--amp",
         "True",
         "--amp_dtype",
@@ -470,12 +447,7 @@ def test_supervised_baseline_is_a_short_config_over_the_same_pipeline(tmp_path):
         str(CASES["glas"].make_demo(tmp_path / "demo")),
         "--output_dir",
         str(out),
-        "--max_epochs",
-        "1",
-        "--val_interval",
-        "1",
-        "--image_size",
-        "[64,64]",
+        *ONE_TINY_EPOCH,
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -954,12 +926,7 @@ def run_torchrun(
         str(output_dir),
         "--num_workers",
         "0",
-        "--max_epochs",
-        "1",
-        "--val_interval",
-        "1",
-        "--image_size",
-        "[64,64]",
+        *ONE_TINY_EPOCH,
         "--batch_size",
         "2",
         *overrides,
@@ -1040,12 +1007,7 @@ def test_a_network_changed_by_an_override_is_registered_as_trained(tmp_path):
     result = run_training(
         demo_glas,
         out,
-        "--max_epochs",
-        "1",
-        "--val_interval",
-        "1",
-        "--image_size",
-        "[64,64]",
+        *ONE_TINY_EPOCH,
         "--network_def#channels",
         "[8,16,32,64,128]",
     )
