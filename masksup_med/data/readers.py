@@ -261,7 +261,7 @@ class AnyImageReader(ImageReader):
         if file_suffix(img.path) in MEDICAL_SUFFIXES:
             array, meta = as_2d(array, meta)
         meta = dict(meta)
-        meta["source_dtype"] = str(array.dtype)
+        meta["source_dtype"] = array.dtype.name  # int16, not >i2
         meta["format"] = format_name(img.path)
         return array, meta
 
