@@ -18,7 +18,8 @@ from monai.transforms import Activationsd, AsDiscreted, CopyItemsd, Invertd, Tra
 from PIL import Image
 
 from masksup_med.data.errors import DatasetNotFoundError, UnreadableFileError
-from masksup_med.data.readers import PIL_SUFFIXES, TIFF_SUFFIXES, AnyImageReader, read_array
+from masksup_med.data.formats import SUPPORTED_SUFFIXES, file_suffix
+from masksup_med.data.readers import AnyImageReader, read_array
 
 __all__ = ["OverlayHandler", "image_readers", "list_images", "native_mask_postprocessing", "overlay"]
 
@@ -54,8 +55,7 @@ def _unusable(path: Path) -> str | None:
         array = read_array(path)
     except UnreadableFileError as e:
         return e.reason
-    if array.dtype != np.uint8:
-        return f"{array.dtype} pixels; the models take 8-bit images (save it as 8-bit)"
+    # 16-bit and float images are normalised (the bundle's ``intensity``: NormaliseIntensityd)
     if array.ndim == 3 and array.shape[-1] > 4:
         return f"{array.shape[-1]} channels; grey, RGB or RGBA expected"
     return None
@@ -64,19 +64,19 @@ def _unusable(path: Path) -> str | None:
 def list_images(input_dir: str | os.PathLike) -> list[dict]:
     """``[{"image": path}, …]`` for every usable image in ``input_dir`` (sorted).
 
-    Each file is read once first: files the network cannot take (unreadable, not 8-bit) are skipped
+    Each file is read once first: files the network cannot take (unreadable, a volume) are skipped
     and listed in a warning; grey and RGBA images are kept (:class:`~masksup_med.transforms.EnsureRGB`
     makes them RGB). A folder with no usable image is refused.
     """
     folder = Path(input_dir)
     if not folder.is_dir():
         raise DatasetNotFoundError(f"input folder {folder} does not exist; pass --input_dir with your images.")
-    supported = {*PIL_SUFFIXES, *TIFF_SUFFIXES}
+    supported = set(SUPPORTED_SUFFIXES)
     files = sorted(
         p
         for p in folder.iterdir()
         if p.is_file()
-        and p.suffix.lower() in supported
+        and file_suffix(p) in SUPPORTED_SUFFIXES
         and p.name.lower() not in IGNORED
         and not p.name.startswith(".")
     )

@@ -23,10 +23,10 @@ from masksup_med.data.cvc_clinicdb import builtin_sequence_table, parse_sequence
 
 
 def test_registry_names():
-    assert available_datasets() == ["cvc-clinicdb", "glas", "kvasir-cvc", "kvasir-seg", "pranet"]
+    assert available_datasets() == ["cvc-clinicdb", "folder", "glas", "kvasir-cvc", "kvasir-seg", "pranet"]
     assert get_dataset("GLaS").label_threshold == 0 and get_dataset("kvasir-seg").label_threshold == 127
     assert "by" in get_dataset("cvc-clinicdb").split_options
-    with pytest.raises(ValueError, match="cvc-clinicdb, glas"):
+    with pytest.raises(ValueError, match="cvc-clinicdb, folder, glas"):
         get_dataset("nosuch")
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import mlflow
 import monai.bundle.__main__ as bundle_main
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -244,13 +245,15 @@ def test_inference_skips_and_lists_files_it_cannot_use_and_keeps_grey_ones(tmp_p
 
     Image.new("RGB", (16, 8)).save(tmp_path / "a_rgb.png")
     Image.new("L", (16, 8)).save(tmp_path / "b_grey.png")
-    Image.fromarray(np.zeros((8, 16), np.uint16)).save(tmp_path / "c_16bit.png")
+    Image.fromarray(np.zeros((8, 16), np.uint16)).save(tmp_path / "b_grey16.png")  # kept: intensities normalised
+    nib.save(nib.Nifti1Image(np.zeros((16, 8, 3), np.int16), np.eye(4)), tmp_path / "c_volume.nii.gz")
     (tmp_path / "d_empty.jpg").write_bytes(b"")
     with caplog.at_level(logging.WARNING):
         items = list_images(tmp_path)
-    assert [Path(i["image"]).name for i in items] == ["a_rgb.png", "b_grey.png"]
-    assert "skipping 2 of 4 files" in caplog.text
-    assert "c_16bit.png: uint16 pixels" in caplog.text and "d_empty.jpg: empty file" in caplog.text
+    assert [Path(i["image"]).name for i in items] == ["a_rgb.png", "b_grey.png", "b_grey16.png"]
+    assert "skipping 2 of 5 files" in caplog.text
+    assert "c_volume.nii.gz: NIfTI file is a volume of shape 16 x 8 x 3" in caplog.text
+    assert "d_empty.jpg: empty file" in caplog.text
 
 
 def test_a_changed_file_replaces_its_cache_entry_instead_of_adding_one(demo, tmp_path):

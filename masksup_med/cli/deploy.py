@@ -30,7 +30,7 @@ __all__ = ["add_deploy_commands", "bundle_command", "bundles_root"]
 
 BUNDLES_ENV = "MASKSUP_BUNDLES_DIR"
 DEFAULT_BUNDLE = "glas"
-FORMATS = {"png": ".png", "nifti": ".nii.gz"}
+FORMATS = {"auto": None, "png": ".png", "nifti": ".nii.gz"}  # auto: the inputs' (data.formats.mask_suffix_for)
 
 
 def bundles_root(explicit: str | os.PathLike | None = None) -> Path:
@@ -243,9 +243,9 @@ def _predict(args: argparse.Namespace) -> int:
         str(input_dir.resolve()),
         "--prediction_dir",
         str(Path(args.output).resolve()),
-        "--output_ext",
-        FORMATS[args.format],
     ]
+    if FORMATS[args.format]:
+        cmd_overrides += ["--output_ext", FORMATS[args.format]]
     if args.overlays:
         cmd_overrides += ["--save_overlays", "true"]
     if store and not _has_override(overrides, "image_size"):
@@ -387,7 +387,11 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
         help="bundle whose inference config runs (default: the registered version's 'bundle' tag, else glas)",
     )
     predict.add_argument(
-        "--format", choices=sorted(FORMATS), default="png", help="png (0/255, default) or nifti (.nii.gz, 0/1)"
+        "--format",
+        choices=sorted(FORMATS),
+        default="auto",
+        help="auto (default: NIfTI for NIfTI, DICOM, MetaImage or NRRD inputs, with their affine; PNG otherwise), "
+        "png (0/255) or nifti (.nii.gz, 0/1)",
     )
     predict.add_argument(
         "--overlays", action="store_true", help="also write <stem>_overlay.png for a person to look at"

@@ -4,6 +4,11 @@ Images must be 8-bit RGB: grey, RGBA, palette-less 16-bit and other images are r
 converted (the message says how to convert). Labels are reduced to foreground as
 :func:`~masksup_med.transforms.label.foreground_mask` does; for datasets whose masks are 0/255,
 labels with many mid-grey pixels, or 0/1 masks, are refused as ambiguous.
+
+A dataset with ``medical_formats`` (the ``folder`` dataset) takes grey or RGB(A) images of any pixel
+type (16-bit CT and MR, float) in any supported format: the report counts the formats, the pixel
+spacings (from the affine of NIfTI, DICOM, MetaImage, NRRD) and the intensity ranges by pixel type,
+and says which are normalised and how. Its masks must be 0/1 or 0/255, in any pixel type.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from masksup_med.transforms.label import foreground_mask
 
 from .errors import DatasetError, UnreadableFileError
 from .pairing import LEFT_OUT, Problem
-from .readers import read_array
+from .readers import read_image
 from .registry import DatasetSpec, get_dataset
 from .splits import natural_key
 
@@ -47,6 +52,9 @@ class CheckReport:
     split_groups: dict[str, int] = field(default_factory=dict)  # video sequences per split, where known
     problems: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    formats: Counter = field(default_factory=Counter)  # image formats (PNG, NIfTI, DICOM, ...)
+    spacings: Counter = field(default_factory=Counter)  # pixel spacing of images with an affine
+    intensities: dict[str, list[float]] = field(default_factory=dict)  # pixel kind -> [min, max, count]
 
     @property
     def ok(self) -> bool:
@@ -59,6 +67,12 @@ class CheckReport:
         official = ", ".join(f"{k} {self.official[k]}" for k in order)
         lines.append(f"pairs: {self.pairs}" + (f" ({official})" if official else ""))
         lines.append(f"images (H x W): {_counts(self.images)}")
+        if self.formats:
+            lines.append(f"image formats: {_counts(self.formats, by_area=False)}")
+        if self.spacings:
+            lines.append(f"pixel spacing (row x column, mm): {_counts(self.spacings, by_area=False)}")
+        for line in _intensity_lines(self.intensities):
+            lines.append(line)
         lines.append(f"labels (H x W): {_counts(self.labels)}")
         lines.append(f"label values: {_values(self.label_values)}; foreground = max over channels > {threshold:g}")
         if self.foreground:
@@ -79,11 +93,13 @@ def _pixels(size_and_kind: str) -> int:
     return int(height) * int(width)
 
 
-def _counts(counter: Counter) -> str:
+def _counts(counter: Counter, by_area: bool = True) -> str:
     """``SIZE KIND (n)`` of each distinct value; beyond ``MOST_COMMON`` values, the range and the most common."""
     common = "; ".join(f"{key} ({n})" for key, n in counter.most_common(MOST_COMMON))
     if len(counter) <= MOST_COMMON:
         return common or "none read"
+    if not by_area:
+        return f"{len(counter)} distinct; most common: {common}"
     by_area = sorted(counter, key=_pixels)
     return f"{len(counter)} distinct, from {by_area[0]} to {by_area[-1]}; most common: {common}"
 
@@ -112,10 +128,52 @@ def describe(array: np.ndarray) -> str:
     return f"{array.shape[1]}x{array.shape[0]} {kind_of(array)}"
 
 
-def _check_image(array: np.ndarray) -> str | None:
+def _check_image(array: np.ndarray, spec: DatasetSpec | None = None) -> str | None:
+    if spec is not None and spec.medical_formats:
+        if channels_of(array) in (1, 2, 3, 4) and array.dtype.kind in "biuf":
+            return None
+        return f"image is {kind_of(array)} ({array.dtype}); grey, RGB or RGBA expected"
     if channels_of(array) == 3 and array.dtype == np.uint8:
         return None
     return f"image is {kind_of(array)}, 8-bit RGB expected; {_CONVERT}"
+
+
+def spacing_of(meta: dict) -> str | None:
+    """``row x column`` pixel spacing from the affine of a medical image (None for PNG, JPEG, TIFF...)."""
+    affine = meta.get("affine")
+    if affine is None or meta.get("format") in (None, "PNG", "JPEG", "BMP", "TIFF"):
+        return None
+    columns = np.linalg.norm(np.asarray(affine, dtype=float)[:3, :2], axis=0)  # along i (x), along j (y)
+    return f"{columns[1]:.3g} x {columns[0]:.3g}"
+
+
+def _intensity_kind(array: np.ndarray) -> str:
+    grey = "grey" if channels_of(array) <= 2 else "colour"
+    return f"{grey} {array.dtype}"
+
+
+def _intensity_lines(intensities: dict[str, list[float]]) -> list[str]:
+    """How each pixel kind's intensities reach the network (8-bit as is, the others normalised)."""
+    lines = []
+    for kind, (low, high, count) in sorted(intensities.items()):
+        how = (
+            "used as is (0..255 -> 0..1)"
+            if kind.endswith("uint8")
+            else "normalised to 0..1 by the bundle's `intensity` value (default: percentiles 0.5..99.5 of each "
+            "image; or a window, e.g. CT soft tissue {'mode': 'window', 'center': 40, 'width': 400}); grey is "
+            "repeated to RGB"
+        )
+        lines.append(f"intensities, {kind} ({int(count)} images): {low:g}..{high:g}, {how}")
+    return lines
+
+
+def _label_values_problem(array: np.ndarray) -> str | None:
+    """Problem of a medical-format mask: values other than 0/1 or 0/255."""
+    values = np.unique(array)
+    if values.size > 3 or not (set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}):
+        shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if values.size > 6 else "")
+        return f"label values are {shown}; a 0/1 or 0/255 mask expected (saved losslessly: PNG, TIFF, NIfTI, ...)"
+    return None
 
 
 def _check_label(array: np.ndarray, spec: DatasetSpec) -> tuple[str | None, float]:
@@ -124,6 +182,8 @@ def _check_label(array: np.ndarray, spec: DatasetSpec) -> tuple[str | None, floa
         return f"label has {channels_of(array)} channels, 1 (grey) or 3 (colour) expected; save it without alpha", 0.0
     first = array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
     fraction = float(foreground_mask(first, spec.label_threshold).mean())
+    if spec.medical_formats:
+        return _label_values_problem(first), fraction
     if not spec.binary_labels:
         return None, fraction
     grey = first.max(axis=0)
@@ -143,29 +203,48 @@ def _check_label(array: np.ndarray, spec: DatasetSpec) -> tuple[str | None, floa
     return None, fraction
 
 
-def _read(path: Path, report: CheckReport) -> np.ndarray | None:
+def _read(path: Path, report: CheckReport) -> tuple[np.ndarray | None, dict]:
     try:
-        return read_array(path)
+        return read_image(path)
     except UnreadableFileError as e:
         report.problems.append(Problem(Path(e.path), e.reason, "read"))
-        return None
+        return None, {}
 
 
-def check_image(path: str | os.PathLike, report: CheckReport) -> np.ndarray | None:
-    """Read one image, add its size and kind (and any problem) to ``report``; the array, None if unreadable."""
-    image = _read(Path(path), report)
+def check_image(path: str | os.PathLike, report: CheckReport, spec: DatasetSpec | None = None) -> np.ndarray | None:
+    """Read one image, add its size and kind (and any problem) to ``report``; the array, None if unreadable.
+
+    For a ``medical_formats`` ``spec``, also its format, pixel spacing and intensity range.
+    """
+    return _checked_image(path, report, spec)[0]
+
+
+def _checked_image(path: str | os.PathLike, report: CheckReport, spec: DatasetSpec | None) -> tuple:
+    image, meta = _read(Path(path), report)
     if image is not None:
         report.images[describe(image)] += 1
-        problem = _check_image(image)
+        problem = _check_image(image, spec)
         if problem:
             report.problems.append(Problem(Path(path), problem, "image"))
-    return image
+        elif spec is not None and spec.medical_formats:
+            report.formats[meta.get("format", "?")] += 1
+            spacing = spacing_of(meta)
+            if spacing:
+                report.spacings[spacing] += 1
+            low, high, count = report.intensities.get(_intensity_kind(image), [np.inf, -np.inf, 0])
+            report.intensities[_intensity_kind(image)] = [
+                min(low, float(image.min())),
+                max(high, float(image.max())),
+                count + 1,
+            ]
+    return image, meta
 
 
 def check_pair(item: dict, spec: DatasetSpec, report: CheckReport) -> None:
     """Read one image/label pair and add what is found (sizes, values, problems) to ``report``."""
     image_path, label_path = Path(item["image"]), Path(item["label"])
-    image, label = check_image(image_path, report), _read(label_path, report)
+    image, image_meta = _checked_image(image_path, report, spec)
+    label, label_meta = _read(label_path, report)
     if label is None:
         return
     report.labels[describe(label)] += 1
@@ -180,6 +259,11 @@ def check_pair(item: dict, spec: DatasetSpec, report: CheckReport) -> None:
                 "size",
             )
         )
+    if spec.medical_formats and image is not None and not _same_grid(image_meta, label_meta):
+        report.warnings.append(
+            f"{label_path}: its affine (position, orientation, spacing) differs from its image {image_path.name}'s; "
+            "it is used voxel by voxel, as if it had the image's"
+        )
     problem, fraction = _check_label(label, spec)
     if problem:
         report.problems.append(Problem(label_path, problem, "label"))
@@ -187,6 +271,13 @@ def check_pair(item: dict, spec: DatasetSpec, report: CheckReport) -> None:
     report.foreground.append(fraction)
     if fraction == 0:
         report.warnings.append(f"{label_path}: label is all background (no foreground pixel)")
+
+
+def _same_grid(image_meta: dict, label_meta: dict) -> bool:
+    """True unless both image and label carry an affine (medical formats) and the two differ."""
+    if spacing_of(label_meta) is None or spacing_of(image_meta) is None:
+        return True
+    return bool(np.allclose(image_meta["affine"], label_meta["affine"], atol=1e-3))
 
 
 def check_dataset(name: str, dataset_dir: str | os.PathLike, **split_options) -> CheckReport:

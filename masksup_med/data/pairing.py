@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DatasetError, DatasetNotFoundError
+from .formats import file_stem, file_suffix
 from .splits import natural_key
 
 STRAY_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini", "ehthumbs.db"})
@@ -89,11 +90,11 @@ Classifier = Callable[[Path], "tuple[str, str, bool] | None"]
 
 
 def in_folder(role: str, suffixes: Iterable[str]) -> Classifier:
-    """Classifier for a folder holding only ``role`` files, paired by file stem."""
+    """Classifier for a folder holding only ``role`` files, paired by file stem (``case1.nii.gz``: ``case1``)."""
     allowed = frozenset(s.lower() for s in suffixes)
 
     def classify(path: Path):
-        return role, path.stem, path.suffix.lower() in allowed
+        return role, file_stem(path), file_suffix(path) in allowed
 
     return classify
 
@@ -128,7 +129,7 @@ def pair_files(
             continue
         found = classify(path)
         if found is None:
-            if path.suffix.lower() in allowed:
+            if file_suffix(path) in allowed:
                 problems.append(
                     Problem(path, f"left out: its name does not follow the dataset's naming{hint}", LEFT_OUT)
                 )
@@ -136,7 +137,7 @@ def pair_files(
         role, key, supported = found
         if not supported:
             problems.append(
-                Problem(path, f"unsupported extension {path.suffix!r} (expected {expected})", "unsupported")
+                Problem(path, f"unsupported extension {file_suffix(path)!r} (expected {expected})", "unsupported")
             )
             continue
         other = tables[role].setdefault(key, path)

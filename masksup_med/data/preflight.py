@@ -26,7 +26,7 @@ __all__ = ["CACHE_ENV", "SPLITS_READ_BY_TRAINING", "check_training_data", "defau
 
 SPLITS_READ_BY_TRAINING = ("train", "validation", "unlabelled")
 MAX_LISTED = 15
-_CACHE_VERSION = 2  # a cache written with another version is dropped when read
+_CACHE_VERSION = 3  # a cache written with another version is dropped when read
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def _item_problems(item: Mapping, dataset: str) -> list[str]:
     if item.get("label"):
         check_pair(dict(item), get_dataset(dataset), report)
     else:
-        check_image(item["image"], report)
+        check_image(item["image"], report, get_dataset(dataset))
     return [str(p) for p in report.problems]
 
 

@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import cvc_clinicdb, glas, kvasir_cvc, kvasir_seg, pranet
+from . import cvc_clinicdb, folder, glas, kvasir_cvc, kvasir_seg, pranet
 from .pairing import Scan
 
 # MONAI-backed modules (readers, transforms) are imported where used: naming and scanning
@@ -21,6 +21,9 @@ class DatasetSpec:
 
     ``binary_labels``: masks are meant to be 0/255, so many mid-grey values make them ambiguous;
     when False (GLaS instance ids) any value > ``label_threshold`` is foreground.
+    ``medical_formats``: images may be grey, 16-bit or float, in any supported format (NIfTI, DICOM,
+    MetaImage, ...), their intensities normalised by the bundle's ``intensity`` value; masks are 0/1
+    or 0/255 in any pixel type. Otherwise images must be 8-bit RGB.
     """
 
     name: str
@@ -29,6 +32,7 @@ class DatasetSpec:
     assign: Callable[..., dict[str, list[dict]]]
     label_threshold: float
     binary_labels: bool
+    medical_formats: bool = False
 
     @property
     def split_options(self) -> tuple[str, ...]:
@@ -57,9 +61,9 @@ class DatasetSpec:
 
     def reader(self, items: list[dict]):
         """``reader`` argument for ``LoadImaged`` on these datalist ``items``."""
-        from .readers import loader_reader
+        from .readers import AnyImageReader, loader_reader
 
-        return loader_reader(items)
+        return AnyImageReader() if self.medical_formats else loader_reader(items)
 
     def label_transform(self, keys="label"):
         """``ForegroundMaskd`` with this dataset's threshold."""
@@ -110,6 +114,15 @@ _DATASETS = {
             kvasir_cvc.assign_kvasir_cvc,
             kvasir_cvc.LABEL_THRESHOLD,
             binary_labels=True,
+        ),
+        DatasetSpec(
+            folder.NAME,
+            "Your own images/ + masks/ folder: PNG, JPEG, TIFF, NIfTI, DICOM, MetaImage or NRRD",
+            folder.scan_folder,
+            folder.assign_folder,
+            folder.LABEL_THRESHOLD,
+            binary_labels=False,
+            medical_formats=True,
         ),
     )
 }

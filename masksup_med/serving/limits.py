@@ -1,8 +1,10 @@
 """What the REST endpoint accepts: request and image limits, and the error a refused request gets.
 
 An image's size is read from its header (PNG, JPEG and BMP through Pillow's ``Image.open``, which
-decodes nothing; TIFF through ``tifffile``'s page header) and checked against :class:`ServingLimits`
-before any pixel is decoded, so a small file declaring 30000 x 30000 pixels costs nothing.
+decodes nothing; TIFF through ``tifffile``'s page header; NIfTI-1 through ``nibabel``'s header, only its
+first 348 bytes decompressed; DICOM through ``pydicom`` stopping before the pixels) and checked
+against :class:`ServingLimits` before any pixel is decoded, so a small file declaring 30000 x 30000 pixels
+costs nothing.
 """
 
 from __future__ import annotations
@@ -136,13 +138,81 @@ class ImageHeader:
 
 
 def sniff_suffix(data: bytes) -> str:
-    """The file suffix of an encoded image from its first bytes (PNG, JPEG, BMP, TIFF)."""
+    """The file suffix of an encoded image from its first bytes (PNG, JPEG, BMP, TIFF, NIfTI-1, DICOM)."""
+    medical = sniff_medical_suffix(data)  # first: a DICOM's 128-byte preamble may look like a TIFF
+    if medical:
+        return medical
     for magic, suffix in _MAGIC:
         if data.startswith(magic):
             return suffix
     raise RequestRejected(
-        f"not a PNG, JPEG, BMP or TIFF file (starts with {data[:8]!r}); send the image file's bytes, base64-encoded"
+        f"not a PNG, JPEG, BMP, TIFF, NIfTI or DICOM file (starts with {data[:8]!r}); send the image file's bytes, "
+        "base64-encoded"
     )
+
+
+# --- medical formats: NIfTI-1 (.nii, .nii.gz) and DICOM (.dcm), one 2D image each ---------------------------
+
+_NIFTI_HEADER = 348
+_GZIP = b"\x1f\x8b"
+
+
+def _gunzip_head(data: bytes, size: int) -> bytes:
+    """The first ``size`` bytes of gzip ``data``, decompressing no more than that (b'' when it is not gzip)."""
+    import gzip
+
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
+            return f.read(size)
+    except (OSError, EOFError):
+        return b""
+
+
+def sniff_medical_suffix(data: bytes) -> str | None:
+    """``.nii``, ``.nii.gz`` or ``.dcm`` from the first bytes of ``data``; None for other files."""
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return ".dcm"
+    if len(data) >= _NIFTI_HEADER and data[344:348] == b"n+1\x00":
+        return ".nii"
+    if data.startswith(_GZIP) and _gunzip_head(data, _NIFTI_HEADER)[344:348] == b"n+1\x00":
+        return ".nii.gz"
+    return None
+
+
+def _medical_header(data: bytes, suffix: str) -> ImageHeader:
+    """Size of a NIfTI-1 or DICOM image from its header (nothing decoded); a volume is refused (400)."""
+    import numpy as np
+
+    try:
+        if suffix == ".dcm":
+            import pydicom
+
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            if "Rows" not in ds or "Columns" not in ds:
+                raise RequestRejected("DICOM file has no image (no Rows / Columns): it holds no pixel data")
+            shape = (int(ds.Columns), int(ds.Rows), int(getattr(ds, "NumberOfFrames", 1) or 1))
+            channels, sample = int(getattr(ds, "SamplesPerPixel", 1)), max(int(getattr(ds, "BitsAllocated", 8)) // 8, 1)
+            name = "DICOM"
+        else:
+            import nibabel as nib
+
+            head = data[:_NIFTI_HEADER] if suffix == ".nii" else _gunzip_head(data, _NIFTI_HEADER)
+            header = nib.Nifti1Header.from_fileobj(io.BytesIO(head))
+            shape, channels = tuple(int(n) for n in header.get_data_shape()), 1
+            if len(shape) == 5 and shape[2:4] == (1, 1):  # X x Y x 1 x 1 x components (RGB)
+                shape, channels = shape[:2], shape[4]
+            sample = np.dtype(header.get_data_dtype()).itemsize
+            name = "NIfTI"
+    except RequestRejected:
+        raise
+    except Exception as e:  # noqa: BLE001 - pydicom and nibabel raise many types for a broken header
+        raise RequestRejected(f"not a readable {suffix} image ({type(e).__name__}: {e})") from None
+    if len(shape) < 2 or any(n != 1 for n in shape[2:]):
+        raise RequestRejected(
+            f"the {name} image is a volume of shape {' x '.join(map(str, shape))}; the model is 2D: send one slice"
+        )
+    width, height = shape[0], shape[1]
+    return ImageHeader(suffix, width, height, width * height * channels * sample, f"{name} {sample * 8}-bit")
 
 
 def _pil_header(data: bytes, suffix: str) -> ImageHeader:
@@ -196,4 +266,6 @@ def image_header(data: bytes) -> ImageHeader:
     if not data:
         raise RequestRejected("the image is empty (0 bytes)")
     suffix = sniff_suffix(data)
+    if suffix in (".nii", ".nii.gz", ".dcm"):
+        return _medical_header(data, suffix)  # any pixel type: intensities are normalised (NormaliseIntensity)
     return _tiff_header(data) if suffix == ".tif" else _pil_header(data, suffix)

@@ -6,13 +6,16 @@ image files. :func:`build_serving_model` writes an MLflow pyfunc model whose loa
 own preprocessing, so that MLflow's scoring server (``/ping``, ``/invocations``) takes image files and
 answers with masks:
 
-- input: a table with one column ``image``: each cell one image file (PNG, JPEG, BMP or TIFF),
-  base64-encoded. Any of the scoring server's JSON layouts works, e.g.
+- input: a table with one column ``image``: each cell one image file (PNG, JPEG, BMP, TIFF, or a 2D
+  NIfTI-1 ``.nii`` / ``.nii.gz`` or single-frame DICOM), base64-encoded. Any of the scoring server's
+  JSON layouts works, e.g.
   ``{"dataframe_split": {"columns": ["image"], "data": [["iVBORw0KGgo…"]]}}`` or
   ``{"dataframe_records": [{"image": "iVBORw0KGgo…"}]}``.
 - output: one row per image: ``mask`` (a base64 PNG, 8-bit, 0 = background, 255 = foreground, at
   the input image's own size), ``width``, ``height`` and ``foreground_fraction``. The server wraps
   them as ``{"predictions": [{"mask": …, "width": …, "height": …, "foreground_fraction": …}]}``.
+  For a NIfTI or DICOM image the PNG's columns are its first voxel axis (i), its rows the second (j),
+  as the readers lay it out; the affine is not returned.
 
 Each image's header is checked against the serving limits (:mod:`masksup_med.serving.limits`)
 before it is decoded, then it goes through the same code as the bundle's inference config: read
@@ -92,13 +95,17 @@ def _image_bytes(encoded: str | bytes) -> bytes:
         raise RequestRejected(f"column {IMAGE_COLUMN!r} must hold base64-encoded image files ({e})") from None
 
 
-def decode_image(encoded: str | bytes, limits: ServingLimits | None = None) -> np.ndarray:
+def decode_image(
+    encoded: str | bytes, limits: ServingLimits | None = None, intensity: Mapping[str, Any] | None = None
+) -> np.ndarray:
     """Decode one base64-encoded image file into a channel-first array in MONAI's axes (``C, W, H``).
 
     The header is checked against ``limits`` first (:class:`RequestRejected`, 413, when over). The
     bytes are then read with :func:`masksup_med.data.readers.read_array`, the readers the bundles
     use. Grey images are repeated to three channels and an alpha channel is dropped, so any of them
-    fits an RGB network. A file that does not decode raises :class:`RequestRejected` (400).
+    fits an RGB network. A file that does not decode raises :class:`RequestRejected` (400). Images that
+    are not 8-bit (NIfTI, DICOM: CT, MR) are mapped to 0..255 as the bundle's ``intensity`` says
+    (:class:`~masksup_med.transforms.NormaliseIntensity`; percentiles 0.5..99.5 when None).
     """
     from masksup_med.data.errors import UnreadableFileError
     from masksup_med.data.readers import read_array
@@ -114,10 +121,18 @@ def decode_image(encoded: str | bytes, limits: ServingLimits | None = None) -> n
         except UnreadableFileError as e:
             raise RequestRejected(f"the image does not decode: {e.reason.replace(str(path), 'image')}") from None
     array = array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
+    array = _normalised(array, intensity)
     try:
         return np.ascontiguousarray(EnsureRGB()(array))
     except ValueError as e:
         raise RequestRejected(str(e)) from None
+
+
+def _normalised(array: np.ndarray, intensity: Mapping[str, Any] | None) -> np.ndarray:
+    """``array`` (channel first) mapped to 0..255 when it is not 8-bit (see :func:`decode_image`)."""
+    from masksup_med.transforms.intensity import NormaliseIntensity
+
+    return NormaliseIntensity(intensity)(array, source_dtype=array.dtype.name)
 
 
 def encode_mask(mask: np.ndarray) -> str:
@@ -178,6 +193,7 @@ class MaskSupSegmenter:
         if config.get("image_size"):
             parser["image_size"] = [int(s) for s in config["image_size"]]
         self.preprocessing = Compose(parser.get_parsed_content("resizing"))
+        self.intensity = parser.get("intensity")  # None in a bundle config written before it had one
         self.postprocessing = Compose(native_mask_postprocessing(self.preprocessing, self.threshold))
         self.network = load_model(data_path / NETWORK_DIR, self.device)
         self._torch = torch
@@ -186,7 +202,7 @@ class MaskSupSegmenter:
         from monai.data import MetaTensor
 
         torch = self._torch
-        image = MetaTensor(torch.as_tensor(decode_image(encoded, self.limits)))
+        image = MetaTensor(torch.as_tensor(decode_image(encoded, self.limits, self.intensity)))
         item = self.preprocessing({"image": image})
         with torch.no_grad():
             logits = self.network(item["image"].as_tensor()[None].to(self.device, torch.float32))

@@ -4,6 +4,7 @@ from masksup_med.transforms.bank import RandMaskBank, RandMaskBankd
 from masksup_med.transforms.base import RandMask, RandMaskd
 from masksup_med.transforms.channels import EnsureRGB, EnsureRGBd
 from masksup_med.transforms.free_form import RandFreeFormMask, RandFreeFormMaskd
+from masksup_med.transforms.intensity import NormaliseIntensity, NormaliseIntensityd
 from masksup_med.transforms.label import ForegroundMask, ForegroundMaskd
 from masksup_med.transforms.patch import RandPatchMask, RandPatchMaskd
 
@@ -12,6 +13,8 @@ __all__ = [
     "EnsureRGBd",
     "ForegroundMask",
     "ForegroundMaskd",
+    "NormaliseIntensity",
+    "NormaliseIntensityd",
     "RandFreeFormMask",
     "RandFreeFormMaskd",
     "RandMask",
