@@ -40,7 +40,7 @@ def bundles_root(explicit: str | os.PathLike | None = None) -> Path:
     from_env = os.environ.get(BUNDLES_ENV, "").strip()
     if from_env:
         return Path(from_env)
-    checkout = Path(__file__).resolve().parent.parent / "bundles"
+    checkout = Path(__file__).resolve().parents[2] / "bundles"  # masksup_med/cli/deploy.py -> the checkout
     if checkout.is_dir():
         return checkout
     return Path.cwd() / "bundles"
