@@ -269,7 +269,12 @@ def _serve(args: argparse.Namespace) -> int:
     from masksup_med.serving.model import build_serving_model
 
     try:
-        limits = ServingLimits(args.max_body_bytes, args.max_pixels, args.max_image_bytes)
+        limits = ServingLimits(
+            max_body_bytes=args.max_body_bytes,
+            max_pixels=args.max_pixels,
+            max_image_bytes=args.max_image_bytes,
+            max_images=args.max_images,
+        )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     store = _registry_store(args)
@@ -328,8 +333,9 @@ def _bundle_options(parser: argparse.ArgumentParser) -> None:
 
 def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     """Add ``train``, ``evaluate``, ``predict`` and ``serve``."""
-    from masksup_med.serving.limits import ServingLimits
+    from masksup_med.data.limits import InputLimits
 
+    defaults = InputLimits()
     passthrough = (
         "bundle overrides, passed verbatim to `python -m monai.bundle run` "
         "(e.g. --dataset_dir /data/glas --output_dir /outputs/glas --max_epochs 50)"
@@ -419,7 +425,6 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
     serve.add_argument("--workers", type=int, default=1, help="server worker processes (default: 1)")
     serve.add_argument("--timeout", type=int, default=None, help="seconds allowed per request (MLflow default: 60)")
-    defaults = ServingLimits()
     serve.add_argument(
         "--max-body-bytes",
         type=int,
@@ -442,6 +447,13 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
         metavar="N",
         help=f"largest image decoded, width x height x channels x bytes per sample "
         f"(default: {defaults.max_image_bytes:,}); larger: 413",
+    )
+    serve.add_argument(
+        "--max-images",
+        type=int,
+        default=defaults.max_images,
+        metavar="N",
+        help=f"most images in one request (default: {defaults.max_images}); more: 413",
     )
     serve.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, …")
     serve.add_argument(
