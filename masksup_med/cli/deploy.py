@@ -229,6 +229,13 @@ def bundle_for_model(args: argparse.Namespace, store: str | None) -> str:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from masksup_med.data.limits import InputLimits
+
+    given = {key: getattr(args, key) for key in ("max_pixels", "max_image_bytes") if getattr(args, key) is not None}
+    try:
+        InputLimits(**given)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     overrides = _overrides(args)
     registered = str(args.model).startswith(("models:/", "runs:/"))
     store = _registry_store(args, overrides) if registered else None
@@ -248,6 +255,11 @@ def _predict(args: argparse.Namespace) -> int:
     ]
     if args.overlays:
         cmd_overrides += ["--save_overlays", "true"]
+    if args.skip_bad_inputs:
+        cmd_overrides += ["--skip_bad_inputs", "true"]
+    for key in ("max_pixels", "max_image_bytes"):
+        if getattr(args, key) is not None:
+            cmd_overrides += [f"--{key}", str(getattr(args, key))]
     if store and not _has_override(overrides, "image_size"):
         size = _model_image_size(args.model, store)
         if size:
@@ -370,9 +382,14 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     predict = commands.add_parser(
         "predict",
         help="masks for a folder of images (python -m monai.bundle run inferring)",
-        description="Write a mask for every PNG/JPEG/BMP/TIFF image in --input, each at the image's own size. "
-        "A registered model is run with the bundle it was trained with (its version tag 'bundle') "
-        "at the size it was trained at (from its signature). "
+        description="Write a mask for every PNG/JPEG/BMP/TIFF image in --input, each at the image's own size, "
+        "as <stem>_mask.png in --output. A registered model is run with the bundle it was trained with (its "
+        "version tag 'bundle') at the size it was trained at (from its signature). Each image is checked "
+        "from its header against --max-pixels / --max-image-bytes before it is decoded; an image over them "
+        "or unreadable is skipped, and so is one whose output name in --output is a symbolic link (never "
+        "followed or replaced). Two images with one stem (a.png, a.jpg) refuse the run before anything is "
+        "written. The run ends with a summary (masks written, inputs skipped and why) and exits non-zero "
+        "when an input was skipped, unless --skip-bad-inputs. "
         "Further bundle overrides may follow after `--`.",
         epilog=(
             "example: masksup-med predict --model models:/masksup-glas@champion "
@@ -397,6 +414,28 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     )
     predict.add_argument(
         "--overlays", action="store_true", help="also write <stem>_overlay.png for a person to look at"
+    )
+    predict.add_argument(
+        "--skip-bad-inputs",
+        action="store_true",
+        help="exit 0 when inputs were skipped (over the limits, unreadable, output name taken by a link); "
+        "they are still listed in the closing summary",
+    )
+    predict.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"largest image, width x height, read from its header before decoding "
+        f"(default: {defaults.max_pixels:,}); larger: skipped",
+    )
+    predict.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"largest image decoded, width x height x channels x bytes per sample "
+        f"(default: {defaults.max_image_bytes:,}); larger: skipped",
     )
     predict.add_argument(
         "--tracking-uri",
