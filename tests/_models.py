@@ -35,14 +35,15 @@ def register_tiny(root: Path) -> str:
     return uri
 
 
-def png_bomb(width: int, height: int) -> bytes:
-    """A valid 1-bit PNG of ``width`` x ``height`` black pixels: a few KB that decode to width x height bytes."""
+def png_bomb(width: int, height: int, depth: int = 1) -> bytes:
+    """A valid grey PNG of ``width`` x ``height`` black pixels, ``depth`` bits each (1 or 8): a few KB (1-bit) or
+    ~140 KB (8-bit, 12000 x 12000) that decode to width x height bytes or more."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    row = b"\x00" * (1 + (width * depth + 7) // 8)  # filter byte + packed samples
     packer = zlib.compressobj(9)
     idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", width, height, depth, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")

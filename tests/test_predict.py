@@ -2,7 +2,7 @@
 
 The units run :class:`~masksup_med.inference.PredictionFiles` in this process. The end-to-end runs use a tiny
 untrained network in the registered-model format (no training): a folder with a good image, a pixel bomb
-(a 17 KB PNG declaring 12000 x 12000 pixels), a truncated file and an image whose mask name is taken by a
+(a 140 KB grey PNG of 12000 x 12000 pixels, 144 MB decoded), a truncated file and an image whose mask name is taken by a
 symbolic link to a file outside the output folder.
 """
 
@@ -42,7 +42,7 @@ def folders(tmp_path) -> SimpleNamespace:
     inputs.mkdir()
     output.mkdir()
     picture(inputs / "good.png")
-    (inputs / "bomb.png").write_bytes(png_bomb(12000, 12000))
+    (inputs / "bomb.png").write_bytes(png_bomb(12000, 12000, depth=8))
     (inputs / "broken.png").write_bytes(picture(tmp_path / "whole.png").read_bytes()[:60])
     picture(inputs / "linked.png", seed=1)
     outside = tmp_path / "outside.bin"
@@ -214,7 +214,7 @@ def test_evaluation_checks_every_header_of_its_split_first(tmp_path):
         {"image": str(picture(tmp_path / "a.png")), "label": str(picture(tmp_path / "a_anno.png"))},
         {"image": str(picture(tmp_path / "b.png")), "label": str(tmp_path / "b_anno.png")},
     ]
-    (tmp_path / "b_anno.png").write_bytes(png_bomb(12000, 12000))
+    (tmp_path / "b_anno.png").write_bytes(png_bomb(12000, 12000, depth=8))
     assert check_headers(items[:1], InputLimits()) == 2
     with pytest.raises(DatasetError) as refused:
         check_headers(items, InputLimits(), what="the test split")
@@ -228,7 +228,7 @@ def test_the_evaluate_config_refuses_a_split_holding_a_pixel_bomb_before_loading
     from masksup_med.data import make_glas_demo
 
     demo = make_glas_demo(tmp_path / "demo", n_train=2, n_test_a=1, n_test_b=1, size=(64, 48))
-    (demo / "testB_1_anno.bmp").write_bytes(png_bomb(12000, 12000))
+    (demo / "testB_1_anno.bmp").write_bytes(png_bomb(12000, 12000, depth=8))
     result = subprocess.run(
         [
             *masksup_command(),
