@@ -5,8 +5,10 @@ MLflow 3.17's scoring server is a FastAPI app (``mlflow.pyfunc.scoring_server.in
 request without ``Content-Type`` with a 500, and puts the Python stack trace in its error bodies.
 :class:`RequestGuard` wraps that app (ASGI) and
 
-- refuses a body over ``max_body_bytes`` with 413, from its ``Content-Length`` before reading it,
-  else while reading it (never more than the limit is held);
+- refuses a body over ``max_body_bytes`` with 413, from its ``Content-Length`` before keeping any of
+  it, else while reading it (never more than the limit is held); the rest of such a body is read and
+  dropped (bounded in bytes and seconds) so that a client sending it whole gets the 413 rather than
+  a reset connection;
 - refuses an empty body (400) and a body without ``Content-Type`` (415) before MLflow sees them;
 - parses a JSON body once itself: one that is not JSON, or not one of the scoring server's layouts,
   gets a 400 at once (MLflow would quote the whole body in its error and take seconds and hundreds of
@@ -35,6 +37,11 @@ MODEL_DIR_ENV = "MASKSUP_SERVE_MODEL_DIR"
 TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"  # read by MLflow's scoring server
 MAX_MESSAGE_CHARS = 1000
 MAX_LOGGED_CHARS = 300  # of MLflow's own error message, in the server's log
+# reading the rest of a body refused for its size, so that the client gets the 413 (see RequestGuard._discard_rest)
+DRAIN_FACTOR = 4  # at most this many times the body limit, or DRAIN_MIN_BYTES (a larger declared body: not at all)
+DRAIN_MIN_BYTES = 64 << 20
+DRAIN_SECONDS = 10.0
+DRAIN_IDLE_SECONDS = 1.0
 ERROR_CODES = {
     400: "BAD_REQUEST",
     404: "NOT_FOUND",
@@ -219,6 +226,32 @@ class RequestGuard:
             "Send fewer or smaller images per request."
         )
 
+    async def _discard_rest(self, receive: Receive, declared: int | None, read: int) -> None:
+        """Read and drop the rest of a body being refused, so that the client gets its 413.
+
+        A client that sends its whole body before reading the answer (most do, unless they ask for
+        ``Expect: 100-continue``) would otherwise have the connection reset under it when the server
+        closes it with the body unread, and never see the 413. Bounded: nothing when more than
+        ``DRAIN_FACTOR`` x the limit (at least ``DRAIN_MIN_BYTES``) is declared, at most ``DRAIN_SECONDS``
+        in all and ``DRAIN_IDLE_SECONDS`` without data; nothing is kept.
+        """
+        budget = max(DRAIN_FACTOR * self.max_body_bytes, DRAIN_MIN_BYTES)
+        if declared is not None and declared > budget:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_SECONDS
+        while read <= budget:
+            remaining = min(DRAIN_IDLE_SECONDS, deadline - loop.time())
+            if remaining <= 0:
+                return
+            try:
+                message = await asyncio.wait_for(receive(), remaining)
+            except TimeoutError:
+                return
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                return
+            read += len(message.get("body", b""))
+
     async def _read_body(self, scope: Scope, receive: Receive) -> tuple[tuple[int, str] | None, bytes | None]:
         """``(refusal, None)``, ``(None, body)``, or ``(None, None)`` when the client disconnected."""
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope.get("headers", [])}
@@ -227,6 +260,8 @@ class RequestGuard:
             if not declared.strip().isdigit():
                 return (400, "bad Content-Length header: not a number of bytes"), None
             if int(declared) > self.max_body_bytes:
+                if "100-continue" not in headers.get("expect", "").lower():
+                    await self._discard_rest(receive, int(declared), 0)
                 return self._too_large(f"{int(declared):,} bytes"), None
         chunks: list[bytes] = []
         size = 0
@@ -237,6 +272,9 @@ class RequestGuard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
+                chunks.clear()
+                if message.get("more_body", False):
+                    await self._discard_rest(receive, None, size)
                 return self._too_large("over the limit"), None
             chunks.append(chunk)
             if not message.get("more_body", False):
