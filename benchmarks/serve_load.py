@@ -22,7 +22,7 @@ request (median and 95th percentile, overall and per kind) and the server proces
 set size (``VmHWM`` of the uvicorn process, from ``/proc``) before and after the load. No 5xx is
 expected. The run is bounded: it stops sending after ``--time-limit`` seconds.
 
-Run from the repository root (about two minutes on 2 busy CPU cores)::
+Run from the repository root (about half a minute on 2 CPU cores, most of it starting the server)::
 
     python benchmarks/serve_load.py                 # writes results/serve_load.json and the "serve-load" block
     python benchmarks/serve_load.py --requests 40 --network tiny --markdown none
