@@ -308,6 +308,7 @@ class PredictionFiles:
         if self.output_dir is None:
             raise ValueError("PredictionFiles without an output_dir writes nothing")
         if self._staging is None:
+            self.items  # the inputs are checked (and a name clash refused) before anything is made
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self._staging = Path(tempfile.mkdtemp(prefix=".masksup-writing-", dir=self.output_dir))
             weakref.finalize(self, shutil.rmtree, self._staging, True)

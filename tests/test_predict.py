@@ -91,6 +91,8 @@ def test_two_inputs_whose_masks_would_have_one_name_refuse_the_run_naming_both(t
     message = str(refused.value)
     first, second = sorted(names)
     assert f"{first} and {second} would both be written as" in message and "nothing was written" in message
+    with pytest.raises(DatasetError):  # whichever the config builds first, the writer's folder or the dataset
+        PredictionFiles(inputs, output).staging_dir
     assert not output.exists()
 
 
