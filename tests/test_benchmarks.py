@@ -1,5 +1,5 @@
 """Smoke tests of the benchmark scripts: ``report.replace_block``, the ablation, defaults and pretraining tables,
-``speed.py``, ``glas_recipes.py``, ``semi.py`` and ``pretrain.py`` end to end at toy size."""
+``speed.py``, ``glas_recipes.py``, ``semi.py``, ``pretrain.py`` and ``serve_load.py`` end to end at toy size."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import ablation
 import bundle_runs
 import defaults
 import glas_recipes
+import serve_load
 import speed
 from report import RESULTS_MD, replace_block
 
@@ -153,6 +154,30 @@ def test_speed_benchmark_smoke(tmp_path, capsys):
         assert data["measures"][key]["label"] in block
     assert f"`{data['command']}`" in block
     assert "MaskSup training step (masking included) / plain step" in capsys.readouterr().out
+
+
+def test_serve_load_percentiles_and_request_bodies():
+    assert serve_load.percentile([1, 2, 3, 4, 5], 0.5) == 3 and serve_load.percentile([1, 2], 0.95) == 1.95
+    bodies = serve_load.request_bodies(max_body_bytes=10_000, max_images=3)
+    assert set(bodies) == set(serve_load.KINDS)
+    assert len(bodies["oversized"]) > 10_000 and len(json.loads(bodies["too-many"])["dataframe_records"]) == 4
+    assert serve_load.png_bomb(12000, 12000)[16:24] == (12000).to_bytes(4, "big") * 2  # IHDR width, height
+
+
+@pytest.mark.slow  # half a minute: a server started on 127.0.0.1, a few requests of each kind
+def test_serve_load_smoke(tmp_path, capsys):
+    out, md = tmp_path / "serve_load.json", tmp_path / "RESULTS.md"
+    md.write_text("# Results\n")
+    argv = ["--requests", "14", "--clients", "2", "--network", "tiny", "--output", str(out), "--markdown", str(md)]
+    serve_load.main(argv)
+    data = json.loads(out.read_text())
+    load = data["load"]
+    assert load["sent"] == 14 and load["server_errors"] == 0 and load["no_answer"] == 0 and load["unexpected"] == 0
+    assert data["memory"]["peak_after_mib"] >= data["memory"]["peak_before_mib"] > 0
+    block = _block(md.read_text(), "serve-load")
+    assert "| request | share | expected | status codes |" in block and "**5xx: 0**" in block
+    assert "python benchmarks/serve_load.py --requests 14" in block
+    assert "status codes:" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # about a minute: two short bundle trainings and evaluations at toy size

@@ -84,6 +84,7 @@ def test_console_script_help_runs():
 
 def test_bundles_root_precedence(tmp_path, monkeypatch):
     monkeypatch.delenv(deploy.BUNDLES_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)  # found from the package's own place, not the working folder
     assert deploy.bundles_root() == REPO / "bundles"  # the source checkout's bundles/
     monkeypatch.setenv(deploy.BUNDLES_ENV, str(tmp_path / "env"))
     assert deploy.bundles_root() == tmp_path / "env"

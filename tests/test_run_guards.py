@@ -22,7 +22,7 @@ from ignite.engine import Engine
 from monai.handlers import StatsHandler
 from PIL import Image
 
-from masksup_med.data import DatasetError, check_dataset, check_training_data, make_glas_demo, split_glas
+from masksup_med.data import DatasetError, check_dataset, check_training_data, make_glas_demo, preflight, split_glas
 from masksup_med.data.checks import CheckReport
 from masksup_med.errors import ConfigError, OutputDirError
 from masksup_med.run.output_dir import LOCK_NAME, acquire_lock, claim, release_lock
@@ -252,7 +252,7 @@ def test_inference_skips_and_lists_files_it_cannot_use_and_keeps_grey_ones(tmp_p
         items = list_images(tmp_path)
     assert [Path(i["image"]).name for i in items] == ["a_rgb.png", "b_grey.png", "b_grey16.png"]
     assert "skipping 2 of 5 files" in caplog.text
-    assert "c_volume.nii.gz: NIfTI file is a volume of shape 16 x 8 x 3" in caplog.text
+    assert "c_volume.nii.gz: the NIfTI image is a volume of shape 16 x 8 x 3" in caplog.text
     assert "d_empty.jpg: empty file" in caplog.text
 
 
@@ -272,4 +272,4 @@ def test_cache_entries_of_another_cache_version_are_dropped(demo, tmp_path):
     cache.write_text(json.dumps({"v1|glas|old.bmp|12|34": ["stale"], "unversioned": {}}))
     check_training_data(split_glas(demo), "glas", cache_file=cache)
     keys = list(json.loads(cache.read_text()))
-    assert keys and all(key.startswith("v2|glas|") for key in keys)
+    assert keys and all(key.startswith(f"v{preflight._CACHE_VERSION}|glas|") for key in keys)

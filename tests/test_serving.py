@@ -12,55 +12,33 @@ import contextlib
 import http.client
 import io
 import json
+import os
 import re
-import struct
 import subprocess
 import time
-import zlib
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import tifffile
-import torch
+from _models import TINY_MODEL, png_bomb, register_tiny
 from PIL import Image
 from servers import LOOPBACK, free_port, job_env, masksup_command, masksup_server
 
 from masksup_med.cli import main
-from masksup_med.serving.app import clean_error
+from masksup_med.data.limits import ImageRejected
+from masksup_med.serving.app import clean_error, inspect_json
 from masksup_med.serving.limits import RequestRejected, ServingLimits, image_header
-from masksup_med.tracking.model_format import build_network
-from masksup_med.tracking.registry import register_checkpoint
 
-TINY_UNET = {
-    "_target_": "UNet",
-    "spatial_dims": 2,
-    "in_channels": 3,
-    "out_channels": 1,
-    "channels": [4, 8],
-    "strides": [2],
-    "num_res_units": 0,
-}
-MODEL = "models:/tiny@candidate"
+MODEL = TINY_MODEL
 BODY_LIMIT = 1_000_000
 PIXEL_LIMIT = 4_000_000
+IMAGE_LIMIT = 3
 PATHS = re.compile(r"/tmp/|/home/|/work/|/usr/|site-packages|\.py\b")
+DATA = re.compile(rb"[A-Za-z0-9+/=]{16,}")  # base64 payloads, random bytes: what an error body must never quote
 
 
 # ------------------------------------------------------------------------------------------ images
-def png_bomb(width: int, height: int) -> bytes:
-    """A valid 1-bit PNG of ``width`` x ``height`` black pixels: ~100 KB that decodes to width x height bytes."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed bits
-    packer = zlib.compressobj(9)
-    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
 def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)
@@ -81,14 +59,7 @@ def picture(size=(40, 30)) -> Image.Image:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
     """A SQLite store with ``tiny`` version 1 (alias candidate, bundle glas, trained at 32 x 32)."""
-    root = tmp_path_factory.mktemp("serving-store")
-    torch.manual_seed(0)
-    checkpoint = root / "model.pt"
-    torch.save({"model": build_network(TINY_UNET).state_dict()}, checkpoint)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    with contextlib.chdir(root):  # the artifacts go next to the store
-        register_checkpoint(checkpoint, TINY_UNET, "tiny", uri, (3, 32, 32), bundle="glas")
-    return uri
+    return register_tiny(tmp_path_factory.mktemp("serving-store"))
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +77,8 @@ def server(store, tmp_path_factory) -> SimpleNamespace:
         str(BODY_LIMIT),
         "--max-pixels",
         str(PIXEL_LIMIT),
+        "--max-images",
+        str(IMAGE_LIMIT),
     ]
     log = workdir / "serve.log"
     with masksup_server(args, workdir, job_env(MLFLOW_TRACKING_URI=store), log) as (base, proc):
@@ -157,12 +130,16 @@ def chunked_over_the_limit(server: SimpleNamespace) -> tuple[int, bytes]:
         connection.close()
 
 
-def assert_clean_refusal(status: int, body: bytes, expected: int, says: str) -> None:
+def assert_clean_refusal(status: int, body: bytes, expected: int, says: str, request: bytes = b"") -> None:
+    """A JSON ``{"error_code", "message"}`` with ``status``, saying ``says``: no stack trace, no path, and
+    nothing of the ``request`` (no run of 16 base64 characters of it)."""
     assert status == expected, body[:2000]
     payload = json.loads(body)
     assert set(payload) == {"error_code", "message"}, payload
     assert says in payload["message"], payload
     assert "Traceback" not in payload["message"] and not PATHS.search(body.decode()), payload
+    echoed = [run[:16] for run in DATA.findall(request) if run[:16] in body]
+    assert not echoed, f"the error body quotes the request: {echoed[:3]} in {payload}"
 
 
 def grey16() -> bytes:
@@ -171,7 +148,12 @@ def grey16() -> bytes:
 
 REFUSALS = {
     # name: (body, content type, status, the message says)
-    "not an image": (records(b"hello world"), "application/json", 400, "not a PNG, JPEG, BMP or TIFF file"),
+    "not an image": (
+        records(b"hello world"),
+        "application/json",
+        400,
+        "not a PNG, JPEG, BMP, TIFF, NIfTI or DICOM file",
+    ),
     "not base64": (b'{"dataframe_records": [{"image": "not base64 !!"}]}', "application/json", 400, "base64"),
     "declares 30000 x 30000": (records(png_bomb(30000, 30000)), "application/json", 413, "30000 x 30000"),
     "over the pixel limit": (
@@ -188,6 +170,22 @@ REFUSALS = {
     "empty body, no content type": (b"", None, 400, "empty request body"),
     "no content type": (records(encoded(picture())), None, 415, "no Content-Type"),
     "not JSON": (b"{not json", "application/json", 400, "valid JSON"),
+    "random bytes": (b"\x89PNGrandom" + os.urandom(200_000), "application/json", 400, "not valid JSON"),
+    "a JSON list": (b'[{"image": "aGVsbG8gd29ybGQgaGVsbG8="}]', "application/json", 400, "exactly one of the keys"),
+    "no layout key": (b'{"rows": [{"image": "aGVsbG8gd29ybGQgaGVsbG8="}]}', "application/json", 400, "one of"),
+    "too many images": (
+        records(*[encoded(picture())] * (IMAGE_LIMIT + 1)),
+        "application/json",
+        413,
+        f"the request holds {IMAGE_LIMIT + 1} images; the limit is {IMAGE_LIMIT} per request (serve --max-images)",
+    ),
+    "too many images, CSV": (b"image\n" + b"aGVsbG8=\n" * 4, "text/csv", 413, "the request holds 4 images"),
+    "too many images, columns": (
+        json.dumps({"inputs": {"image": ["aGVsbG8="] * 50}}).encode(),
+        "application/json",
+        413,
+        "the request holds 50 images",
+    ),
     "no image column": (b'{"dataframe_records": [{"img": "x"}]}', "application/json", 400, "image"),
     "plain text": (b"hello", "text/plain", 415, "content types"),
 }
@@ -198,7 +196,7 @@ REFUSALS = {
 def test_refused_requests_get_a_4xx_with_a_message_and_no_stack_trace(server, name):
     body, content_type, status, says = REFUSALS[name]
     got, answer, seconds = post(server, body, content_type)
-    assert_clean_refusal(got, answer, status, says)
+    assert_clean_refusal(got, answer, status, says, request=body)
     assert seconds < 10, f"{name} took {seconds:.1f}s"  # refused from the header, nothing decoded
     assert server.proc.poll() is None
 
@@ -211,6 +209,11 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(server):
     )
     status, answer = chunked_over_the_limit(server)  # no Content-Length: counted while read
     assert_clean_refusal(status, answer, 413, "the limit is 1,000,000 bytes")
+    # a real 16 MB body, sent whole before the answer is read (as most clients do): the server reads and drops
+    # it, else closing the connection would reset it under the client and the client would never see the 413
+    body = records(os.urandom(12 * BODY_LIMIT))
+    status, answer, _ = post(server, body)
+    assert_clean_refusal(status, answer, 413, "the limit is 1,000,000 bytes (serve --max-body-bytes)", request=body)
     assert server.proc.poll() is None
 
 
@@ -273,47 +276,76 @@ def test_image_header_of_tiffs():
     assert image_header(buffer.getvalue()).check(ServingLimits()).decoded_bytes == 3600
     buffer = io.BytesIO()
     tifffile.imwrite(buffer, np.zeros((30, 40), dtype=np.float32))
-    with pytest.raises(RequestRejected, match="1-channel float32"):
+    with pytest.raises(ImageRejected, match="1-channel float32"):
         image_header(buffer.getvalue()).check(ServingLimits())
 
 
 def test_header_checks_refuse_before_decoding():
     bomb = image_header(png_bomb(30000, 30000))  # parsed from the header: nothing decoded
     assert (bomb.width, bomb.height) == (30000, 30000)
-    with pytest.raises(RequestRejected) as refused:
+    with pytest.raises(ImageRejected) as refused:
         bomb.check(ServingLimits())
     assert refused.value.status == 413 and "900,000,000 pixels; the limit is 25,000,000" in str(refused.value)
-    with pytest.raises(RequestRejected, match="4,800 bytes decoded") as refused:
+    assert RequestRejected.from_image(refused.value).status == 413
+    with pytest.raises(ImageRejected, match="4,800 bytes decoded") as refused:
         image_header(encoded(Image.new("RGBA", (40, 30)))).check(ServingLimits(max_image_bytes=4000))
     assert refused.value.status == 413
-    with pytest.raises(RequestRejected, match="empty"):
+    with pytest.raises(ImageRejected, match="empty"):
         image_header(b"")
 
 
-def test_clean_error_keeps_the_message_and_drops_trace_input_and_paths():
+def test_clean_error_keeps_our_message_and_gives_a_fixed_one_for_mlflows():
     mlflow_style = json.dumps(
         {
             "error_code": "INVALID_PARAMETER_VALUE",
-            "message": "Failed to predict data '   image\n0  iVBORw0KGgo...'. \nError: cannot open /srv/x/y.png",
+            "message": "Failed to predict data '   image\n0  iVBORw0KGgoAAAANSUhEUgAA'. \nError: cannot open /srv/y",
             "stack_trace": 'Traceback (most recent call last):\n  File "/usr/lib/python3.11/site-packages/a.py"',
         }
     ).encode()
     status, payload = clean_error(400, mlflow_style)
-    assert status == 400 and payload == {"error_code": "BAD_REQUEST", "message": "cannot open <path>"}
+    assert status == 400 and payload["error_code"] == "BAD_REQUEST"
+    assert payload["message"].startswith("the request was refused: send a JSON body such as")
+    assert "iVBORw0KGgoAAAANSUhEUgAA" not in payload["message"] and "/srv" not in payload["message"]
     ours = RequestRejected("the image is too big", 413).serialize_as_json().encode()
     assert clean_error(400, ours) == (413, {"error_code": "REQUEST_TOO_LARGE", "message": "the image is too big"})
     assert clean_error(500, b'{"message": "boom at /a/b.py"}')[1]["message"].startswith("internal server error")
-    assert clean_error(415, b"This predictor only supports application/json")[1]["message"] == (
-        "This predictor only supports application/json"
-    )
+    message = clean_error(415, b"This predictor only supports ... Got 'text/secret-token-0123456789abcdef'.")[1]
+    assert "content types application/json" in message["message"] and "secret" not in message["message"]
+    assert "serve --timeout" in clean_error(504, b"Request processing time exceeded limit")[1]["message"]
+
+
+@pytest.mark.parametrize(
+    "body,status,says",
+    [
+        (b"\x89PNG\r\n" + bytes(range(256)) * 40, 400, "not valid JSON: not UTF-8 (at byte 0)"),
+        (b'{"dataframe_records": [', 400, "not valid JSON (Expecting value at line 1, column 24)"),
+        (b'"just a string"', 400, "got a JSON str"),
+        (b'{"inputs": {}, "instances": []}', 400, "got an object with 2 of these keys"),
+        (json.dumps({"dataframe_records": [{"image": "x"}] * 4}).encode(), 413, "holds 4 images; the limit is 3"),
+        (json.dumps({"dataframe_split": {"columns": ["image"], "data": [["x"]] * 4}}).encode(), 413, "holds 4"),
+        (json.dumps({"instances": [{"image": "x"}] * 4}).encode(), 413, "holds 4"),
+        (json.dumps({"inputs": {"image": ["x"] * 4}}).encode(), 413, "holds 4"),
+        (json.dumps({"inputs": {"image": ["x"] * 3}}).encode(), None, ""),
+        (json.dumps({"dataframe_records": [{"image": "x"}], "params": {}}).encode(), None, ""),
+    ],
+)
+def test_the_guard_reads_json_once_and_counts_the_images(body, status, says):
+    refusal = inspect_json(body, max_images=3)
+    if status is None:
+        assert refusal is None
+    else:
+        assert refusal[0] == status and says in refusal[1], refusal
+        assert not DATA.search(refusal[1].encode().replace(b"application/json", b"")), refusal  # quotes nothing
 
 
 def test_serving_limits_travel_in_a_model_config():
-    limits = ServingLimits(max_body_bytes=10, max_pixels=20, max_image_bytes=30)
+    limits = ServingLimits(max_body_bytes=10, max_pixels=20, max_image_bytes=30, max_images=2)
     assert ServingLimits.from_config({**limits.as_config(), "threshold": 0.5}) == limits
     assert ServingLimits.from_config(None) == ServingLimits()
     with pytest.raises(ValueError, match="max_body_bytes"):
         ServingLimits(max_body_bytes=-1)
+    with pytest.raises(ValueError, match="max_images"):
+        ServingLimits(max_images=0)
 
 
 def test_a_file_that_does_not_decode_is_refused_without_the_temporary_path():

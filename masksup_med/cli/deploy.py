@@ -30,7 +30,7 @@ __all__ = ["add_deploy_commands", "bundle_command", "bundles_root"]
 
 BUNDLES_ENV = "MASKSUP_BUNDLES_DIR"
 DEFAULT_BUNDLE = "glas"
-FORMATS = {"auto": None, "png": ".png", "nifti": ".nii.gz"}  # auto: the inputs' (data.formats.mask_suffix_for)
+FORMATS = {"auto": "auto", "png": ".png", "nifti": ".nii.gz"}  # auto: by the inputs (data.formats.mask_suffix_for)
 
 
 def bundles_root(explicit: str | os.PathLike | None = None) -> Path:
@@ -40,7 +40,7 @@ def bundles_root(explicit: str | os.PathLike | None = None) -> Path:
     from_env = os.environ.get(BUNDLES_ENV, "").strip()
     if from_env:
         return Path(from_env)
-    checkout = Path(__file__).resolve().parents[2] / "bundles"
+    checkout = Path(__file__).resolve().parents[2] / "bundles"  # masksup_med/cli/deploy.py -> the checkout
     if checkout.is_dir():
         return checkout
     return Path.cwd() / "bundles"
@@ -229,6 +229,13 @@ def bundle_for_model(args: argparse.Namespace, store: str | None) -> str:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from masksup_med.data.limits import InputLimits
+
+    given = {key: getattr(args, key) for key in ("max_pixels", "max_image_bytes") if getattr(args, key) is not None}
+    try:
+        InputLimits(**given)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     overrides = _overrides(args)
     registered = str(args.model).startswith(("models:/", "runs:/"))
     store = _registry_store(args, overrides) if registered else None
@@ -248,6 +255,11 @@ def _predict(args: argparse.Namespace) -> int:
         cmd_overrides += ["--output_ext", FORMATS[args.format]]
     if args.overlays:
         cmd_overrides += ["--save_overlays", "true"]
+    if args.skip_bad_inputs:
+        cmd_overrides += ["--skip_bad_inputs", "true"]
+    for key in ("max_pixels", "max_image_bytes"):
+        if getattr(args, key) is not None:
+            cmd_overrides += [f"--{key}", str(getattr(args, key))]
     if store and not _has_override(overrides, "image_size"):
         size = _model_image_size(args.model, store)
         if size:
@@ -269,7 +281,12 @@ def _serve(args: argparse.Namespace) -> int:
     from masksup_med.serving.model import build_serving_model
 
     try:
-        limits = ServingLimits(args.max_body_bytes, args.max_pixels, args.max_image_bytes)
+        limits = ServingLimits(
+            max_body_bytes=args.max_body_bytes,
+            max_pixels=args.max_pixels,
+            max_image_bytes=args.max_image_bytes,
+            max_images=args.max_images,
+        )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     store = _registry_store(args)
@@ -328,8 +345,9 @@ def _bundle_options(parser: argparse.ArgumentParser) -> None:
 
 def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     """Add ``train``, ``evaluate``, ``predict`` and ``serve``."""
-    from masksup_med.serving.limits import ServingLimits
+    from masksup_med.data.limits import InputLimits
 
+    defaults = InputLimits()
     passthrough = (
         "bundle overrides, passed verbatim to `python -m monai.bundle run` "
         "(e.g. --dataset_dir /data/glas --output_dir /outputs/glas --max_epochs 50)"
@@ -364,9 +382,14 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     predict = commands.add_parser(
         "predict",
         help="masks for a folder of images (python -m monai.bundle run inferring)",
-        description="Write a mask for every PNG/JPEG/BMP/TIFF image in --input, each at the image's own size. "
-        "A registered model is run with the bundle it was trained with (its version tag 'bundle') "
-        "at the size it was trained at (from its signature). "
+        description="Write a mask for every PNG/JPEG/BMP/TIFF image in --input, each at the image's own size, "
+        "as <stem>_mask.png in --output. A registered model is run with the bundle it was trained with (its "
+        "version tag 'bundle') at the size it was trained at (from its signature). Each image is checked "
+        "from its header against --max-pixels / --max-image-bytes before it is decoded; an image over them "
+        "or unreadable is skipped, and so is one whose output name in --output is a symbolic link (never "
+        "followed or replaced). Two images with one stem (a.png, a.jpg) refuse the run before anything is "
+        "written. The run ends with a summary (masks written, inputs skipped and why) and exits non-zero "
+        "when an input was skipped, unless --skip-bad-inputs. "
         "Further bundle overrides may follow after `--`.",
         epilog=(
             "example: masksup-med predict --model models:/masksup-glas@champion "
@@ -397,6 +420,28 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
         "--overlays", action="store_true", help="also write <stem>_overlay.png for a person to look at"
     )
     predict.add_argument(
+        "--skip-bad-inputs",
+        action="store_true",
+        help="exit 0 when inputs were skipped (over the limits, unreadable, output name taken by a link); "
+        "they are still listed in the closing summary",
+    )
+    predict.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"largest image, width x height, read from its header before decoding "
+        f"(default: {defaults.max_pixels:,}); larger: skipped",
+    )
+    predict.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"largest image decoded, width x height x channels x bytes per sample "
+        f"(default: {defaults.max_image_bytes:,}); larger: skipped",
+    )
+    predict.add_argument(
         "--tracking-uri",
         help="MLflow tracking URI for models:/ sources (default: $MLFLOW_TRACKING_URI, else the "
         "SQLite store in the output_dir of --bundle or glas, where training wrote it; it must exist)",
@@ -423,7 +468,6 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
     serve.add_argument("--workers", type=int, default=1, help="server worker processes (default: 1)")
     serve.add_argument("--timeout", type=int, default=None, help="seconds allowed per request (MLflow default: 60)")
-    defaults = ServingLimits()
     serve.add_argument(
         "--max-body-bytes",
         type=int,
@@ -446,6 +490,13 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
         metavar="N",
         help=f"largest image decoded, width x height x channels x bytes per sample "
         f"(default: {defaults.max_image_bytes:,}); larger: 413",
+    )
+    serve.add_argument(
+        "--max-images",
+        type=int,
+        default=defaults.max_images,
+        metavar="N",
+        help=f"most images in one request (default: {defaults.max_images}); more: 413",
     )
     serve.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, …")
     serve.add_argument(

@@ -51,7 +51,7 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from masksup_med.serving.limits import RequestRejected, ServingLimits, image_header, sniff_suffix
+from masksup_med.serving.limits import ImageRejected, RequestRejected, ServingLimits, image_header, sniff_suffix
 
 __all__ = [
     "MaskSupSegmenter",
@@ -91,8 +91,10 @@ def _image_bytes(encoded: str | bytes) -> bytes:
         if not isinstance(encoded, bytes):
             raise TypeError(f"got {type(encoded).__name__}")
         return base64.b64decode(encoded, validate=True)
-    except (UnicodeEncodeError, binascii.Error, TypeError, ValueError) as e:
-        raise RequestRejected(f"column {IMAGE_COLUMN!r} must hold base64-encoded image files ({e})") from None
+    except (UnicodeEncodeError, binascii.Error, TypeError, ValueError):
+        raise RequestRejected(
+            f"column {IMAGE_COLUMN!r} must hold base64-encoded image files (standard alphabet, padded, no line breaks)"
+        ) from None
 
 
 def decode_image(
@@ -112,14 +114,18 @@ def decode_image(
     from masksup_med.transforms.channels import EnsureRGB
 
     data = _image_bytes(encoded)
-    header = image_header(data).check(limits or ServingLimits())
+    try:
+        header = image_header(data).check(limits or ServingLimits())
+    except ImageRejected as e:
+        raise RequestRejected.from_image(e) from None
     with tempfile.TemporaryDirectory(prefix="masksup-serve-") as tmp:
         path = Path(tmp) / f"image{header.suffix}"
         path.write_bytes(data)
         try:
             array = read_array(path)  # W, H[, C]
         except UnreadableFileError as e:
-            raise RequestRejected(f"the image does not decode: {e.reason.replace(str(path), 'image')}") from None
+            reason = e.reason.replace(str(path), "image")
+            raise RequestRejected(f"the image does not decode: {reason[:300]}") from None
     array = array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
     array = _normalised(array, intensity)
     try:
@@ -148,11 +154,11 @@ def _column(model_input: Any) -> list:
     """The ``image`` column of whatever the scoring server or a caller hands ``predict``."""
     if isinstance(model_input, pd.DataFrame):
         if IMAGE_COLUMN not in model_input.columns:
-            raise RequestRejected(f"input has no column {IMAGE_COLUMN!r} (columns: {list(model_input.columns)})")
+            raise RequestRejected(f"input has no column {IMAGE_COLUMN!r} ({len(model_input.columns)} other columns)")
         return list(model_input[IMAGE_COLUMN])
     if isinstance(model_input, dict):
         if IMAGE_COLUMN not in model_input:
-            raise RequestRejected(f"input has no key {IMAGE_COLUMN!r} (keys: {list(model_input)})")
+            raise RequestRejected(f"input has no key {IMAGE_COLUMN!r} ({len(model_input)} other keys)")
         values = model_input[IMAGE_COLUMN]
         return list(values) if isinstance(values, (list, tuple, np.ndarray, pd.Series)) else [values]
     if isinstance(model_input, (str, bytes)):
@@ -226,6 +232,8 @@ class MaskSupSegmenter:
         values = _column(model_input)
         if not values:
             raise RequestRejected(f"no images: column {IMAGE_COLUMN!r} is empty")
+        if len(values) > self.limits.max_images:
+            raise RequestRejected.too_many_images(len(values), self.limits.max_images)
         rows = []
         for index, value in enumerate(values):
             try:
