@@ -1,17 +1,23 @@
-"""A kill never costs a trained model."""
+"""A kill never costs a trained model, a SIGTERM stops a run with a checkpoint to resume from, and a resumed
+run continues its MLflow run and keeps no more epoch checkpoints than asked for."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 from ignite.engine import Engine
 from monai.bundle import ConfigParser
 
+from masksup_med.data import make_glas_demo
 from masksup_med.errors import OutputDirError, UnreadableFileError
 from masksup_med.run.output_dir import claim, release_lock
 from masksup_med.tracking.registry import load_checkpoint
@@ -84,3 +90,96 @@ def test_a_model_file_that_does_not_load_is_named_with_what_to_do(tmp_path):
     mine.write_bytes(b"partial")
     release_lock(claim(tmp_path, None, best_model_file=model, overwrite=True))
     assert not debris.exists() and mine.exists()
+
+
+def _command(demo: Path, out: Path, *extra: str, workers: int = 0) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        str(TRAIN),
+        "--dataset_dir",
+        str(demo),
+        "--output_dir",
+        str(out),
+        "--num_workers",
+        str(workers),
+        "--image_size",
+        "[32,32]",
+        "--batch_size",
+        "1",
+        "--max_epochs",
+        "4",
+        "--val_interval",
+        "1",
+        *extra,
+    ]
+
+
+def _start_and_stop(command: list[str], checkpoint: Path, how: int, group: bool = False) -> subprocess.Popen:
+    """Start ``command``, send it ``how`` (to its whole process group with ``group``, as torchrun and SLURM
+    do) as soon as ``checkpoint`` appears, and wait for it to end."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=group
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not checkpoint.exists():
+            assert proc.poll() is None, "training ended before it could be stopped: " + proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, f"no {checkpoint.name} within 300 s"
+            time.sleep(0.05)
+        if group:
+            os.killpg(proc.pid, how)
+        else:
+            proc.send_signal(how)
+        proc.stdout_text, proc.stderr_text = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        proc.wait()
+    return proc
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_then_two_resumes_continue_one_mlflow_run_with_two_checkpoints(tmp_path):
+    demo = make_glas_demo(tmp_path / "demo", n_train=6, n_test_a=1, n_test_b=1, size=(40, 32))  # 5 iterations
+    out, models = tmp_path / "out", tmp_path / "out" / "models"
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+
+    # SIGTERM in epoch 2, to the trainer and its DataLoader workers: the run stops after the iteration under
+    # way, saves it, is marked KILLED, exits 143
+    first = _command(demo, out, workers=2)
+    stopped = _start_and_stop(first, models / "checkpoint_epoch=1.pt", signal.SIGTERM, group=True)
+    assert stopped.returncode == 143, stopped.stderr_text[-3000:]
+    last_line = stopped.stderr_text.strip().splitlines()[-1]
+    assert last_line.startswith("masksup-med: training stopped by SIGTERM in epoch 2 after iteration "), last_line
+    assert f"its state is in {models / 'checkpoint_epoch=2.pt'}" in last_line and "--resume true" in last_line
+    trainer = torch.load(models / "checkpoint_epoch=2.pt", map_location="cpu", weights_only=True)["trainer"]
+    assert 5 < trainer["iteration"] < 10 and trainer["epoch_length"] == 5  # mid-epoch 2
+    (run,) = client.search_runs([client.get_experiment_by_name("masksup-glas").experiment_id])
+    assert run.info.status == "KILLED" and f"MLflow run {run.info.run_id} marked KILLED" in last_line
+
+    # the first resume finishes epoch 2 and is killed outright (SIGKILL) once epoch 3 is saved
+    killed = _start_and_stop(_command(demo, out, "--resume", "true"), models / "checkpoint_epoch=3.pt", signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    assert "epoch 2 stopped after iteration" in killed.stderr_text + killed.stdout_text
+
+    # the second resume completes: the same MLflow run, FINISHED, each epoch once; two epoch checkpoints
+    result = subprocess.run(
+        _command(demo, out, "--resume", "true"), cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (finished,) = client.search_runs([client.get_experiment_by_name("masksup-glas").experiment_id])
+    assert finished.info.run_id == run.info.run_id and finished.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3, 4]
+    assert json.loads((models / "mlflow_run.json").read_text())["run_id"] == run.info.run_id
+    assert sorted(p.name for p in models.glob("*checkpoint_epoch=*")) == [
+        "checkpoint_epoch=3.pt",
+        "checkpoint_epoch=4.pt",
+    ]
+    final = torch.load(models / "checkpoint_epoch=4.pt", map_location="cpu", weights_only=True)["trainer"]
+    assert final["iteration"] == 4 * 5
+    assert not list(models.glob(".*.tmp"))

@@ -5,6 +5,10 @@ name such as ``models/model.pt``, deletes the old file before writing the new on
 leaves a truncated best model, or none. :class:`AtomicCheckpointSaver` is the same handler writing
 through :func:`masksup_med.run.files.atomic_path`: the new file replaces the old one in one rename,
 and a file it rotates out is deleted only once its successor is on disk.
+
+Its epoch checkpoints (``checkpoint_epoch=N.pt``, ``n_saved`` of them) are counted by the saver of
+one process only; :func:`keep_latest_epoch_checkpoints` hands a resumed run's saver the checkpoints
+already in the folder, so the count holds across resumes.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 
 import ignite.distributed as idist
 import torch
-from ignite.handlers import DiskSaver
+from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointSaver
 
 from masksup_med.run.files import atomic_path
@@ -28,6 +32,7 @@ __all__ = [
     "AtomicCheckpointSaver",
     "AtomicDiskSaver",
     "epoch_checkpoints",
+    "keep_latest_epoch_checkpoints",
     "unreadable_reason",
 ]
 
@@ -112,3 +117,35 @@ class AtomicCheckpointSaver(CheckpointSaver):
                 checkpoint.save_handler = AtomicDiskSaver(save_dir, getattr(checkpoint.save_handler, "filename", None))
         if self._interval_checkpoint is not None:
             self._interval_checkpoint.greater_or_equal = True
+
+
+def keep_latest_epoch_checkpoints(saver: CheckpointSaver | None, resume_from: str | os.PathLike | None) -> list[Path]:
+    """Give ``saver`` (the trainer's epoch CheckpointSaver) the epoch checkpoints of earlier runs in its folder.
+
+    Resuming (``resume_from``, one of them): the newest ``n_saved`` up to that one are kept and counted
+    as the saver's own, so it deletes them in turn as it writes new ones; older ones, and newer ones
+    that did not load, are deleted now. Starting afresh (None): every epoch checkpoint there is from an
+    earlier run, which would mix with this run's and be taken by a later ``--resume``: all are deleted.
+    Returns the deleted files.
+    """
+    checkpoint = getattr(saver, "_interval_checkpoint", None)
+    if saver is None or checkpoint is None:
+        return []
+    found = epoch_checkpoints(saver.save_dir)
+    keep: list[tuple[int, Path]] = []
+    if resume_from is not None:
+        resumed = Path(resume_from).resolve()
+        resumed_epoch = next((epoch for epoch, path in found if path.resolve() == resumed), None)
+        if resumed_epoch is not None:
+            keep = [(epoch, path) for epoch, path in found if epoch <= resumed_epoch]
+            if checkpoint.n_saved is not None:
+                keep = keep[-checkpoint.n_saved :]
+    removed = [path for epoch, path in found if (epoch, path) not in keep]
+    if idist.get_rank() == 0:
+        for path in removed:
+            path.unlink(missing_ok=True)
+    if removed:
+        why = f"beyond the {checkpoint.n_saved} kept" if resume_from is not None else "of an earlier run"
+        logger.info(f"removed {len(removed)} epoch checkpoint(s) {why}: {', '.join(p.name for p in removed)}")
+    checkpoint._saved = [Checkpoint.Item(epoch, path.name) for epoch, path in keep]
+    return removed
