@@ -19,6 +19,7 @@ the whole process group (torchrun, SLURM); PyTorch's workers die of it, and the 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -173,7 +174,8 @@ def worker_init(worker_id: int) -> None:
     monai_worker_init(worker_id)
     if not hasattr(signal, "sigwaitinfo"):
         return
-    trainer = os.getppid()
+    parent = multiprocessing.parent_process()  # the trainer, however the worker was started (fork, spawn, ...)
+    trainer = parent.pid if parent is not None else os.getppid()
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on block it too
     threading.Thread(target=_exit_when_the_trainer_asks, args=(trainer,), name="sigterm-wait", daemon=True).start()
 
@@ -181,5 +183,15 @@ def worker_init(worker_id: int) -> None:
 def _exit_when_the_trainer_asks(trainer: int) -> None:
     while True:
         info = signal.sigwaitinfo({signal.SIGTERM})
-        if info.si_pid == trainer or os.getppid() != trainer:
+        if info.si_pid == trainer or not _alive(trainer):
             os._exit(0)  # as the trainer's DataLoader expects of a worker it ends
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
