@@ -14,13 +14,14 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 
 from masksup_med.data import make_glas_demo
 from masksup_med.errors import OutputDirError, UnreadableFileError
 from masksup_med.run.output_dir import claim, release_lock
 from masksup_med.tracking.registry import load_checkpoint
+from masksup_med.tracking.run import RunTrackingHandler
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "bundles" / "glas" / "configs" / "train.json"
@@ -90,6 +91,42 @@ def test_a_model_file_that_does_not_load_is_named_with_what_to_do(tmp_path):
     mine.write_bytes(b"partial")
     release_lock(claim(tmp_path, None, best_model_file=model, overwrite=True))
     assert not debris.exists() and mine.exists()
+
+
+def _tracked_run(uri: str, run_file: Path, resuming: bool, epochs: int, fail: bool = False) -> RunTrackingHandler:
+    """An engine tracked by RunTrackingHandler (as the bundles' trainer is) run for ``epochs`` epochs."""
+    trainer = Engine(lambda engine, batch: {"loss": 1.0})
+    name = f"run-{time.monotonic_ns()}"  # each start names its run anew, as the bundles do
+    tracking = RunTrackingHandler(
+        uri, "resume", name, {"max_epochs": str(epochs)}, run_file=run_file, resuming=resuming
+    )
+    tracking.attach(trainer)
+    trainer.set_data([0, 1])
+    trainer.state.max_epochs, trainer.state.epoch_length = epochs, 2
+    if fail:  # killed outright after its first epoch: the run is left RUNNING
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: engine.terminate(skip_completed=True))
+    tracking.run(trainer)
+    return tracking
+
+
+def test_a_resumed_run_continues_its_mlflow_run_and_a_fresh_one_ends_a_stale_one(tmp_path):
+    uri, run_file = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "models" / "mlflow_run.json"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    first = _tracked_run(uri, run_file, resuming=False, epochs=2, fail=True)
+    run_id = json.loads(run_file.read_text())["run_id"]
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+    resumed = _tracked_run(uri, run_file, resuming=True, epochs=3)
+    assert resumed.where["run_name"] == first.where["run_name"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["max_epochs"] == "2"
+    assert run.data.tags["resumed_max_epochs"] == "3"  # the changed value, next to the one the run started with
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+    client.set_terminated(run_id, "RUNNING")  # as a kill leaves it
+    _tracked_run(uri, run_file, resuming=False, epochs=1)  # a fresh run into the folder
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert json.loads(run_file.read_text())["run_id"] != run_id
 
 
 def _command(demo: Path, out: Path, *extra: str, workers: int = 0) -> list[str]:
