@@ -6,7 +6,14 @@ last lines of a failed run instead of a traceback.
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "MissingInputError", "OutputDirError", "ServerUnreachableError", "UserError"]
+__all__ = [
+    "ConfigError",
+    "MissingInputError",
+    "OutputDirError",
+    "ServerUnreachableError",
+    "UnreadableFileError",
+    "UserError",
+]
 
 
 class UserError(Exception):
@@ -27,3 +34,7 @@ class ServerUnreachableError(UserError, ConnectionError):
 
 class MissingInputError(UserError, FileNotFoundError):
     """A file the run was pointed at (pretrained weights, a checkpoint to resume) does not exist."""
+
+
+class UnreadableFileError(UserError, ValueError):
+    """A file the run was pointed at exists but does not load (cut short by a kill, corrupt, or another format)."""

@@ -4,6 +4,7 @@ mIoU is the paper's definition: foreground IoU of each image (threshold 0.5), av
 The report writes ``per_image.csv`` and ``summary.json``, prints a table, and, when the evaluated model
 came from the MLflow registry, records the summary as tags of that model version. Where the images come
 from video sequences (CVC-ClinicDB), it also summarises each sequence and draws ``per_sequence.png``.
+Each file is written whole or not at all (to a temporary name in its folder, then renamed).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ignite.engine import Engine, Events
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 
 from masksup_med.data.splits import natural_key
+from masksup_med.run.files import atomic_path
 from masksup_med.tracking.figures import per_group_figure
 
 __all__ = ["SegmentationReportHandler", "format_table", "image_scores", "registered_version", "summarize"]
@@ -184,11 +186,12 @@ class SegmentationReportHandler:
             self.summary["per_sequence"] = per_sequence
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.output_dir / "per_image.csv", "w", newline="", encoding="utf-8") as f:
+        with atomic_path(self.output_dir / "per_image.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=list(self.rows[0]) if self.rows else ["id"])
             writer.writeheader()
             writer.writerows(self.rows)
-        (self.output_dir / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n", encoding="utf-8")
+        with atomic_path(self.output_dir / "summary.json") as tmp:
+            tmp.write_text(json.dumps(self.summary, indent=2) + "\n", encoding="utf-8")
         table = format_table(summaries, columns)
         if per_sequence:
             table += "\n\n" + format_table(per_sequence, columns)
@@ -197,7 +200,8 @@ class SegmentationReportHandler:
                 ("iou_native", "dice_native"),
                 f"{self.split}: each video sequence, at the images' own size",
             )
-            fig.savefig(self.output_dir / "per_sequence.png", dpi=100)
+            with atomic_path(self.output_dir / "per_sequence.png") as tmp:
+                fig.savefig(tmp, dpi=100, format="png")
             plt.close(fig)
         print(f"\nEvaluation of {self.model_source} on {self.split} (mean ± std over images)\n{table}\n", flush=True)
         logger.info(f"evaluation report written to {self.output_dir}")

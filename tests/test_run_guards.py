@@ -85,7 +85,7 @@ def test_release_leaves_another_processs_lock_alone(tmp_path):
 def test_claim_keeps_an_earlier_model_unless_resuming_or_overwriting(tmp_path):
     model = tmp_path / "models" / "model.pt"
     model.parent.mkdir()
-    model.write_bytes(b"earlier")
+    torch.save({"w": torch.ones(1)}, model)  # an earlier model that loads (one that does not: test_stop_and_resume)
     with pytest.raises(OutputDirError, match="already holds a trained model"):
         claim(tmp_path, None, best_model_file=model)
     assert not (tmp_path / LOCK_NAME).exists()  # refused: the lock is not kept

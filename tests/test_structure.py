@@ -25,7 +25,7 @@ LAYERS: dict[str, set[str]] = {
     "methods": {"errors", "transforms", "run"},
     "inference": {"errors", "transforms", "data"},
     "tracking": {"errors", "transforms", "run", "methods"},
-    "evaluation": {"errors", "transforms", "data", "tracking"},
+    "evaluation": {"errors", "transforms", "run", "data", "tracking"},
     "serving": {"errors", "transforms", "run", "data", "inference", "tracking"},
     "cli": {"errors", "transforms", "run", "data", "methods", "inference", "tracking", "evaluation", "serving"},
     "__main__": {"cli"},

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import secrets
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+from masksup_med.run.files import atomic_path
 
 from .errors import DatasetError, DatasetNotFoundError
 
@@ -47,23 +46,6 @@ def carve_validation(items: list[dict], fraction: float, seed: int) -> tuple[lis
     train = [it for i, it in enumerate(ordered) if i not in picked]
     validation = [it for i, it in enumerate(ordered) if i in picked]
     return train, validation
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path``; move it onto ``path`` only if the block succeeds.
-
-    Parent folders are created. The temporary name starts with a dot, so an interrupted write
-    leaves at worst a hidden ``*.tmp`` file, never a half-written ``path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _jsonable(value):

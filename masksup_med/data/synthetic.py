@@ -25,10 +25,11 @@ import tifffile
 from PIL import Image
 from scipy import ndimage
 
+from masksup_med.run.files import atomic_path
+
 from .cvc_clinicdb import builtin_sequence_table, sequence_of
 from .errors import DatasetError
 from .kvasir_seg import MIN_IMAGES as KVASIR_MIN_IMAGES
-from .splits import atomic_path
 
 # Approximate H&E colours (RGB), measured by eye on real GLaS images.
 _STROMA_LIGHT = np.array([236.0, 150.0, 214.0])

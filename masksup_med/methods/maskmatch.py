@@ -26,6 +26,8 @@ validated, checkpointed and registered network is the plain segmentation network
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -42,11 +44,15 @@ from masksup_med.methods.losses import (
 from masksup_med.methods.masksup import MaskSupTrainer, rank_seed
 from masksup_med.methods.mim import MIMOutputs, ReconstructionHeads
 from masksup_med.methods.teacher import ema_update, make_teacher, multiscale_probabilities, sigmoid_rampup
+from masksup_med.run.checkpoints import unreadable_reason
+from masksup_med.run.files import save_atomically
 from masksup_med.run.runtime import check_same_on_every_process
 from masksup_med.transforms.base import RandMask
 from masksup_med.transforms.patch import RandPatchMask
 
 __all__ = ["BestNetworkSelectionHandler", "MaskMatchTrainer", "MaskedView", "SemiKeys"]
+
+logger = logging.getLogger(__name__)
 
 
 class SemiKeys:
@@ -356,18 +362,13 @@ class BestNetworkSelectionHandler:
 
     def consider(self, name: str, evaluator: Any) -> bool:
         """Keep ``name``'s weights if its score beats every network's so far; True when it did."""
-        import os
-
         score = float(evaluator.state.metrics[self.metrics[name]])
         if score <= self.best:
             return False
         self.best, self.best_name, self.best_epoch = score, name, int(evaluator.state.epoch)
         module = self.networks[name]
         module = module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
-        os.makedirs(os.path.dirname(self.save_path) or ".", exist_ok=True)
-        partial = self.save_path + ".partial"
-        torch.save(module.state_dict(), partial)
-        os.replace(partial, self.save_path)
+        save_atomically(module.state_dict(), self.save_path)
         return True
 
     def tags(self) -> dict[str, str]:
@@ -383,7 +384,11 @@ class BestNetworkSelectionHandler:
         return {"best_metric": self.best, "best_metric_epoch": self.best_epoch, "selected_network": self.best_name}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
+        """Restore :meth:`state_dict`, unless ``save_path`` no longer loads: then the next validation writes it."""
+        problem = unreadable_reason(self.save_path) if os.path.exists(self.save_path) else None
+        if problem is not None:
+            logger.warning(f"{self.save_path} does not load ({problem}); the next validation writes a new best model")
+            return
         self.best, self.best_epoch, self.best_name = (
             state["best_metric"],
             state["best_metric_epoch"],

@@ -2,7 +2,8 @@
 
 Two trainings on one ``output_dir`` overwrite each other's checkpoints and tracking store, and a fresh
 run silently replaces the best model an earlier run left there. :func:`claim` refuses
-both at start, before anything is written, with a message that says what to do.
+both at start, before anything is written, with a message that says what to do (and says so when the
+model there does not load), and removes the temporary files a killed run left behind.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import sys
 from pathlib import Path
 
 from masksup_med.errors import OutputDirError
+from masksup_med.run.checkpoints import unreadable_reason
+from masksup_med.run.files import stale_temporaries
 from masksup_med.run.overrides import config_flag
 
 __all__ = ["LOCK_NAME", "acquire_lock", "claim", "lock_holder", "release_lock"]
@@ -118,7 +121,8 @@ def claim(
 
     A fresh run (``resume_from`` None: no checkpoint to resume) into a folder that already holds
     ``best_model_file`` is refused unless ``overwrite`` is true, so an earlier run's best model is never
-    replaced without asking.
+    replaced without asking; when that file does not load, the message says so. Temporary files of
+    killed runs (:mod:`masksup_med.run.files`) in the folder and in ``best_model_file``'s are removed.
     Returns the lock file.
     """
     folder = Path(output_dir)
@@ -127,9 +131,20 @@ def claim(
     lock_file = acquire_lock(folder)
     if resume_from is None and best_model_file and Path(best_model_file).exists() and not replace_model:
         release_lock(lock_file)
+        problem = unreadable_reason(best_model_file)
+        if problem is not None:
+            raise OutputDirError(
+                f"output_dir {folder} holds a model file that does not load: {best_model_file} ({problem}); an "
+                "earlier run was probably killed while writing it. Pass --overwrite true to train afresh and replace "
+                "it, continue that run with --resume true, or train into a new --output_dir."
+            )
         raise OutputDirError(
             f"output_dir {folder} already holds a trained model ({best_model_file}) from an earlier run, which this "
             "run would replace. Continue that run with --resume true, train into a new --output_dir, or pass "
             "--overwrite true to replace it."
         )
+    folders = {folder} | ({Path(best_model_file).parent} if best_model_file else set())
+    for debris in sorted(path for where in folders for path in stale_temporaries(where, _process_alive)):
+        logger.info(f"removing {debris}, the temporary file of a run that was killed while writing")
+        debris.unlink(missing_ok=True)
     return lock_file

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from mlflow.models import Model, ModelSignature
 
+from masksup_med.run.files import atomic_path, save_atomically, write_text_atomically
+
 __all__ = [
     "FLAVOR",
     "NETWORK_MODULES",
@@ -212,6 +214,8 @@ def save_model(
 ) -> Model:
     """Write a model folder (the flavor function ``mlflow.models.Model.log`` calls with ``flavor=`` this module).
 
+    Each file is written whole or not at all (:mod:`masksup_med.run.files`).
+
     Args:
         path: the folder to create.
         mlflow_model: the ``Model`` being logged (a new one when None).
@@ -227,13 +231,13 @@ def save_model(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     definition = _checked_definition(network, "network definition")
-    torch.save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, path / WEIGHTS_FILE)
-    (path / NETWORK_FILE).write_text(json.dumps(definition, indent=2) + "\n", encoding="utf-8")
+    save_atomically({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, path / WEIGHTS_FILE)
+    write_text_atomically(path / NETWORK_FILE, json.dumps(definition, indent=2) + "\n")
     if config_file:
-        (path / BUNDLE_DIR).mkdir(exist_ok=True)
-        shutil.copy(config_file, path / BUNDLE_DIR / Path(config_file).name)
-    (path / "requirements.txt").write_text(
-        f"masksup-med=={masksup_med.__version__}\ntorch\nmonai=={_version('monai')}\n", encoding="utf-8"
+        with atomic_path(path / BUNDLE_DIR / Path(config_file).name) as tmp:
+            shutil.copy(config_file, tmp)
+    write_text_atomically(
+        path / "requirements.txt", f"masksup-med=={masksup_med.__version__}\ntorch\nmonai=={_version('monai')}\n"
     )
     mlflow_model = mlflow_model or Model()
     mlflow_model.signature = signature
@@ -249,7 +253,8 @@ def save_model(
         torch_version=str(torch.__version__),
     )
     mlflow.pyfunc.add_to_model(mlflow_model, loader_module=__name__)
-    mlflow_model.save(str(path / "MLmodel"))
+    with atomic_path(path / "MLmodel") as tmp:
+        mlflow_model.save(str(tmp))
     return mlflow_model
 
 

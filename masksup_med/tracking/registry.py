@@ -9,6 +9,7 @@ how to register the same checkpoint again by hand with ``masksup-med registry re
 from __future__ import annotations
 
 import logging
+import pickle
 import shlex
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,6 +22,7 @@ from ignite.engine import Engine, Events
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import Model, infer_signature
 
+from masksup_med.errors import MissingInputError, UnreadableFileError
 from masksup_med.run.overrides import bundle_run_config
 from masksup_med.tracking import model_format
 from masksup_med.tracking.model_format import build_network, load_model, network_definition
@@ -41,13 +43,30 @@ logger = logging.getLogger(__name__)
 
 
 def load_checkpoint(network: torch.nn.Module, checkpoint: str | Path) -> torch.nn.Module:
-    """Load weights saved by MONAI's CheckpointSaver (``{"model": state}`` or a bare state dict) into ``network``."""
+    """Load weights saved by MONAI's CheckpointSaver (``{"model": state}`` or a bare state dict) into ``network``.
+
+    A missing file raises :class:`~masksup_med.errors.MissingInputError`, one that does not load
+    :class:`~masksup_med.errors.UnreadableFileError`, each naming the file and what to do.
+    """
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"checkpoint {checkpoint} does not exist (train the bundle first, or pass model_source)."
         )
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UnreadableFileError(
+            f"checkpoint {checkpoint} holds Python objects besides tensors, which could run code when unpickled; "
+            "it was not loaded. Use a checkpoint written by the bundle's training (models/model.pt)."
+        ) from None
+    except Exception as e:  # noqa: BLE001 - a file cut short fails in several ways (EOFError, RuntimeError, OSError)
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}" if str(e).strip() else type(e).__name__
+        raise UnreadableFileError(
+            f"checkpoint {checkpoint} does not load ({reason}); it was probably cut short by a kill while it was "
+            "written. Train again (with --overwrite true into the same folder), or point model_source at another "
+            "checkpoint or a registered model (models:/NAME@ALIAS)."
+        ) from e
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
         state = state["model"]
     try:
