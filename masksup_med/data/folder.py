@@ -16,8 +16,8 @@ from pathlib import Path
 
 from .errors import DatasetNotFoundError
 from .formats import SUPPORTED_SUFFIXES
-from .pairing import Scan, find_subfolder, pair_folders, require_folder, require_pairs_found
-from .splits import split_groups
+from .pairing import Scan, find_subfolder, require_folder, scan_image_mask_folders
+from .splits import split_images
 
 NAME = "folder"
 SUFFIXES = SUPPORTED_SUFFIXES
@@ -40,20 +40,15 @@ def scan_folder(dataset_dir: str | os.PathLike) -> Scan:
     """Pair every image of ``images/`` with its mask in ``masks/``, collecting all problems."""
     folder = require_folder(dataset_dir, "image folder dataset", _HOW_TO_GET)
     images, labels = _locate(folder)
-    pairs, problems = pair_folders(images, labels, SUFFIXES)
-    items = [{"image": str(image), "label": str(label), "id": key} for key, image, label in pairs]
-    layout = f"{images.relative_to(folder)}/ + {labels.relative_to(folder)}/"
-    return require_pairs_found(
-        Scan(items, problems, layout),
+    return scan_image_mask_folders(
         folder,
+        images,
+        labels,
+        SUFFIXES,
         "image folder dataset",
         "e.g. images/NAME.nii.gz + masks/NAME.nii.gz",
         _HOW_TO_GET,
     )
 
 
-def assign_folder(
-    items: list[dict], val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0
-) -> dict[str, list[dict]]:
-    """Seeded random train / validation / test split; fractions count images."""
-    return split_groups(items, "id", test_fraction, val_fraction, seed, what="image")
+assign_folder = split_images  # independent images: a seeded random split

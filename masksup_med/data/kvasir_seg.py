@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 
 from .errors import DatasetNotFoundError
-from .pairing import Scan, find_subfolder, pair_folders, require_folder, require_pairs_found
-from .splits import split_groups
+from .pairing import Scan, find_subfolder, require_folder, scan_image_mask_folders
+from .splits import split_images
 
 SUFFIXES = (".jpg", ".jpeg", ".png")
 LABEL_THRESHOLD = 127
@@ -36,15 +36,8 @@ def scan_kvasir_seg(dataset_dir: str | os.PathLike) -> Scan:
     """Pair every Kvasir-SEG image with its mask, collecting all problems."""
     folder = require_folder(dataset_dir, "Kvasir-SEG dataset", _HOW_TO_GET)
     images, labels = _locate(folder)
-    pairs, problems = pair_folders(images, labels, SUFFIXES)
-    items = [{"image": str(image), "label": str(label), "id": key} for key, image, label in pairs]
-    layout = f"{images.relative_to(folder)}/ + {labels.relative_to(folder)}/"
-    return require_pairs_found(
-        Scan(items, problems, layout),
-        folder,
-        "Kvasir-SEG dataset",
-        "e.g. images/NAME.jpg + masks/NAME.jpg",
-        _HOW_TO_GET,
+    return scan_image_mask_folders(
+        folder, images, labels, SUFFIXES, "Kvasir-SEG dataset", "e.g. images/NAME.jpg + masks/NAME.jpg", _HOW_TO_GET
     )
 
 
@@ -53,11 +46,7 @@ def find_kvasir_seg_pairs(dataset_dir: str | os.PathLike) -> list[dict]:
     return scan_kvasir_seg(dataset_dir).require_pairs()
 
 
-def assign_kvasir_seg(
-    items: list[dict], val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0
-) -> dict[str, list[dict]]:
-    """Seeded random train / validation / test split; fractions count images."""
-    return split_groups(items, "id", test_fraction, val_fraction, seed, what="image")
+assign_kvasir_seg = split_images  # independent images: a seeded random split
 
 
 def split_kvasir_seg(

@@ -174,3 +174,16 @@ def require_pairs_found(scan: Scan, folder: Path, what: str, example: str, how_t
             raise DatasetNotFoundError(f"{what} folder {folder} holds no image/label pairs ({example}). {how_to_get}")
         scan.problems.append(Problem(folder, f"holds no usable image/label pairs ({example})", "empty"))
     return scan
+
+
+def scan_image_mask_folders(
+    folder: Path, images: Path, labels: Path, suffixes: Iterable[str], what: str, example: str, how_to_get: str
+) -> Scan:
+    """Pair every image of ``images`` with its mask in ``labels`` (same name), collecting all problems.
+
+    ``what`` names the dataset in messages and ``example`` shows the expected naming.
+    """
+    pairs, problems = pair_folders(images, labels, suffixes)
+    items = [{"image": str(image), "label": str(label), "id": key} for key, image, label in pairs]
+    layout = f"{images.relative_to(folder)}/ + {labels.relative_to(folder)}/"
+    return require_pairs_found(Scan(items, problems, layout), folder, what, example, how_to_get)

@@ -126,3 +126,10 @@ def split_groups(
         name: [it for it in ordered if part.get(it[group_key], "train") == name]
         for name in ("train", "validation", "test")
     }
+
+
+def split_images(
+    items: list[dict], val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0
+) -> dict[str, list[dict]]:
+    """Seeded random train / validation / test split of independent images; fractions count images."""
+    return split_groups(items, "id", test_fraction, val_fraction, seed, what="image")
