@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+import _models
 import mlflow
 import pytest
 import torch
@@ -31,16 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 GLAS_TRAIN = REPO / "bundles" / "glas" / "configs" / "train.json"
 
 
-TINY_UNET = {
-    "_target_": "UNet",
-    "spatial_dims": 2,
-    "in_channels": 3,
-    "out_channels": 1,
-    "channels": [4, 8],
-    "strides": [2],
-    "num_res_units": 0,
-    "norm": "batch",
-}
+TINY_UNET = {**_models.TINY_UNET, "norm": "batch"}
 
 
 def tiny_unet() -> UNet:
