@@ -9,6 +9,7 @@ import tifffile
 from _datasets import make_cvc, make_glas, make_kvasir, make_pranet, mask, rgb, save, truncate
 
 from masksup_med.cli import main
+from masksup_med.data import DatasetError, get_dataset
 
 
 def check(capsys, dataset, folder, *options):
@@ -63,6 +64,20 @@ def test_a_dead_link_is_named_as_such_and_its_partner_is_not_called_unpaired(tmp
     (line,) = problem_lines(err)
     assert code == 1 and f"{image}: a symbolic link whose target is missing or loops back to itself" in line
     assert "has no image" not in err
+
+
+def test_an_image_saved_in_an_unsupported_format_is_named_once_and_stops_training(tmp_path, capsys):
+    make_glas(tmp_path)
+    image = next(tmp_path.glob("train_*[0-9].bmp"))
+    jpeg = image.with_suffix(".jpg")
+    save(rgb(40, 50)[..., 0], jpeg)  # a grey JPEG: GLaS takes BMP or PNG
+    image.unlink()
+    code, _, err = check(capsys, "glas", tmp_path)
+    (line,) = problem_lines(err)
+    assert code == 1 and f"{jpeg}: unsupported extension '.jpg' (expected bmp|png)" in line
+    assert f"its label {image.stem}_anno.bmp is left without a pair" in line
+    with pytest.raises(DatasetError, match="unsupported extension"):
+        get_dataset("glas").split(tmp_path)
 
 
 def test_size_mismatch_names_label_and_image(tmp_path, capsys):

@@ -18,7 +18,7 @@ from .splits import natural_key
 STRAY_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini", "ehthumbs.db"})
 
 # Problems that make a datalist wrong (training must refuse); others only make ``check`` fail.
-PAIRING_KINDS = frozenset({"unpaired", "duplicate", "empty", "broken link"})
+PAIRING_KINDS = frozenset({"unpaired", "duplicate", "empty", "broken link", "unsupported, paired"})
 LEFT_OUT = "left out"  # a file that looks like data but is not used: reported as a warning
 _BROKEN_LINK = "a symbolic link whose target is missing or loops back to itself; replace it with the file it meant"
 
@@ -104,8 +104,9 @@ def pair_files(
 ) -> tuple[list, list]:
     """Pair ``files`` by key; return ([(key, image, label)] in natural key order, [Problem]).
 
-    Stray files are skipped; a symbolic link that leads nowhere (missing target, or a loop) is a
-    problem of its own, and its partner is not reported unpaired; an image file (one of ``suffixes``)
+    Stray files are skipped; a symbolic link that leads nowhere (missing target, or a loop) and a file
+    with an unsupported extension are problems of their own, and their partner is not reported
+    unpaired; an image file (one of ``suffixes``)
     that the classifier rejects is left out, recorded as a ``left out`` problem (a warning, not an
     error); a file with an unsupported extension, two files for one key and role, or an unpaired file
     is a problem; ``hint`` (the expected naming) is added to the messages about unpaired and left-out
@@ -115,14 +116,15 @@ def pair_files(
     expected = "|".join(sorted(s.lstrip(".") for s in allowed))
     tables: dict[str, dict[str, Path]] = {"image": {}, "label": {}}
     problems: list[Problem] = []
-    broken: dict[str, set[str]] = {"image": set(), "label": set()}  # keys whose file is a dead link
+    named: dict[str, set[str]] = {"image": set(), "label": set()}  # keys whose file is a problem of its own
+    unsupported: list[tuple[str, str, Path]] = []
     for path in sorted(files, key=lambda p: natural_key(p.name)):
         if is_stray(path):
             continue
         if path.is_symlink() and not path.exists():
             found = classify(path)
             if found is not None:
-                broken[found[0]].add(found[1])
+                named[found[0]].add(found[1])
                 problems.append(Problem(path, _BROKEN_LINK, "broken link"))
             continue
         if not path.is_file():
@@ -136,9 +138,8 @@ def pair_files(
             continue
         role, key, supported = found
         if not supported:
-            problems.append(
-                Problem(path, f"unsupported extension {file_suffix(path)!r} (expected {expected})", "unsupported")
-            )
+            named[role].add(key)
+            unsupported.append((role, key, path))
             continue
         other = tables[role].setdefault(key, path)
         if other != path:
@@ -146,9 +147,15 @@ def pair_files(
                 Problem(path, f"both {other.name} and {path.name} found for {role} {key!r}; keep only one", "duplicate")
             )
     images, labels = tables["image"], tables["label"]
-    for key in images.keys() - labels.keys() - broken["label"]:
+    for role, key, path in unsupported:  # with a partner, it would leave the partner out: training stops
+        partner = (labels if role == "image" else images).get(key)
+        message = f"unsupported extension {file_suffix(path)!r} (expected {expected})"
+        if partner is not None:
+            message += f", so its {'label' if role == 'image' else 'image'} {partner.name} is left without a pair"
+        problems.append(Problem(path, message, "unsupported, paired" if partner is not None else "unsupported"))
+    for key in images.keys() - labels.keys() - named["label"]:
         problems.append(Problem(images[key], f"image has no label{hint}", "unpaired"))
-    for key in labels.keys() - images.keys() - broken["image"]:
+    for key in labels.keys() - images.keys() - named["image"]:
         problems.append(Problem(labels[key], f"label has no image{hint}", "unpaired"))
     keys = sorted(images.keys() & labels.keys(), key=natural_key)
     problems.sort(key=lambda p: natural_key(str(p.path)))
