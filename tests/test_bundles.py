@@ -341,7 +341,7 @@ def test_semi_supervised_config_trains_with_a_label_fraction_and_an_unlabelled_f
 @pytest.mark.parametrize(
     ("override", "value", "message"),
     [
-        ("--label_fraction", "0", "label_fraction must lie in (0, 1], got 0"),
+        ("--label_fraction", "0", "label_fraction must be a number in (0, 1], got 0"),
         ("--label_fraction", "0.01", "label_fraction 0.01 of the 8 training images labels none"),
         ("--unlabelled_dir", "EMPTY", "holds no images"),
     ],

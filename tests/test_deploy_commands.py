@@ -167,7 +167,7 @@ def test_decode_tiff_through_the_project_reader():
 
 
 def test_decode_rejects_what_is_not_an_image():
-    with pytest.raises(ValueError, match="PNG, JPEG, BMP or TIFF"):
+    with pytest.raises(ValueError, match="PNG, JPEG, BMP, TIFF, NIfTI or DICOM"):
         sniff_suffix(b"hello world")
     with pytest.raises(ValueError, match="base64"):
         decode_image("not base64 !!")
@@ -345,7 +345,8 @@ def test_serve_answers_a_rest_request_with_a_mask(trained, inputs, predicted):
 
         # something that is not an image: a 400 naming the problem, and the server stays up
         status, answer = _post(f"{base}/invocations", {"dataframe_records": [{"image": "aGVsbG8="}]})
-        assert status == 400 and "PNG, JPEG, BMP or TIFF" in answer["message"] and "Traceback" not in json.dumps(answer)
+        assert status == 400 and "PNG, JPEG, BMP, TIFF, NIfTI or DICOM" in answer["message"]
+        assert "Traceback" not in json.dumps(answer)
         assert proc.poll() is None
     served = log.read_text()
     assert "models:/masksup-glas@candidate was trained with bundle glas (its version tag 'bundle')" in served

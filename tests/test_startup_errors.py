@@ -201,7 +201,7 @@ def test_label_fraction_that_labels_nothing(demo, tmp_path):
         "--label_fraction",
         "0",
     )
-    assert_stopped_with(result, "label_fraction must lie in (0, 1], got 0")
+    assert_stopped_with(result, "label_fraction must be a number in (0, 1], got 0")
 
 
 def test_pretrained_weights_that_fit_no_layer(demo, tmp_path):

@@ -3,12 +3,15 @@ run continues its MLflow run and keeps no more epoch checkpoints than asked for.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -156,18 +159,28 @@ def _command(demo: Path, out: Path, *extra: str, workers: int = 0) -> list[str]:
     ]
 
 
-def _start_and_stop(command: list[str], checkpoint: Path, how: int, group: bool = False) -> subprocess.Popen:
+def _logged_iterations(out: Path) -> int:
+    """The last training iteration the run in ``out`` has logged to its MLflow store (0 before any)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{out / 'mlflow.db'}?mode=ro", uri=True)) as db:
+            (step,) = db.execute("SELECT MAX(step) FROM metrics WHERE key = 'loss'").fetchone()
+    except sqlite3.Error:  # no store or no table yet
+        return 0
+    return step or 0
+
+
+def _start_and_stop(command: list[str], ready: Callable[[], bool], how: int, group: bool = False) -> subprocess.Popen:
     """Start ``command``, send it ``how`` (to its whole process group with ``group``, as torchrun and SLURM
-    do) as soon as ``checkpoint`` appears, and wait for it to end."""
+    do) as soon as ``ready()``, and wait for it to end."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen(
         command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=group
     )
     try:
         deadline = time.monotonic() + 300
-        while not checkpoint.exists():
+        while not ready():
             assert proc.poll() is None, "training ended before it could be stopped: " + proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, f"no {checkpoint.name} within 300 s"
+            assert time.monotonic() < deadline, "not ready to be stopped within 300 s"
             time.sleep(0.05)
         if group:
             os.killpg(proc.pid, how)
@@ -189,7 +202,8 @@ def test_sigterm_mid_epoch_then_two_resumes_continue_one_mlflow_run_with_two_che
     # SIGTERM in epoch 2, to the trainer and its DataLoader workers: the run stops after the iteration under
     # way, saves it, is marked KILLED, exits 143
     first = _command(demo, out, workers=2)
-    stopped = _start_and_stop(first, models / "checkpoint_epoch=1.pt", signal.SIGTERM, group=True)
+    in_epoch_2 = lambda: (models / "checkpoint_epoch=1.pt").exists() and _logged_iterations(out) >= 6  # noqa: E731
+    stopped = _start_and_stop(first, in_epoch_2, signal.SIGTERM, group=True)
     assert stopped.returncode == 143, stopped.stderr_text[-3000:]
     last_line = stopped.stderr_text.strip().splitlines()[-1]
     assert last_line.startswith("masksup-med: training stopped by SIGTERM in epoch 2 after iteration "), last_line
@@ -200,7 +214,8 @@ def test_sigterm_mid_epoch_then_two_resumes_continue_one_mlflow_run_with_two_che
     assert run.info.status == "KILLED" and f"MLflow run {run.info.run_id} marked KILLED" in last_line
 
     # the first resume finishes epoch 2 and is killed outright (SIGKILL) once epoch 3 is saved
-    killed = _start_and_stop(_command(demo, out, "--resume", "true"), models / "checkpoint_epoch=3.pt", signal.SIGKILL)
+    epoch_3_saved = (models / "checkpoint_epoch=3.pt").exists
+    killed = _start_and_stop(_command(demo, out, "--resume", "true"), epoch_3_saved, signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL
     assert "epoch 2 stopped after iteration" in killed.stderr_text + killed.stdout_text
 

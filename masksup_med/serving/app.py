@@ -51,7 +51,7 @@ ERROR_CODES = {
     500: "INTERNAL_ERROR",
     504: "TIMEOUT",
 }
-EXAMPLE = '{"dataframe_records": [{"image": "<base64 of a PNG, JPEG, BMP or TIFF file>"}]}'
+EXAMPLE = '{"dataframe_records": [{"image": "<base64 of a PNG, JPEG, BMP, TIFF, NIfTI or DICOM file>"}]}'
 LAYOUTS = ("dataframe_split", "dataframe_records", "instances", "inputs")  # MLflow's JSON layouts
 IMAGE_COLUMN = "image"
 FIXED_MESSAGES = {
