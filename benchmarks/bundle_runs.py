@@ -4,7 +4,7 @@ Training is ``python -m monai.bundle run training`` with ``--resume auto`` (a ru
 carries on from its last epoch checkpoint); the bundle keeps the checkpoint with the best
 *validation* mIoU, and only that checkpoint is then scored with the bundle's ``evaluating`` config
 on its test split. Finished runs are kept as JSON lines, one record each, so a study can be
-resumed across sessions by skipping what is recorded. ``ablation.py``, ``glas_recipes.py``,
+resumed across sessions by skipping what is recorded. ``ablation.py``, ``recipes.py``,
 ``semi.py``, ``pretrain.py`` and ``defaults.py`` are built on this.
 """
 
@@ -128,32 +128,56 @@ def train(configs: Sequence[str], values: dict[str, Any], output_dir: Path) -> d
     return {"seconds": round(seconds, 1), "resumed": resumed, "commit": commit, "command": shown_command(command)}
 
 
-def train_and_evaluate(
+def score_test(
     configs: Sequence[str], evaluate_config: str, values: dict[str, Any], output_dir: Path
 ) -> dict[str, Any]:
-    """Train ``configs`` with override ``values`` into ``output_dir``, then score the best-validation checkpoint.
+    """Score the best-validation checkpoint of a finished run in ``output_dir`` on the test split.
 
-    Returns the part of a record every study shares: validation selection, test metrics per test
-    group (mean over images), train time, whether it resumed, machine, commit and commands.
+    Returns ``test`` (metrics per test group, mean over images) and the evaluation ``command``.
     """
     local_dir = output_dir if output_dir.is_absolute() else ROOT / output_dir
-    trained = train(configs, values, output_dir)
-    best_val, best_epoch = best_validation(local_dir / "models")
     eval_cmd = evaluation_command(configs, evaluate_config, as_cli_overrides({**values, "output_dir": str(output_dir)}))
     run_logged(eval_cmd, local_dir / "evaluate.log")
     dataset = values.get("dataset") or json.loads((ROOT / configs[0]).read_text(encoding="utf-8"))["dataset"]
     report = local_dir / "eval" / dataset / "test" / "summary.json"  # the evaluate config keeps reports per dataset
     summary = json.loads(report.read_text(encoding="utf-8"))["summary"]
     return {
+        "test": {group: {m: summary[group][m]["mean"] for m in METRICS} for group in summary},
+        "command": shown_command(eval_cmd),
+    }
+
+
+def train_and_select(configs: Sequence[str], values: dict[str, Any], output_dir: Path) -> dict[str, Any]:
+    """Train ``configs`` with override ``values`` into ``output_dir`` and read the validation selection.
+
+    Returns the part of a record every study shares, test aside: best validation mIoU and its epoch,
+    train time, whether it resumed, machine, commit and the training command.
+    """
+    local_dir = output_dir if output_dir.is_absolute() else ROOT / output_dir
+    trained = train(configs, values, output_dir)
+    best_val, best_epoch = best_validation(local_dir / "models")
+    return {
         "best_val_iou": best_val,
         "best_epoch": best_epoch,
-        "test": {group: {m: summary[group][m]["mean"] for m in METRICS} for group in summary},
         "train_seconds": trained["seconds"],
         "resumed": trained["resumed"],
         "machine": machine(),
         "commit": trained["commit"],
-        "commands": [trained["command"], shown_command(eval_cmd)],
+        "commands": [trained["command"]],
     }
+
+
+def train_and_evaluate(
+    configs: Sequence[str], evaluate_config: str, values: dict[str, Any], output_dir: Path
+) -> dict[str, Any]:
+    """Train ``configs`` with override ``values`` into ``output_dir``, then score the best-validation checkpoint.
+
+    Returns :func:`train_and_select`'s record with ``test`` (metrics per test group) and the
+    evaluation command added.
+    """
+    record = train_and_select(configs, values, output_dir)
+    scored = score_test(configs, evaluate_config, values, output_dir)
+    return {**record, "test": scored["test"], "commands": [*record["commands"], scored["command"]]}
 
 
 def load_records(results: Path, settings: dict[str, Any] | None = None) -> list[dict[str, Any]]:

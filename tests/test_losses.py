@@ -1,4 +1,4 @@
-"""MaskSupLoss against hand computations, weights, validation and gradient flow."""
+"""MaskSupLoss against hand computations, weights, validation and gradient flow; the structure loss."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from monai.losses import DiceCELoss
 from torch import nn
 
-from masksup_med.methods.losses import MaskSupLoss, MaskSupTerms
+from masksup_med.methods.losses import MaskSupLoss, MaskSupTerms, StructureLoss
 
 
 def _bce_with_logits(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -181,3 +181,41 @@ def test_dice_ce_as_seg_loss():
     torch.testing.assert_close(terms.context, dice_ce(pred_m, target))
     torch.testing.assert_close(terms.total, terms.seg + terms.context + terms.tasksim)
     assert torch.isfinite(terms.total)
+
+
+def _square_mask(size: int = 64) -> torch.Tensor:
+    mask = torch.zeros(2, 1, size, size)
+    mask[:, :, 20:40, 20:40] = 1.0
+    return mask
+
+
+def test_structure_loss_is_near_zero_for_a_confident_match_and_large_for_its_opposite():
+    mask = _square_mask()
+    loss = StructureLoss()
+    assert loss(mask * 20 - 10, mask).item() < 1e-3
+    assert loss(10 - mask * 20, mask).item() > 5.0
+    assert 0.5 < loss(torch.zeros_like(mask), mask).item() < 2.0
+
+
+def test_structure_loss_weighs_an_error_at_the_boundary_more_than_one_far_from_it():
+    """One wrong pixel on the square's edge costs more than one wrong pixel in the far background."""
+    mask = _square_mask()
+    confident = mask * 20 - 10
+    at_edge, far_away = confident.clone(), confident.clone()
+    at_edge[:, :, 20, 30] = -10.0  # inside the square, on its top edge
+    far_away[:, :, 60, 2] = 10.0  # background, 20+ pixels from the square
+    loss = StructureLoss()
+    assert loss(at_edge, mask) > loss(far_away, mask)
+    plain = StructureLoss(boundary_weight=0.0)  # no boundary weight: the two errors cost about the same
+    assert plain(at_edge, mask).item() == pytest.approx(plain(far_away, mask).item(), rel=0.05)
+
+
+def test_structure_loss_gives_gradients_and_refuses_bad_shapes():
+    mask = _square_mask(32)
+    logits = torch.zeros_like(mask, requires_grad=True)
+    StructureLoss()(logits, mask).backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="one-channel logits"):
+        StructureLoss()(torch.zeros(2, 2, 8, 8), torch.zeros(2, 2, 8, 8))
+    with pytest.raises(ValueError, match="odd"):
+        StructureLoss(kernel_size=4)

@@ -9,7 +9,7 @@ multi-class), never argmax, so it stays differentiable; neither side is detached
 The losses of the methods built on MaskSup live here too: MaskMatch's loss on a teacher's confident
 pseudo-labels, and the class-wise masked-image-modelling losses (reconstruction of the masked
 pixels averaged class by class, feature aggregation of masked and visible pixels) with the class
-regions they are split by.
+regions they are split by, and the boundary-weighted "structure loss" of the polyp literature.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ __all__ = [
     "FeatureAggregationLoss",
     "MaskSupLoss",
     "MaskSupTerms",
+    "StructureLoss",
     "class_regions",
     "confidence_mask",
 ]
@@ -269,3 +270,46 @@ class FeatureAggregationLoss(nn.Module):
         mean_masked = torch.einsum("bfn,bkn->kf", flat, masked)[present] / n_masked[present, None]
         mean_visible = torch.einsum("bfn,bkn->kf", flat.detach(), visible)[present] / n_visible[present, None]
         return (1.0 - nn.functional.cosine_similarity(mean_masked, mean_visible, dim=1)).mean()
+
+
+class StructureLoss(nn.Module):
+    """Boundary-weighted BCE plus boundary-weighted soft IoU, on one sigmoid channel (PraNet's "structure loss").
+
+    A pixel's weight is ``1 + boundary_weight * |local mean of the mask - mask|``, the local mean taken
+    over a ``kernel_size`` window: pixels near the object's edge count up to ``1 + boundary_weight``
+    times more, pixels deep inside or far outside count once. Both terms are computed per image and
+    averaged over the batch.
+
+    Args:
+        kernel_size: odd side of the window the local mask mean is taken over (pixels).
+        boundary_weight: extra weight of a pixel whose window is half object, half background (>= 0).
+    """
+
+    def __init__(self, kernel_size: int = 31, boundary_weight: float = 5.0) -> None:
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size!r}.")
+        if boundary_weight < 0:
+            raise ValueError(f"boundary_weight must be >= 0, got {boundary_weight!r}.")
+        self.kernel_size = int(kernel_size)
+        self.boundary_weight = float(boundary_weight)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Loss of ``logits`` against the binary ``target``, both ``B, 1, *spatial``."""
+        if logits.shape != target.shape or logits.shape[1] != 1:
+            raise ValueError(
+                f"StructureLoss takes one-channel logits and a target of the same shape, got "
+                f"{tuple(logits.shape)} and {tuple(target.shape)}."
+            )
+        target = target.to(logits.dtype)
+        pool = (nn.functional.avg_pool1d, nn.functional.avg_pool2d, nn.functional.avg_pool3d)[target.ndim - 3]
+        local_mean = pool(target, self.kernel_size, stride=1, padding=self.kernel_size // 2, count_include_pad=True)
+        weight = 1.0 + self.boundary_weight * (local_mean - target).abs()
+        dims = tuple(range(1, target.ndim))
+        bce = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        weighted_bce = (weight * bce).sum(dims) / weight.sum(dims)
+        probs = torch.sigmoid(logits)
+        intersection = (probs * target * weight).sum(dims)
+        union = ((probs + target) * weight).sum(dims)
+        weighted_iou = 1.0 - (intersection + 1.0) / (union - intersection + 1.0)
+        return (weighted_bce + weighted_iou).mean()
