@@ -29,6 +29,7 @@ __all__ = [
     "make_teacher",
     "multiscale_probabilities",
     "probabilities",
+    "pseudo_labelling_mode",
     "sigmoid_rampup",
     "training_mode_probabilities",
 ]
@@ -123,6 +124,18 @@ def multiscale_probabilities(
     return total / len(scales)
 
 
+@contextlib.contextmanager
+def pseudo_labelling_mode(network: nn.Module) -> Iterator[nn.Module]:
+    """Inside, ``network`` is in training mode, running statistics frozen, no gradients; its mode restored after."""
+    was_training = network.training
+    network.train()
+    try:
+        with torch.no_grad(), frozen_norm_statistics(network):
+            yield network
+    finally:
+        network.train(was_training)
+
+
 @torch.no_grad()
 def training_mode_probabilities(
     network: nn.Module, images: torch.Tensor, scales: Sequence[float] = (1.0,), activation: str = "sigmoid"
@@ -130,13 +143,8 @@ def training_mode_probabilities(
     """:func:`multiscale_probabilities` with ``network`` in training mode and its running statistics left alone.
 
     How the EMA teacher makes pseudo-labels (SSL4MIS never puts its teacher in eval mode): batch
-    statistics of the images at hand, no dropout-free shortcut through running statistics. The
-    network's mode is put back afterwards.
+    statistics of the images at hand (and dropout, if the network has any), never running statistics.
+    The network's mode is put back afterwards.
     """
-    was_training = network.training
-    network.train()
-    try:
-        with frozen_norm_statistics(network):
-            return multiscale_probabilities(network, images, scales, activation)
-    finally:
-        network.train(was_training)
+    with pseudo_labelling_mode(network):
+        return multiscale_probabilities(network, images, scales, activation)
