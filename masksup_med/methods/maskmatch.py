@@ -203,8 +203,8 @@ class MaskMatchTrainer(MaskSupTrainer):
             raise ValueError(f"ema_momentum must lie in [0, 1], got {ema_momentum!r}.")
         if ema_burn_in_epochs < 0:
             raise ValueError(f"ema_burn_in_epochs must be >= 0, got {ema_burn_in_epochs!r}.")
-        self.branch_weights = {"strong": float(strong_weight), "feature": float(feature_weight)}
-        self.branch_weights["masked"] = float(masked_weight)
+        weights = (strong_weight, feature_weight, masked_weight)
+        self.branch_weights = {name: float(w) for name, w in zip(SemiKeys.BRANCHES, weights)}
         if min(self.branch_weights.values()) < 0 or sum(self.branch_weights.values()) == 0:
             raise ValueError(f"the branch weights must be >= 0 and not all 0, got {self.branch_weights}.")
         self.teacher_scales = tuple(float(s) for s in teacher_scales)
