@@ -19,6 +19,7 @@ from masksup_med.data import DatasetError, DatasetNotFoundError, UnreadableFileE
 from masksup_med.methods.losses import ConfidentPseudoLabelLoss, MaskSupLoss, confidence_mask
 from masksup_med.methods.maskmatch import MaskMatchTrainer
 from masksup_med.methods.teacher import (
+    burn_in_momentum,
     ema_update,
     make_teacher,
     multiscale_probabilities,
@@ -91,7 +92,7 @@ def test_multiscale_probabilities_average_back_at_the_input_size():
 
 
 def test_confident_pseudo_label_loss_counts_confident_pixels_only():
-    loss = ConfidentPseudoLabelLoss(threshold=0.9)
+    loss = ConfidentPseudoLabelLoss(threshold=0.9, dice_weight=0.0)
     teacher = torch.tensor([0.95, 0.6, 0.05, 0.5]).reshape(1, 1, 2, 2)
     student = torch.tensor([2.0, -3.0, -1.0, 5.0]).reshape(1, 1, 2, 2)
     value, confident = loss(student, teacher)
@@ -171,6 +172,7 @@ def test_maskmatch_step_trains_the_student_and_moves_the_teacher_by_ema():
         unlabelled_loader=semi_batches(2, 1, labelled=False),
         teacher=teacher,
         ema_momentum=0.5,
+        ema_burn_in_epochs=0,
         unsup_loss=ConfidentPseudoLabelLoss(threshold=0.5),
         rampup_epochs=0,
         teacher_scales=(1.0,),
@@ -180,7 +182,7 @@ def test_maskmatch_step_trains_the_student_and_moves_the_teacher_by_ema():
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: momenta.append(e.current_ema_momentum()))
     trainer.run()
     output = trainer.state.output
-    assert momenta == [0.5, 0.5, 0.5]  # min(0.5, 1 - 1/(step + 1)) = 0.5 from the first step
+    assert momenta == [0.5, 0.5, 0.5]  # no burn-in: the configured momentum from the first step
     assert trainer.state.iteration == 3  # the 2-batch unlabelled loader was cycled
     assert output["confident_fraction"] == 1.0  # threshold 0.5: every pixel counts
     assert output["loss"].item() == pytest.approx(output["loss_seg"].item() + output["loss_unsup"].item(), rel=1e-5)
@@ -205,23 +207,34 @@ def test_a_teacher_activation_other_than_the_student_loss_one_is_refused_at_star
         )
 
 
-def test_ema_momentum_warms_up_as_in_mean_teacher():
-    net = UNet(2, 3, 1, channels=(4, 8), strides=(2,), num_res_units=0)
+def test_ema_momentum_is_zero_during_the_burn_in_then_the_configured_value():
+    assert [burn_in_momentum(step, 2, 0.99) for step in (1, 2, 3, 500)] == [0.0, 0.0, 0.99, 0.99]
+    torch.manual_seed(0)
+    net = UNet(2, 3, 1, channels=(4, 8), strides=(2,), num_res_units=0, norm="batch")
+    teacher = make_teacher(net)
     trainer = MaskMatchTrainer(
         device="cpu",
         max_epochs=1,
-        train_data_loader=semi_batches(1, 0),
+        train_data_loader=semi_batches(4, 0),
         network=net,
         optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
-        loss_function=MaskSupLoss(),
-        unlabelled_loader=semi_batches(1, 1, labelled=False),
+        loss_function=MaskSupLoss(a2=0.0, a3=0.0),
+        unlabelled_loader=semi_batches(2, 1, labelled=False),
+        teacher=teacher,
         ema_momentum=0.99,
+        ema_burn_in_epochs=0.5,  # 2 of the 4 steps
+        decollate=False,
     )
-    seen = {}
-    for step in (1, 9, 99, 500):
-        trainer.state.iteration = step
-        seen[step] = trainer.current_ema_momentum()
-    assert seen == {1: 0.5, 9: 0.9, 99: 0.99, 500: 0.99}
+    copies = []
+
+    def compare(engine):
+        same = [torch.equal(t, s) for t, s in zip(teacher.state_dict().values(), net.state_dict().values())]
+        copies.append((engine.current_ema_momentum(), all(same)))
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, compare)
+    trainer.run()
+    # burn-in: the teacher is the network (parameters and BatchNorm buffers), never an average with the random start
+    assert copies == [(0.0, True), (0.0, True), (0.99, False), (0.99, False)]
 
 
 def test_best_network_selector_keeps_whichever_network_scores_best(tmp_path):

@@ -221,7 +221,8 @@ def test_maskmatch_refuses_a_mim_network_it_would_not_train_properly():
 
 @pytest.mark.slow
 def test_semi_mim_config_trains_logs_the_mim_terms_and_registers_a_one_channel_model(tmp_path):
-    """train.json + semi_train.json + semi_mim.json for one epoch on demo data, then evaluate.json as without MIM."""
+    """train.json + semi_train.json + semi_mim.json for one epoch on demo data (pseudo-labels from the EMA teacher),
+    then evaluate.json as without MIM."""
     import mlflow
     from test_bundles import CASES, CONFIGS, TRAIN_CONFIG, run_bundle, run_training
 
@@ -244,6 +245,8 @@ def test_semi_mim_config_trains_logs_the_mim_terms_and_registers_a_one_channel_m
         "0.5",
         "--mim_feature_weight",
         "0.1",
+        "--pseudo_label_source",
+        "teacher",
         config=[TRAIN_CONFIG, CONFIGS / "semi_train.json", CONFIGS / "semi_mim.json"],
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -252,11 +255,18 @@ def test_semi_mim_config_trains_logs_the_mim_terms_and_registers_a_one_channel_m
     (run,) = client.search_runs([client.get_experiment_by_name("masksup-glas").experiment_id])
     for metric in ("train_loss_mim", "train_loss_mim_feature", "train_loss_unsup", "val_mean_iou"):
         assert metric in run.data.metrics, metric
+    for branch in ("strong", "feature", "masked"):
+        assert f"train_loss_unsup_{branch}" in run.data.metrics, branch
+    # diagnostics: the pseudo-labels' share of foreground, and their IoU against the held-back masks
+    assert 0.0 <= run.data.metrics["train_pseudo_foreground_fraction"] <= 1.0
+    assert 0.0 <= run.data.metrics["pseudo_label_iou"] <= 1.0
     assert client.get_metric_history(run.info.run_id, "loss_mim")  # per iteration too
     params = run.data.params
     assert params["method"] == "MaskMatch + S4MIM-style class-wise MIM" and params["label_fraction"] == "0.5"
     assert params["mim_loss"] == "ClassWiseReconstructionLoss" and params["mim_distance"] == "l1"
     assert params["mim_feature_weight"] == "0.1" and int(params["mim_head_parameters"]) > 0
+    assert params["pseudo_label_source"] == "teacher" and params["labelled_masked_terms"] == "False"
+    assert params["cutmix_prob"] == "0.5" and params["feature_dropout"] == "0.5"
     model = load_model("models:/masksup-glas@candidate", tracking_uri=tracking_uri)
     assert tuple(model(torch.zeros(1, 3, 64, 64)).shape) == (1, 1, 64, 64)
     best = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)

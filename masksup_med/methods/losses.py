@@ -6,8 +6,8 @@
 similarity term compares probabilities (sigmoid for one-channel / multi-label outputs, softmax for
 multi-class), never argmax, so it stays differentiable; neither side is detached.
 
-The losses of the methods built on MaskSup live here too: MaskMatch's loss on a teacher's confident
-pseudo-labels, and the class-wise masked-image-modelling losses (reconstruction of the masked
+The losses of the methods built on MaskSup live here too: MaskMatch's cross entropy + Dice on
+confident pseudo-labels, and the class-wise masked-image-modelling losses (reconstruction of the masked
 pixels averaged class by class, feature aggregation of masked and visible pixels) with the class
 regions they are split by, and the boundary-weighted "structure loss" of the polyp literature.
 """
@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+from monai.losses import DiceLoss
 from torch import nn
 
 __all__ = [
@@ -124,45 +125,78 @@ class MaskSupLoss(nn.Module):
 
 
 class ConfidentPseudoLabelLoss(nn.Module):
-    """Student logits against a teacher's hard pseudo-labels, on the teacher's confident pixels only.
+    """Student logits against hard pseudo-labels: cross entropy plus Dice, on the confident pixels only.
 
-    FixMatch / UniMatch's unsupervised term: the pseudo-label is the teacher's class (probability
-    > 0.5 for one sigmoid channel, the arg-max for softmax), a pixel counts when the teacher's
-    probability of that class is >= ``threshold``, and the per-pixel loss (BCE with logits or cross
-    entropy) is summed over counted pixels and divided by all pixels, so a teacher confident
-    nowhere contributes nothing.
+    FixMatch / UniMatch's unsupervised term. The pseudo-label is the source's class (probability >
+    0.5 for one sigmoid channel, the arg-max for softmax); a pixel counts when the source's
+    probability of that class is >= ``threshold`` (the others form the ignore mask).
 
-    Returns ``(loss, confident_fraction)``.
+    - Cross entropy (BCE with logits for one sigmoid channel) summed over confident pixels and
+      divided by all pixels (UniMatch's normalisation: a source confident nowhere contributes nothing).
+    - Dice with the ignore mask (UniMatch's medical version): MONAI's ``DiceLoss`` over every class
+      (background and foreground for one sigmoid channel), pooled over the batch, on the student's
+      probabilities and the one-hot pseudo-label both multiplied by the confident pixels, so ignored
+      pixels count neither as overlap nor as area; averaged over the classes the confident pixels
+      hold (a class absent from them would only add a constant). No confident pixel: 0.
+
+    ``forward(student_logits, source_probs)`` returns ``(loss, confident_fraction)``.
 
     Args:
-        threshold: teacher probability of its class from which a pixel counts, in [0, 1].
-        activation: ``"sigmoid"`` (one channel, BCE) or ``"softmax"`` (several, cross entropy); the
-            teacher's probabilities must come from the same one.
+        threshold: source probability of its class from which a pixel counts, in [0.5, 1].
+        activation: ``"sigmoid"`` (one channel) or ``"softmax"`` (several); the source's
+            probabilities must come from the same one.
+        ce_weight: weight of the cross-entropy term (>= 0).
+        dice_weight: weight of the Dice term (>= 0); 0 gives FixMatch's cross entropy alone.
     """
 
-    def __init__(self, threshold: float = 0.95, activation: str = "sigmoid") -> None:
+    def __init__(
+        self, threshold: float = 0.95, activation: str = "sigmoid", ce_weight: float = 1.0, dice_weight: float = 1.0
+    ) -> None:
         super().__init__()
         if not 0.5 <= threshold <= 1.0:
             raise ValueError(f"confidence threshold must lie in [0.5, 1], got {threshold!r}.")
         if activation not in ("sigmoid", "softmax"):
             raise ValueError(f"activation must be 'sigmoid' or 'softmax', got {activation!r}.")
+        if min(ce_weight, dice_weight) < 0 or ce_weight + dice_weight == 0:
+            raise ValueError(f"ce_weight and dice_weight must be >= 0, not both 0; got {ce_weight}, {dice_weight}.")
         self.threshold = float(threshold)
         self.activation = activation
+        self.ce_weight, self.dice_weight = float(ce_weight), float(dice_weight)
+        self.dice = DiceLoss(include_background=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5, reduction="none")
 
     def hyperparameters(self) -> dict[str, object]:
         """Logged with the run."""
-        return {"unsup_loss": type(self).__name__, "confidence_threshold": self.threshold}
+        return {
+            "unsup_loss": type(self).__name__,
+            "confidence_threshold": self.threshold,
+            "unsup_ce_weight": self.ce_weight,
+            "unsup_dice_weight": self.dice_weight,
+        }
 
-    def forward(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, student_logits: torch.Tensor, source_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and the fraction of confident pixels."""
+        if student_logits.shape != source_probs.shape:
+            raise ValueError(
+                f"student logits {tuple(student_logits.shape)} and pseudo-label probabilities "
+                f"{tuple(source_probs.shape)} differ in shape."
+            )
+        confident = confidence_mask(source_probs, self.threshold).to(student_logits.dtype)
         if self.activation == "sigmoid":
-            pseudo = (teacher_probs > 0.5).to(student_logits.dtype)
+            pseudo = (source_probs > 0.5).to(student_logits.dtype)
             per_pixel = nn.functional.binary_cross_entropy_with_logits(student_logits, pseudo, reduction="none")
+            foreground = torch.sigmoid(student_logits)
+            student_probs, one_hot = torch.cat([1 - foreground, foreground], 1), torch.cat([1 - pseudo, pseudo], 1)
         else:
-            pseudo = teacher_probs.argmax(dim=1)
-            per_pixel = nn.functional.cross_entropy(student_logits, pseudo, reduction="none")[:, None]
-        confident = confidence_mask(teacher_probs, self.threshold).to(per_pixel.dtype)
-        return (per_pixel * confident).sum() / per_pixel.numel(), confident.mean()
+            index = source_probs.argmax(dim=1)
+            per_pixel = nn.functional.cross_entropy(student_logits, index, reduction="none")[:, None]
+            student_probs = torch.softmax(student_logits, dim=1)
+            one_hot = nn.functional.one_hot(index, student_logits.shape[1]).movedim(-1, 1).to(student_logits.dtype)
+        loss = self.ce_weight * (per_pixel * confident).sum() / per_pixel.numel()
+        present = (one_hot * confident).flatten(2).sum(dim=(0, 2)) > 0  # classes the confident pixels hold
+        if self.dice_weight > 0 and bool(present.any()):
+            per_class = self.dice(student_probs * confident, one_hot * confident).flatten()
+            loss = loss + self.dice_weight * per_class[present].mean()
+        return loss, confident.mean()
 
 
 def class_regions(maps: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:

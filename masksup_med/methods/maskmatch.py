@@ -1,23 +1,43 @@
-"""Semi-supervised masked learning (MaskMatch): MaskSup on labelled images, a masked student on unlabelled ones.
+"""Semi-supervised masked learning (MaskMatch): weak-to-strong consistency with a masked student.
 
-Each step of :class:`MaskMatchTrainer` takes a labelled batch, scored with the MaskSup loss as in
-:class:`~masksup_med.methods.masksup.MaskSupTrainer` (which it extends: same iteration, one more term), and
-an unlabelled batch in two views of the same geometry: ``image`` (weakly augmented) and
-``image_strong`` (the same pixels, strongly augmented in colour by the data pipeline). The teacher,
-an exponential moving average of the network, predicts on the weak view, averaged over several
-input scales; the student (the network being trained) sees the strong view with about 70 % of
-its patches masked and learns the teacher's confident pixels
-(:class:`~masksup_med.methods.losses.ConfidentPseudoLabelLoss`), weighted by a ramp-up over the first
-epochs. After every optimiser step the teacher follows the student.
+Each step of :class:`MaskMatchTrainer` takes a labelled batch and an unlabelled batch in two views of
+the same geometry: ``image`` (weakly augmented) and ``image_strong`` (the same pixels, strongly
+augmented in colour by the data pipeline). The labelled batch is scored with the trainer's
+:class:`~masksup_med.methods.losses.MaskSupLoss`, by default with a2 = a3 = 0 (``semi_train.json``):
+the plain segmentation loss of the supervised control, so a comparison measures the unlabelled
+images alone; MaskSup's masked terms are an option.
 
-Choices the MaskMatch paper does not pin down follow its family: Mean Teacher's EMA and sigmoid
-ramp-up, FixMatch / UniMatch's confidence threshold and normalisation over all pixels.
+Pseudo-labels come from one of two sources (``pseudo_label_source``):
+
+- ``"online"`` (UniMatch): the network itself, in training mode, in one forward pass with the
+  labelled batch (the weak view joins it; its logits are detached);
+- ``"teacher"``: the EMA teacher, in training-mode normalisation (batch statistics, as SSL4MIS's Mean
+  Teacher), optionally averaged over input scales (``teacher_scales``, default 1 only).
+
+The network then learns the confident pixels of the pseudo-label
+(:class:`~masksup_med.methods.losses.ConfidentPseudoLabelLoss`: cross entropy + Dice with an ignore mask)
+through up to three branches, each a config weight:
+
+- ``strong``: the strong view with CutMix (:class:`~masksup_med.transforms.RandCutMix`: image and
+  pseudo-label mixed alike);
+- ``feature``: the weak view with its features dropped out (:class:`~masksup_med.methods.perturbation.FeatureDropout`);
+- ``masked``: the strong view with about 70 % of its patches masked (MaskMatch's masked student).
+
+The unlabelled term is the weighted mean of the branches, times ``unsup_weight`` (1: as heavy as the
+labelled loss), from the first step (the threshold gates; a ramp-up is an option).
+
+BatchNorm: only the clean passes (labelled batch, and the weak view with the online source) update
+running statistics; the masked labelled pass and every unlabelled branch run under
+:func:`~masksup_med.methods.teacher.frozen_norm_statistics`, so the statistics that validation and the
+teacher use describe clean images. The EMA teacher copies the network during a burn-in
+(``ema_burn_in_epochs``), then follows it with ``ema_momentum``; it is validated and may be kept as
+the best model whichever source makes the pseudo-labels.
 
 Optionally (``mim_network``, S4MIM-style class-wise masked image modelling, arXiv 2411.08756), both
 masked passes (the labelled batch's masked copy and the student's masked strong view) also
 reconstruct their input, through a head on the network's penultimate features
 (:class:`~masksup_med.methods.mim.ReconstructionHeads`). The reconstruction is scored on the masked pixels
-only, class by class, with the label's classes on labelled images and the teacher's pseudo-label
+only, class by class, with the label's classes on labelled images and the pseudo-label
 on unlabelled ones (:class:`~masksup_med.methods.losses.ClassWiseReconstructionLoss`); an optional term pulls
 the mean feature of each class's masked pixels towards that of its visible pixels
 (:class:`~masksup_med.methods.losses.FeatureAggregationLoss`). The head is dropped after training: the
@@ -40,19 +60,32 @@ from masksup_med.methods.losses import (
     ConfidentPseudoLabelLoss,
     FeatureAggregationLoss,
     class_regions,
+    confidence_mask,
 )
 from masksup_med.methods.masksup import MaskSupTrainer, rank_seed
 from masksup_med.methods.mim import MIMOutputs, ReconstructionHeads
-from masksup_med.methods.teacher import ema_update, make_teacher, multiscale_probabilities, sigmoid_rampup
+from masksup_med.methods.perturbation import FeatureDropout
+from masksup_med.methods.teacher import (
+    burn_in_momentum,
+    ema_update,
+    frozen_norm_statistics,
+    make_teacher,
+    probabilities,
+    sigmoid_rampup,
+    training_mode_probabilities,
+)
 from masksup_med.run.checkpoints import unreadable_reason
 from masksup_med.run.files import save_atomically
 from masksup_med.run.runtime import check_same_on_every_process
 from masksup_med.transforms.base import RandMask
+from masksup_med.transforms.cutmix import RandCutMix
 from masksup_med.transforms.patch import RandPatchMask
 
-__all__ = ["BestNetworkSelectionHandler", "MaskMatchTrainer", "MaskedView", "SemiKeys"]
+__all__ = ["PSEUDO_LABEL_SOURCES", "BestNetworkSelectionHandler", "MaskMatchTrainer", "MaskedView", "SemiKeys"]
 
 logger = logging.getLogger(__name__)
+
+PSEUDO_LABEL_SOURCES = ("online", "teacher")
 
 
 class SemiKeys:
@@ -61,7 +94,9 @@ class SemiKeys:
     WEAK = "image"
     STRONG = "image_strong"
     UNSUP = "unsup"
+    BRANCHES = ("strong", "feature", "masked")
     CONFIDENT = "confident_fraction"
+    FOREGROUND = "pseudo_foreground_fraction"
     UNSUP_WEIGHT = "unsup_weight"
     MIM = "mim"
     MIM_FEATURE = "mim_feature"
@@ -77,23 +112,32 @@ class MaskedView(NamedTuple):
 
 
 class MaskMatchTrainer(MaskSupTrainer):
-    """MaskSupTrainer that also learns from unlabelled images through a masked student and an EMA teacher.
+    """MaskSupTrainer that also learns from unlabelled images: weak-to-strong pseudo-labels, CutMix, features, masks.
 
-    Takes every argument of :class:`~masksup_med.methods.masksup.MaskSupTrainer`, plus:
+    Takes every argument of :class:`~masksup_med.methods.masksup.MaskSupTrainer` (``single_pass`` excepted:
+    it would let the masked pass update BatchNorm's statistics), plus:
 
     Args:
         unlabelled_loader: batches of unlabelled images with keys ``image`` (weak view) and
             ``image_strong`` (strong view, same geometry); cycled as often as the labelled loader needs.
+        pseudo_label_source: ``"online"`` (the network, training mode, one pass with the labelled
+            batch) or ``"teacher"`` (the EMA teacher, training-mode normalisation).
         teacher: the EMA teacher (default: a frozen copy of ``network`` made here). Pass the same
             module to the validator and the checkpoint to score and keep it.
-        ema_momentum: how slowly the teacher follows (``teacher <- m * teacher + (1 - m) * student``);
-            early on Mean Teacher's ``min(ema_momentum, 1 - 1 / (step + 1))`` lets it catch up, so a
-            short run (few steps per epoch with few labels) does not validate a teacher stuck near
-            its random start.
-        unsup_loss: the loss on the teacher's confident pixels (default threshold 0.95).
-        unsup_weight: weight of the unsupervised term once ramped up.
-        rampup_epochs: epochs over which the weight ramps up (Mean Teacher's sigmoid ramp-up).
-        teacher_scales: input scales the teacher's probabilities are averaged over.
+        ema_momentum: how slowly the teacher follows after the burn-in
+            (``teacher <- m * teacher + (1 - m) * student``).
+        ema_burn_in_epochs: epochs (fractions allowed) during which the teacher copies the network
+            (momentum 0), so it never averages in the random initial weights.
+        unsup_loss: the loss on the pseudo-label's confident pixels (default threshold 0.95, CE + Dice).
+        unsup_weight: weight of the unlabelled term (the weighted mean of the branches).
+        rampup_epochs: epochs over which the weight ramps up (Mean Teacher's sigmoid ramp-up); 0: none.
+        teacher_scales: input scales the teacher's probabilities are averaged over (``"teacher"`` only).
+        cutmix: mixes the strong view and its pseudo-label alike (default :class:`~masksup_med.transforms.RandCutMix`,
+            p 0.5, 2-40 % of the area; ``RandCutMix(prob=0)`` does not mix).
+        feature_perturbation: the feature branch's dropout (default
+            :class:`~masksup_med.methods.perturbation.FeatureDropout`, p 0.5 on every MONAI ``SkipConnection``).
+        strong_weight, feature_weight, masked_weight: weights of the three branches (>= 0, not all 0);
+            a branch of weight 0 is not run (the masked one still is for masked image modelling).
         student_masker: masks the strong view on the device (default: 70 % of 16-pixel patches).
         mim_network: turns on class-wise masked image modelling: a
             :class:`~masksup_med.methods.mim.ReconstructionHeads` around ``network`` (its ``segmenter`` must be
@@ -109,12 +153,13 @@ class MaskMatchTrainer(MaskSupTrainer):
             :class:`~masksup_med.methods.losses.FeatureAggregationLoss`).
         mim_feature_weight: its weight; 0 (default) logs the term without training on it.
 
-    ``engine.state.output`` adds ``loss_unsup`` (unweighted), ``unsup_weight`` and
-    ``confident_fraction`` (the share of unlabelled pixels the teacher is confident about); with
-    ``mim_network`` also ``loss_mim`` and ``loss_mim_feature`` (unweighted).
+    ``engine.state.output`` adds ``loss_unsup`` (the branches' weighted mean, before ``unsup_weight``),
+    ``loss_unsup_<branch>`` for each branch run, ``unsup_weight``, ``confident_fraction`` (the share of
+    unlabelled pixels the pseudo-label is confident about) and ``pseudo_foreground_fraction`` (the share
+    it calls foreground); with ``mim_network`` also ``loss_mim`` and ``loss_mim_feature`` (unweighted).
 
-    Under DistributedDataParallel the student's pass is one more forward of the wrapped network
-    before the step's one backward (autograd sums both uses of a parameter before DDP averages it);
+    Under DistributedDataParallel the unlabelled branches are more forwards of the wrapped network
+    before the step's one backward (autograd sums all uses of a parameter before DDP averages it);
     the teacher follows the network inside the wrapper. Every process must take the same number of
     steps, so an ``epoch_length`` that differs between them fails here, and the unlabelled loader
     should have a DistributedSampler (``semi_train.json`` gives it one when ``distributed``).
@@ -125,12 +170,19 @@ class MaskMatchTrainer(MaskSupTrainer):
         self,
         *args: Any,
         unlabelled_loader: Iterable,
+        pseudo_label_source: str = "online",
         teacher: nn.Module | None = None,
         ema_momentum: float = 0.99,
+        ema_burn_in_epochs: float = 1.0,
         unsup_loss: ConfidentPseudoLabelLoss | None = None,
         unsup_weight: float = 1.0,
-        rampup_epochs: float = 5.0,
-        teacher_scales: Sequence[float] = (0.75, 1.0, 1.25),
+        rampup_epochs: float = 0.0,
+        teacher_scales: Sequence[float] = (1.0,),
+        cutmix: RandCutMix | None = None,
+        feature_perturbation: FeatureDropout | None = None,
+        strong_weight: float = 1.0,
+        feature_weight: float = 1.0,
+        masked_weight: float = 1.0,
         student_masker: RandMask | None = None,
         mim_network: ReconstructionHeads | None = None,
         mim_loss: ClassWiseReconstructionLoss | None = None,
@@ -140,12 +192,33 @@ class MaskMatchTrainer(MaskSupTrainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if self.single_pass:
+            raise ValueError(
+                "MaskMatchTrainer does not take single_pass=True: the masked pass would update BatchNorm's "
+                "running statistics together with the clean one."
+            )
+        if pseudo_label_source not in PSEUDO_LABEL_SOURCES:
+            raise ValueError(f"pseudo_label_source must be one of {PSEUDO_LABEL_SOURCES}, got {pseudo_label_source!r}.")
         if not 0.0 <= ema_momentum <= 1.0:
             raise ValueError(f"ema_momentum must lie in [0, 1], got {ema_momentum!r}.")
+        if ema_burn_in_epochs < 0:
+            raise ValueError(f"ema_burn_in_epochs must be >= 0, got {ema_burn_in_epochs!r}.")
+        weights = (strong_weight, feature_weight, masked_weight)
+        self.branch_weights = {name: float(w) for name, w in zip(SemiKeys.BRANCHES, weights)}
+        if min(self.branch_weights.values()) < 0 or sum(self.branch_weights.values()) == 0:
+            raise ValueError(f"the branch weights must be >= 0 and not all 0, got {self.branch_weights}.")
+        self.teacher_scales = tuple(float(s) for s in teacher_scales)
+        if pseudo_label_source == "online" and self.teacher_scales != (1.0,):
+            raise ValueError(
+                f"teacher_scales {list(self.teacher_scales)} only apply to pseudo_label_source 'teacher'; the "
+                "online source predicts once, at scale 1, in the labelled batch's pass."
+            )
+        self.pseudo_label_source = pseudo_label_source
         self.unlabelled_loader = unlabelled_loader
         self.teacher = (teacher if teacher is not None else make_teacher(self.network)).to(self.state.device)
         self.teacher.eval()
         self.ema_momentum = float(ema_momentum)
+        self.ema_burn_in_epochs = float(ema_burn_in_epochs)
         self.unsup_loss = unsup_loss if unsup_loss is not None else ConfidentPseudoLabelLoss()
         supervised_activation = getattr(self.loss_function, "activation", self.unsup_loss.activation)
         if supervised_activation != self.unsup_loss.activation:
@@ -156,10 +229,16 @@ class MaskMatchTrainer(MaskSupTrainer):
             )
         self.unsup_weight = float(unsup_weight)
         self.rampup_epochs = float(rampup_epochs)
-        self.teacher_scales = tuple(float(s) for s in teacher_scales)
+        self.cutmix = cutmix if cutmix is not None else RandCutMix()
+        self.cutmix.set_random_state(rank_seed())
+        self.feature_perturbation = feature_perturbation if feature_perturbation is not None else FeatureDropout()
+        if self.branch_weights["feature"] > 0:
+            self.feature_perturbation.modules(self.network)  # a network it cannot perturb fails here, not at step 1
         self.student_masker = student_masker if student_masker is not None else RandPatchMask(0.7, patch_size=16)
         self.student_masker.set_random_state(rank_seed())
         self._unlabelled: Iterator | None = None
+        self._joined_weak: torch.Tensor | None = None
+        self._weak_logits: torch.Tensor | None = None
         check_same_on_every_process("epoch_length", self.state.epoch_length)
         self.mim_network = mim_network
         self.mim_loss = mim_loss if mim_loss is not None else ClassWiseReconstructionLoss()
@@ -232,52 +311,101 @@ class MaskMatchTrainer(MaskSupTrainer):
     def forward_passes(
         self, inputs: torch.Tensor, masked: torch.Tensor | None, holes: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """MaskSup's passes; with masked image modelling the masked one reconstructs too (:meth:`compute_terms`)."""
-        if self.mim_network is None or masked is None:
-            return super().forward_passes(inputs, masked, holes)
-        if holes is None:
-            raise ValueError("masked image modelling needs the masked pixels of the labelled batch: pass batch_masker.")
-        if self.single_pass:
-            both = self.mim_network.outputs(torch.cat([inputs, masked]))
-            pred, seg_masked = both.segmentation.chunk(2)
-            outputs = MIMOutputs(seg_masked, *(part.chunk(2)[1] for part in both[1:]))
-        else:
+        """The clean pass (joined by the weak view with the online source) and the masked pass, if any.
+
+        Only the clean pass updates BatchNorm's running statistics. With masked image modelling the
+        masked pass reconstructs too (:meth:`compute_terms`).
+        """
+        weak = self._joined_weak
+        if weak is None:
             pred = self.inferer(inputs, self.network)
+        else:
+            both = self.inferer(torch.cat([_plain(inputs), weak]), self.network)
+            pred, self._weak_logits = both.split([inputs.shape[0], weak.shape[0]])
+        if masked is None:
+            return pred, None
+        if self.mim_network is not None and holes is None:
+            raise ValueError("masked image modelling needs the masked pixels of the labelled batch: pass batch_masker.")
+        with frozen_norm_statistics(self.network):
+            if self.mim_network is None:
+                return pred, self.inferer(masked, self.network)
             outputs = self.mim_network.outputs(masked)
         self._mim_views.append(MaskedView(_plain(inputs), holes, outputs))
         return pred, outputs.segmentation
 
+    def pseudo_label_probabilities(self, weak: torch.Tensor) -> torch.Tensor:
+        """The source's class probabilities on the weak view (no gradient)."""
+        activation = self.unsup_loss.activation
+        if self.pseudo_label_source == "online":
+            if self._weak_logits is None:
+                raise RuntimeError("the online source's weak logits are missing: the clean pass did not run.")
+            return probabilities(self._weak_logits.detach().float(), activation)
+        return training_mode_probabilities(self.teacher, weak, self.teacher_scales, activation).float()
+
     def compute_terms(self, batchdata: dict[str, Any], inputs: torch.Tensor, targets: torch.Tensor) -> dict:
-        """MaskSup's terms on the labelled batch, plus the masked student's term on an unlabelled batch.
+        """The labelled batch's terms, plus the unlabelled branches on a pseudo-labelled unlabelled batch.
 
         With masked image modelling, also the class-wise reconstruction and feature terms of both masked passes.
         """
-        self._mim_views = []
+        self._mim_views, self._weak_logits = [], None
         if self.mim_network is not None:
             self.mim_network.train()  # the head too (the engine puts only ``network`` in training mode)
-        terms = super().compute_terms(batchdata, inputs, targets)
-        labelled = [view._replace(regions=class_regions(_plain(targets))) for view in self._mim_views]
         weak, strong = self._views(self.next_unlabelled())
-        teacher_probs = multiscale_probabilities(self.teacher, weak, self.teacher_scales, self.unsup_loss.activation)
-        masked_strong, holes = self.student_masker.mask_batch(strong)
-        if self.mim_network is None:
-            student_logits = self.inferer(masked_strong, self.network)
-        else:
-            outputs = self.mim_network.outputs(masked_strong)
-            student_logits = outputs.segmentation
-            self._mim_views = [*labelled, MaskedView(strong, holes, outputs, class_regions(teacher_probs))]
-        unsup, confident = self.unsup_loss(student_logits.float(), teacher_probs.float())
+        self._joined_weak = weak if self.pseudo_label_source == "online" else None
+        try:
+            terms = super().compute_terms(batchdata, inputs, targets)
+        finally:
+            self._joined_weak = None
+        labelled = [view._replace(regions=class_regions(_plain(targets))) for view in self._mim_views]
+        source = self.pseudo_label_probabilities(weak)
+        self._weak_logits = None
+        branches = self.unlabelled_branches(weak, strong, source, labelled)
+        weights = {name: self.branch_weights[name] for name in branches}
+        unsup = sum(weights[name] * value for name, value in branches.items()) / max(sum(weights.values()), 1e-12)
         weight = self.current_unsup_weight()
         terms[SemiKeys.UNSUP] = unsup
+        terms.update({f"{SemiKeys.UNSUP}_{name}": value for name, value in branches.items()})
         terms["total"] = terms["total"] + weight * unsup
         if self.mim_network is not None:
             mim, feature = self.mim_terms(self._mim_views)
             terms[SemiKeys.MIM], terms[SemiKeys.MIM_FEATURE] = mim, feature
             terms["total"] = terms["total"] + self.mim_weight * mim + self.mim_feature_weight * feature
             self._mim_views = []
+        confident = confidence_mask(source, self.unsup_loss.threshold).float().mean()
         self.state.output[SemiKeys.CONFIDENT] = confident.detach()
+        self.state.output[SemiKeys.FOREGROUND] = foreground_fraction(source)
         self.state.output[SemiKeys.UNSUP_WEIGHT] = weight
         return terms
+
+    def unlabelled_branches(
+        self, weak: torch.Tensor, strong: torch.Tensor, source: torch.Tensor, labelled: list[MaskedView]
+    ) -> dict[str, torch.Tensor]:
+        """Each branch's loss against the pseudo-label (``source``); BatchNorm's running statistics untouched.
+
+        ``strong``: the CutMixed strong view against the pseudo-label mixed alike; ``feature``: the weak
+        view with dropped-out features; ``masked``: the masked strong view (with masked image modelling
+        it also reconstructs, and joins ``labelled``'s masked views in ``self._mim_views``).
+        """
+        losses: dict[str, torch.Tensor] = {}
+        with frozen_norm_statistics(self.network):
+            if self.branch_weights["strong"] > 0:
+                (mixed, mixed_source), _ = self.cutmix(strong, source)
+                losses["strong"] = self.unsup_loss(self.inferer(mixed, self.network).float(), mixed_source)[0]
+            if self.branch_weights["feature"] > 0:
+                with self.feature_perturbation.applied_to(self.network):
+                    perturbed = self.inferer(weak, self.network)
+                losses["feature"] = self.unsup_loss(perturbed.float(), source)[0]
+            if self.branch_weights["masked"] > 0 or self.mim_network is not None:
+                masked_strong, holes = self.student_masker.mask_batch(strong)
+                if self.mim_network is None:
+                    masked_logits = self.inferer(masked_strong, self.network)
+                else:
+                    outputs = self.mim_network.outputs(masked_strong)
+                    masked_logits = outputs.segmentation
+                    self._mim_views = [*labelled, MaskedView(strong, holes, outputs, class_regions(source))]
+                if self.branch_weights["masked"] > 0:
+                    losses["masked"] = self.unsup_loss(masked_logits.float(), source)[0]
+        return losses
 
     def mim_terms(self, views: Sequence[MaskedView]) -> tuple[torch.Tensor, torch.Tensor]:
         """The reconstruction and feature-aggregation losses of the masked passes, pooled over them.
@@ -305,13 +433,23 @@ class MaskMatchTrainer(MaskSupTrainer):
             feature = self.mim_feature_loss(cat([v.outputs.features.float() for v in views]), holes, regions)
         return mim, feature
 
+    def ema_burn_in_steps(self) -> int:
+        """Optimiser steps of the burn-in: ``ema_burn_in_epochs`` times the epoch length, rounded."""
+        return round(self.ema_burn_in_epochs * (self.state.epoch_length or 1))
+
     def current_ema_momentum(self) -> float:
-        """``min(ema_momentum, 1 - 1 / (step + 1))`` at the current iteration (Mean Teacher's warm-up)."""
-        return min(self.ema_momentum, 1.0 - 1.0 / (self.state.iteration + 1))
+        """0 during the burn-in (the teacher copies the network), ``ema_momentum`` after it."""
+        return burn_in_momentum(int(self.state.iteration), self.ema_burn_in_steps(), self.ema_momentum)
 
     def after_step(self) -> None:
         """The teacher follows the student."""
         ema_update(self.teacher, self.network, self.current_ema_momentum())
+
+
+def foreground_fraction(probs: torch.Tensor) -> torch.Tensor:
+    """The share of pixels whose most likely class is foreground (> 0.5 for one channel, arg-max != 0 for several)."""
+    foreground = probs > 0.5 if probs.shape[1] == 1 else probs.argmax(dim=1) != 0
+    return foreground.float().mean().detach()
 
 
 def _plain(tensor: torch.Tensor) -> torch.Tensor:

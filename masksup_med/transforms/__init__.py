@@ -3,6 +3,7 @@
 from masksup_med.transforms.bank import RandMaskBank, RandMaskBankd
 from masksup_med.transforms.base import RandMask, RandMaskd
 from masksup_med.transforms.channels import EnsureRGB, EnsureRGBd
+from masksup_med.transforms.cutmix import RandCutMix
 from masksup_med.transforms.free_form import RandFreeFormMask, RandFreeFormMaskd
 from masksup_med.transforms.intensity import NormaliseIntensity, NormaliseIntensityd
 from masksup_med.transforms.label import ForegroundMask, ForegroundMaskd
@@ -15,6 +16,7 @@ __all__ = [
     "ForegroundMaskd",
     "NormaliseIntensity",
     "NormaliseIntensityd",
+    "RandCutMix",
     "RandFreeFormMask",
     "RandFreeFormMaskd",
     "RandMask",
