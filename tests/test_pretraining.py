@@ -43,23 +43,15 @@ def test_pretraining_data_is_the_training_images_only_without_masks(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        (True, "selective"),
-        ("true", "selective"),
-        (False, "random"),
-        ("false", "random"),
-        ("False", "random"),
-        ("none", "random"),
-    ],
+    ("masking", "expected"), [("random", "random"), ("selective", "random"), ("per_batch", "per_batch")]
 )
-def test_pick_masker_reads_booleans_and_command_line_text(value, expected):
-    assert pick_masker(value, "selective", "random") == expected
+def test_pick_masker_gives_the_batch_masker_of_each_masking(masking, expected):
+    assert pick_masker(masking, "random", "per_batch") == expected
 
 
 def test_pick_masker_refuses_anything_else():
-    with pytest.raises(ValueError, match="selective_masking must be true or false, got 'maybe'"):
-        pick_masker("maybe", "selective", "random")
+    with pytest.raises(ValueError, match="pretrain_masking must be one of random, selective, per_batch, got 'maybe'"):
+        pick_masker("maybe", "random", "per_batch")
 
 
 def test_select_tiles_picks_exactly_the_highest_loss_tiles():
@@ -95,7 +87,7 @@ def test_selective_masker_masks_the_worst_reconstructed_tiles_and_the_fraction()
     bright = [(0, 0), (1, 3), (2, 2), (3, 1), (0, 3), (2, 0), (1, 1), (3, 3)]  # 8 of 16 tiles
     for row, col in bright:
         images[0, :, row * 16 : (row + 1) * 16, col * 16 : (col + 1) * 16] = 0.9
-    masker = SelectiveTileMasker(tile_size=16, ratio=0.5, partitions=4).set_random_state(0)
+    masker = SelectiveTileMasker(tile_size=16, ratio=0.5, partitions=4, fill=0.5).set_random_state(0)
     masked, holes = masker.mask_batch(images, _Zeros())
     expected = torch.zeros(4, 4, dtype=torch.bool)
     for row, col in bright:
