@@ -3,6 +3,8 @@ weights."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from monai.networks.nets import UNet
@@ -219,3 +221,35 @@ def test_reconstruction_figure_rows_show_masked_tiles_their_loss_and_leave_the_t
     expected = tile_losses((rows[0]["reconstruction"] - rows[0]["image"]).abs().mean(dim=0)[None], 16)[0]
     tiles = rows[0]["tile_loss"][0, ::16, ::16]
     assert torch.allclose(tiles[~torch.isnan(tiles)], expected[~torch.isnan(tiles)])
+
+
+def test_pretraining_data_takes_every_unmasked_image_but_never_a_held_out_one_even_copied(tmp_path):
+    def image(path, value):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (value, value, value)).save(path)
+        return str(path)
+
+    datalist = {
+        "train": [{"image": image(tmp_path / "ds" / "train0.png", 10), "label": "m0.png", "id": "train0"}],
+        "unlabelled": [{"image": image(tmp_path / "ds" / "train1.png", 20), "id": "train1", "source": "train"}],
+        "validation": [{"image": image(tmp_path / "ds" / "val0.png", 30), "label": "m.png", "id": "val0"}],
+        "test": [{"image": image(tmp_path / "ds" / "test0.png", 40), "label": "m.png", "id": "test0"}],
+    }
+    other = tmp_path / "other_dataset"
+    image(other / "a.png", 50)
+    image(other / "copy_of_test.png", 40)  # the same file content as a test image
+    (other / "copy_of_test.png").write_bytes((tmp_path / "ds" / "test0.png").read_bytes())
+    extra = tmp_path / "extra"
+    image(extra / "b.png", 60)
+    (extra / "train0.png").write_bytes((tmp_path / "ds" / "train0.png").read_bytes())
+    data = pretraining_images(datalist, str(extra), [str(other), str(tmp_path / "ds")])
+    ids = [item["id"] for item in data["train"]]
+    # the dataset folder itself (pretrain1) adds nothing: its training images are there already, the rest is held out
+    assert ids == ["train0", "train1", "unlabelled/b", "unlabelled/train0", "pretrain0/a"]
+    held_out = {datalist[s][0]["image"] for s in ("validation", "test")}
+    pretrained_on = [item["image"] for item in data["train"]]
+    assert not held_out & set(pretrained_on)  # not the files ...
+    contents = {open(p, "rb").read() for p in pretrained_on}
+    assert not {open(p, "rb").read() for p in held_out} & contents  # ... nor copies of them
+    assert len(pretrained_on) == len({str(Path(p).resolve()) for p in pretrained_on})  # each file once
+    assert all("label" not in item for item in data["train"])

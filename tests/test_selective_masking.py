@@ -93,7 +93,7 @@ def test_a_tile_score_averages_only_the_passes_that_hid_it():
     hidden = [random_tiles(R, 1, (1, 2), 0.5)[0, 0] for _ in values]
     for col in range(2):
         own = [_constant_score(v, 0.5) for v, tiles in zip(values, hidden) if tiles[col]]
-        assert own and scores[0, 0, col].item() == pytest.approx(sum(own) / len(own), abs=1e-5)
+        assert own and scores[0, 0, col].item() == pytest.approx(sum(own) / len(own), abs=1e-3)  # float32 SSIM
     assert scores[0, 0, 0].item() != pytest.approx(scores[0, 0, 1].item())
 
 

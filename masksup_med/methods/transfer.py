@@ -62,9 +62,7 @@ def reestimate_batchnorm(
     if not norms or max_batches < 1:
         return 0
     device = device if device is not None else next(network.parameters()).device
-    saved = {
-        m: (m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms
-    }
+    saved = {m: (m.momentum, {k: v.clone() for k, v in m.state_dict().items()}) for m in norms}
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the batches
