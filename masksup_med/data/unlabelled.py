@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from .errors import DatasetError, DatasetNotFoundError
 from .pairing import is_stray, require_folder
 from .splits import natural_key
 
-__all__ = ["list_unlabelled_images", "pretraining_images", "with_unlabelled"]
+__all__ = ["dataset_images", "list_unlabelled_images", "pretraining_images", "with_unlabelled"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 TRAINING_SPLITS = ("train", "unlabelled")  # every other split of a datalist is held out
@@ -93,23 +93,34 @@ def _content_hash(path: str | os.PathLike) -> str:
     return hashlib.sha1(Path(path).read_bytes()).hexdigest()
 
 
+def dataset_images(name: str, folder: str | os.PathLike) -> list[dict]:
+    """Every image of another dataset (all its splits, masks dropped), read by its adapter: ``[{"image", "id"}]``."""
+    from .registry import get_dataset
+
+    split = get_dataset(name).split(folder)
+    return [{"image": item["image"], "id": f"{name}/{item['id']}"} for items in split.values() for item in items]
+
+
 def pretraining_images(
     datalist: dict[str, list[dict]],
     unlabelled_dir: str | os.PathLike | None = None,
     pretrain_dirs: Sequence[str | os.PathLike] | None = None,
+    pretrain_datasets: Mapping[str, str | os.PathLike] | None = None,
 ) -> dict[str, list[dict]]:
     """Pretraining data: every image without its mask that is not held out.
 
     The training images (``train``, and ``unlabelled`` when the split has one), every image of
-    ``unlabelled_dir``, and every image of each folder of ``pretrain_dirs`` (e.g. other datasets of
-    the same kind). Validation and test images are left out, and so is any image of a folder whose
-    path or content (SHA-1 of the file) is that of a held-out image: pretraining never sees one,
-    even when another dataset's folder holds a copy of it. An image found twice is kept once.
+    ``unlabelled_dir``, every image of each folder of ``pretrain_dirs``, and every image of each
+    other dataset of ``pretrain_datasets`` (read by its adapter, so its masks are not taken for
+    images). Validation and test images are left out, and so is any other image whose path or
+    content (SHA-1 of the file) is that of a held-out image: pretraining never sees one, even when
+    another folder holds a copy of it. An image found twice is kept once.
 
     Args:
         datalist: a dataset adapter's split.
         unlabelled_dir: a folder of images without masks, or None.
-        pretrain_dirs: further folders of images, or None.
+        pretrain_dirs: further folders of images (nothing but images), or None.
+        pretrain_datasets: other datasets, ``{adapter name: folder}`` (e.g. ``{"kvasir-seg": ...}``), or None.
     """
     held_out = [item["image"] for name, items in datalist.items() if name not in TRAINING_SPLITS for item in items]
     held_out_paths = {str(Path(p).resolve()) for p in held_out}
@@ -118,11 +129,14 @@ def pretraining_images(
     folders = ([("unlabelled_dir", "unlabelled", unlabelled_dir)] if unlabelled_dir not in (None, "") else []) + [
         ("pretrain_dirs", f"pretrain{i}", folder) for i, folder in enumerate(pretrain_dirs or [])
     ]
-    for source, prefix, folder in folders:
-        for item in list_unlabelled_images(folder, source, prefix):
-            if str(Path(item["image"]).resolve()) in held_out_paths or _content_hash(item["image"]) in held_out_hashes:
-                continue
-            items.append({"image": item["image"], "id": item["id"]})
+    found = [item for source, prefix, folder in folders for item in list_unlabelled_images(folder, source, prefix)]
+    found += [item for name, folder in (pretrain_datasets or {}).items() for item in dataset_images(name, folder)]
+    items += [
+        {"image": item["image"], "id": item["id"]}
+        for item in found
+        if str(Path(item["image"]).resolve()) not in held_out_paths
+        and _content_hash(item["image"]) not in held_out_hashes
+    ]
     seen: set[str] = set()
     unique = []
     for item in items:

@@ -280,6 +280,8 @@ class ReconstructionTrainer(SupervisedTrainer):
             fixed = _tensor(batchdata[FIXED_KEY], images.device, engine.non_blocking).reshape(-1) > 0.5
             given = _tensor(batchdata["holes"], images.device, engine.non_blocking)[:, 0] > 0.5
             holes = torch.where(fixed[:, None, None], given, holes)
+            seen, count = getattr(engine, "masked_items", (0, 0))
+            engine.masked_items = (seen + len(fixed), count + int(fixed.sum()))
         return holes
 
     def _iteration(self, engine: ReconstructionTrainer, batchdata: dict[str, Any]) -> dict:  # type: ignore[override]

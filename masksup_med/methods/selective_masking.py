@@ -14,6 +14,7 @@ every round draws from every image with random masks (the random arm, same round
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
-from monai.transforms.transform import ThreadUnsafe
+from monai.transforms.transform import RandomizableTrait
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
@@ -47,6 +48,8 @@ __all__ = [
     "score_tiles",
     "ssim_map",
 ]
+
+logger = logging.getLogger(__name__)
 
 FIXED_KEY = "fixed_mask"  # per item: 1.0 when ``holes`` is a fixed mask, 0.0 when tiles are to be drawn at random
 
@@ -188,12 +191,13 @@ class FixedTileMasks:
         return tiles.repeat(self.tile_size, 0).repeat(self.tile_size, 1)[: spatial_shape[0], : spatial_shape[1]]
 
 
-class AttachTileMaskd(MapTransform, ThreadUnsafe):
+class AttachTileMaskd(MapTransform, RandomizableTrait):
     """Write an item's fixed mask as ``holes`` (``1, H, W`` float) and ``fixed_mask`` (1.0, or 0.0 when it has none).
 
     Placed after resizing and before spatial augmentation (which must also move ``holes``, nearest
-    neighbour), so the mask follows the content. Never cached (``ThreadUnsafe``): the masks change
-    every round.
+    neighbour), so the mask follows the content. Never cached (``RandomizableTrait``: MONAI's cache
+    datasets stop before it): the masks change every round. The loader's workers must start after the
+    round's masks are set (``persistent_workers`` false: the loader starts new ones every round).
 
     Args:
         keys: the image key (its spatial shape sizes the mask).
@@ -257,8 +261,18 @@ class PartitionRounds:
         self.batch_size, self.seed = int(batch_size), int(seed)
 
     def attach(self, engine: Engine) -> None:
-        """Run :meth:`start_round` at every epoch start."""
+        """Run :meth:`start_round` at every epoch start; log how the round's images were masked at its end."""
         engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.start_round(e.state.epoch - 1))
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.report_round)
+
+    def report_round(self, engine: Engine) -> None:
+        """Log the round's images seen and how many of them came with a fixed mask (the trainer counts them)."""
+        seen, fixed = getattr(engine, "masked_items", (0, 0))
+        logger.info(
+            f"pretraining round {engine.state.epoch} of {self.schedule.rounds}: {len(self.masks.masks)} images with "
+            f"fixed masks; {fixed} of {seen} images trained on were masked with theirs"
+        )
+        engine.masked_items = (0, 0)
 
     def choose_masks(self, round_index: int) -> dict[str, np.ndarray]:
         """Fixed masks of round ``round_index``'s images: the top ``ratio`` of each image's tile scores."""

@@ -13,6 +13,7 @@ optimizer's state and param groups alone, so checkpoints resume as before.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -24,6 +25,8 @@ from torch import nn
 from masksup_med.methods.unet_parts import decoder_modules, encoder_modules
 
 __all__ = ["TRANSFER_SCOPES", "FineTuneStart", "UpdateScale", "reestimate_batchnorm", "reinitialise"]
+
+logger = logging.getLogger(__name__)
 
 TRANSFER_SCOPES = ("whole", "encoder")
 
@@ -173,9 +176,13 @@ class FineTuneStart:
         after this, replaces the network)."""
         if engine.state.iteration > 0:
             return  # resumed: the checkpoint holds the fine-tuned network
-        if self.scope == "encoder":
-            reinitialise(decoder_modules(self.network))
-        reestimate_batchnorm(self.network, self.batches, self.bn_batches)
+        reset = reinitialise(decoder_modules(self.network)) if self.scope == "encoder" else 0
+        used = reestimate_batchnorm(self.network, self.batches, self.bn_batches)
+        logger.info(
+            f"fine-tuning from pretrained weights: {self.scope} transferred ({reset} decoder layers re-initialised), "
+            f"BatchNorm statistics from {used} batches of unmasked images, warm-up {self.warmup} iterations, "
+            f"encoder updates x{self.encoder_scale} for {self.encoder_iterations} iterations"
+        )
 
     def attach(self, engine: Engine) -> None:
         """Hook the start and every iteration (when pretrained weights were given)."""
