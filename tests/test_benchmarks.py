@@ -99,12 +99,12 @@ def test_pretrain_speed_times_every_masking_arm_and_writes_its_block(tmp_path):
     ]
     pretrain_speed.main(argv)
     data = json.loads(out.read_text())
-    assert list(data["arms"]) == ["random", "selective", "selective-every-3"]
+    assert list(data["arms"]) == ["random", "per-batch", "per-batch-every-3", "selective-scoring"]
     assert data["arms"]["random"]["ratio_to_random"] == 1.0
     assert all(math.isfinite(arm["step_s"]) and arm["step_s"] > 0 for arm in data["arms"].values())
     assert data["settings"]["partitions"] == 10 and data["settings"]["image_size"] == [32, 32]
     block = _block(md.read_text(), "pretrain-speed")
-    assert "| selective-every-3 |" in block and "python benchmarks/pretrain_speed.py --image-size 32 32" in block
+    assert "| per-batch-every-3 |" in block and "python benchmarks/pretrain_speed.py --image-size 32 32" in block
 
 
 def test_speed_benchmark_smoke(tmp_path, capsys):

@@ -93,7 +93,7 @@ def test_pretraining_with_its_defaults_then_fine_tuning_from_its_encoder(tmp_pat
 def test_a_pretraining_killed_outright_resumes_from_its_last_round(tmp_path):
     demo = make_glas_demo(tmp_path / "demo", n_train=8, n_test_a=1, n_test_b=1, size=(80, 64))
     out = tmp_path / "pretrain"
-    budget = ("--pretrain_steps", "30", "--pretrain_rounds", "3", "--selective_score_passes", "1")
+    budget = ("--pretrain_steps", "12", "--pretrain_rounds", "3", "--selective_score_passes", "1")
     command = _command(demo, out, "pretrain.json", extra=(*budget, "--num_workers", "0"))
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

@@ -42,7 +42,7 @@ from masksup_med.methods.tiles import (
     tile_losses,
     tiles_to_pixels,
 )
-from masksup_med.methods.unet_parts import HiddenPositions
+from masksup_med.methods.unet_parts import HiddenPositions, encoder_modules
 
 __all__ = [
     "MASKINGS",
@@ -272,6 +272,8 @@ class ReconstructionTrainer(SupervisedTrainer):
         self.masker = masker
         self.encoder_masking = encoder_masking
         HiddenPositions(self.network, torch.zeros(1, 1, 1, dtype=torch.bool), encoder_masking)  # checks the mode
+        if encoder_masking != "none":
+            encoder_modules(self.network)  # a network whose encoder cannot be found is refused now, naming it
         self.masker.set_random_state(rank_seed())  # DDP: each process masks other tiles
 
     def _holes(self, engine: ReconstructionTrainer, batchdata: dict[str, Any], images: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ ENCODER_MASKING = ("none", "finest_skip", "encoder")
 
 
 def _levels(network: nn.Module) -> list[nn.Sequential]:
+    network = network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
     model = getattr(network, "model", None)
     levels = []
     while isinstance(model, nn.Sequential) and len(model) == 3 and isinstance(model[1], SkipConnection):
