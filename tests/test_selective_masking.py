@@ -14,7 +14,7 @@ from masksup_med.methods.selective_masking import (
     FIXED_KEY,
     AttachTileMaskd,
     FixedTileMasks,
-    PartitionRounds,
+    PartitionRoundsHandler,
     PartitionSampler,
     PartitionSchedule,
     score_tiles,
@@ -122,7 +122,9 @@ def test_each_later_part_gets_fixed_masks_from_the_model_and_the_first_part_none
     schedule = PartitionSchedule(num_items=6, rounds=2, seed=1)
     sampler = PartitionSampler(schedule, batches_per_round=1, batch_size=2)
     masks = FixedTileMasks(tile_size=8)
-    rounds = PartitionRounds(schedule, sampler, masks, dataset, _Zeros(), tile_size=8, ratio=0.25, score_passes=16)
+    rounds = PartitionRoundsHandler(
+        schedule, sampler, masks, dataset, _Zeros(), tile_size=8, ratio=0.25, score_passes=16
+    )
     rounds.start_round(0)
     assert masks.masks == {} and sampler.round_index == 0  # part 0: random masks
     rounds.start_round(1)

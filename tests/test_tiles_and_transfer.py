@@ -12,7 +12,7 @@ from torch import nn
 
 from masksup_med.methods.pretraining import MaskedReconstructionLoss, channel_mean
 from masksup_med.methods.tiles import RandomTileMasker, fill_holes, normalise_tiles
-from masksup_med.methods.transfer import FineTuneStart, UpdateScale, reestimate_batchnorm, reinitialise
+from masksup_med.methods.transfer import FineTuneStartHandler, UpdateScale, reestimate_batchnorm, reinitialise
 from masksup_med.methods.unet_parts import (
     HiddenPositions,
     decoder_modules,
@@ -167,7 +167,7 @@ def test_update_scale_shrinks_each_step_by_its_factor():
 def test_fine_tune_start_warms_up_with_a_smaller_encoder_update_and_re_estimates_batchnorm():
     network = _unet(1)
     images = [{"image": torch.rand(2, 3, 16, 16) * 4 + 2} for _ in range(3)]
-    start = FineTuneStart(
+    start = FineTuneStartHandler(
         network, "pretrained.pt", scope="whole", batches=images, warmup_iterations=2, encoder_lr_scale=0.1
     )
     optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
@@ -195,5 +195,5 @@ def test_fine_tune_start_warms_up_with_a_smaller_encoder_update_and_re_estimates
     encoder_steps = [(a - b).mean().item() for a, b in zip(starts, starts[1:])]
     assert encoder_steps == pytest.approx([0.1 * 0.1 * 0.5, 0.1 * 0.1 * 1.0, 0.1 * 0.1], rel=1e-4)
     with pytest.raises(ValueError, match="transfer_scope must be one of whole, encoder, got 'all'"):
-        FineTuneStart(network, "x.pt", scope="all")
+        FineTuneStartHandler(network, "x.pt", scope="all")
     assert np.isfinite(moves).all()

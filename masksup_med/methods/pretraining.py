@@ -14,6 +14,23 @@ Masking (``pretrain_masking``): ``random`` (:class:`~masksup_med.methods.tiles.R
 :mod:`masksup_med.methods.selective_masking`; the batch then carries each image's ``holes``), or
 ``per_batch`` (:class:`SelectiveTileMasker`: the current model ranks the tiles of every batch, this
 project's earlier reading of the paper, kept for comparison).
+
+``pretrain.json``'s options (command line: ``--name value``), defaults to be settled by
+``benchmarks/pretrain.py``:
+
+    pretrain_steps / pretrain_rounds   the budget in steps, in rounds of one checkpoint each (2000 / 10);
+                                       selective masking's parts are the rounds
+    pretrain_masking                   random | selective | per_batch
+    pretrain_tile_size / _mask_ratio   32 px tiles, 0.6 of them hidden
+    normalise_targets                  per-tile normalised targets (true)
+    encoder_masking                    encoder | finest_skip | none
+    selective_score_passes             random masks each tile score is averaged over (5)
+    unlabelled_dir, pretrain_dirs,     more images: a folder, folders, other datasets read by their adapters
+    pretrain_datasets                  ({"kvasir-seg": "/path"}); held-out images and copies are never used
+
+``finetune.json`` (with ``--pretrained_weights``): ``transfer_scope`` (encoder | whole), ``bn_batches``,
+``warmup_iterations``, ``encoder_lr_scale``, ``encoder_iterations``
+(:mod:`masksup_med.methods.transfer`).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ round ``k >= 1`` the model as it ended round ``k - 1`` scores every tile of ever
 the highest-scoring ``ratio`` of each image's tiles become its fixed mask for the round
 (:class:`FixedTileMasks`). :class:`AttachTileMaskd` writes an image's fixed mask next to it before
 the spatial augmentation, so a crop or flip moves the mask with the content it hides.
-:class:`PartitionRounds` is the ignite handler that runs the schedule; with ``partitioned=False``
+:class:`PartitionRoundsHandler` is the ignite handler that runs the schedule; with ``partitioned=False``
 every round draws from every image with random masks (the random arm, same rounds and budget).
 """
 
@@ -42,7 +42,7 @@ from masksup_med.methods.unet_parts import HiddenPositions
 __all__ = [
     "AttachTileMaskd",
     "FixedTileMasks",
-    "PartitionRounds",
+    "PartitionRoundsHandler",
     "PartitionSampler",
     "PartitionSchedule",
     "score_tiles",
@@ -89,7 +89,13 @@ class PartitionSchedule:
 class PartitionSampler(Sampler[int]):
     """``batches_per_round * batch_size`` indices of the current round's images (reshuffled each pass over them).
 
-    ``set_epoch(round_index)`` picks the round (:class:`PartitionRounds` calls it at every epoch start).
+    ``set_epoch(round_index)`` picks the round (:class:`PartitionRoundsHandler` calls it at every epoch start).
+
+    Args:
+        schedule: the rounds and their images.
+        batches_per_round: training steps of one round (the trainer's ``epoch_length``).
+        batch_size: images per step.
+        seed: the order the images are drawn in (with the round index).
     """
 
     def __init__(self, schedule: PartitionSchedule, batches_per_round: int, batch_size: int, seed: int = 0) -> None:
@@ -170,7 +176,11 @@ def score_tiles(
 
 
 class FixedTileMasks:
-    """The fixed tile masks of the current round: image id -> ``ny, nx`` boolean array (empty in random rounds)."""
+    """The fixed tile masks of the current round: image id -> ``ny, nx`` boolean array (empty in random rounds).
+
+    Args:
+        tile_size: tile side in pixels (the masks' grid).
+    """
 
     def __init__(self, tile_size: int) -> None:
         self.tile_size = int(tile_size)
@@ -222,7 +232,7 @@ class AttachTileMaskd(MapTransform, RandomizableTrait):
         return d
 
 
-class PartitionRounds:
+class PartitionRoundsHandler:
     """Runs a :class:`PartitionSchedule` on a trainer: at every epoch (round) start, point the sampler at the
     round's images and, in a fixed-mask round, choose its masks with the network as it is.
 

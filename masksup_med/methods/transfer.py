@@ -1,7 +1,7 @@
 """Starting fine-tuning from pretrained weights with care: encoder-only transfer, BatchNorm statistics re-estimated
 on unmasked images, a warm-up, and a lower encoder learning rate at the start.
 
-:class:`FineTuneStart` is the ignite handler (``finetune.json`` adds it to the training). On a fresh
+:class:`FineTuneStartHandler` is the ignite handler (``finetune.json`` adds it to the training). On a fresh
 start (not a resume) it re-initialises the decoder when ``scope`` is ``"encoder"`` (the weights file
 was loaded whole by ``--pretrained_weights``), then re-estimates every BatchNorm layer's running
 statistics on the training images (:func:`reestimate_batchnorm`: pretraining computed them on
@@ -24,7 +24,7 @@ from torch import nn
 
 from masksup_med.methods.unet_parts import decoder_modules, encoder_modules
 
-__all__ = ["TRANSFER_SCOPES", "FineTuneStart", "UpdateScale", "reestimate_batchnorm", "reinitialise"]
+__all__ = ["TRANSFER_SCOPES", "FineTuneStartHandler", "UpdateScale", "reestimate_batchnorm", "reinitialise"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class UpdateScale:
         self.before = None
 
 
-class FineTuneStart:
+class FineTuneStartHandler:
     """The start of fine-tuning from pretrained weights (see the module's docstring).
 
     Args:
