@@ -5,22 +5,33 @@ Arms, on one bundle and its real data, each fine-tuned at a label fraction (the 
 subset in every arm):
 
     none        the bundle's training from scratch on the labelled part          (train [+ labelled_only])
-    random      pretrain.json with random tiles (RandPatchMask), then fine-tune    (selective_masking false)
-    selective   pretrain.json with selective masking (SelectiveTileMasker), then   (selective_masking true)
-                fine-tune
+    random      pretrain.json with random tiles, then fine-tune through            (pretrain_masking random)
+                finetune.json (encoder transfer, BatchNorm re-estimated, warm-up)
+    selective   pretrain.json with the paper's selective masking (parts, fixed      (pretrain_masking selective)
+                masks chosen by the previous part's model), then fine-tune
 
-Both pretraining arms get the same budget (``--pretrain-epochs``), on every training-split image
-without its mask (``masksup_med.data.pretraining_images``: validation and test images are never
-seen). A pretraining run is shared by every fine-tuning run with the same bundle, arm, seed,
-pretraining epochs and image size; it resumes with ``--resume auto`` when killed halfway and
+and the ablation (``--arms`` with the names of ``ABLATION``, best at a reduced ``--pretrain-steps``):
+each undoes one change of issue 28 on the ``random`` arm (or runs the per-batch ranking).
+
+Every pretraining arm gets the same step budget (``--pretrain-steps``, in ``--pretrain-rounds``
+rounds, one checkpoint each), on every image of the fine-tuning dataset's training split without its
+mask plus every image of the other shared datasets (``--other-datasets``; read by their adapters, so
+no mask is taken for an image). No validation or test image of the fine-tuning dataset is ever
+pretrained on: ``masksup_med.data.pretraining_images`` drops it by path and by content, even when
+another dataset holds a copy. A pretraining run is shared by every fine-tuning run with the same
+bundle, arm, seed, budget and image size; it resumes with ``--resume auto`` when killed halfway and
 records its time in ``pretrain_run.json`` next to its output. Fine-tuning is the bundle's training
-started from ``--pretrained_weights <pretraining>/models/pretrained.pt``: checkpoint picked on
-*validation*, scored once on test (``bundle_runs.py``). Finished runs go to
+with ``finetune.json`` from ``--pretrained_weights <pretraining>/models/pretrained.pt``: checkpoint
+picked on *validation*, scored once on test (``bundle_runs.py``). Finished runs go to
 ``results/pretrain.jsonl`` and are skipped next time::
 
-    python benchmarks/pretrain.py run --seeds 0 1 2                     # GLaS, fractions 0.25 and 1.0
+    python benchmarks/pretrain.py run --seeds 0 1 2 3 4                 # GLaS, fractions 0.25 and 1.0
     python benchmarks/pretrain.py run --bundle kvasir_seg --arms none selective
+    python benchmarks/pretrain.py run --arms random no-encoder-masking raw-targets --pretrain-steps 500
     python benchmarks/pretrain.py report --bundle glas                   # the "pretrain-glas" block of RESULTS.md
+
+Records made before issue 28 (an epoch budget, ``pretrain_epochs``) still render with
+``report --pretrain-epochs N``.
 """
 
 from __future__ import annotations
@@ -38,8 +49,39 @@ import bundle_runs as study
 from defaults import STUDIES, add_bundle_study_options, bundle_study_args
 from report import write_json
 
-ARMS: dict[str, bool | None] = {"none": None, "random": False, "selective": True}  # arm -> selective_masking
+ARMS: dict[str, dict[str, Any] | None] = {  # arm -> pretrain.json overrides (None: no pretraining)
+    "none": None,
+    "random": {"pretrain_masking": "random"},
+    "selective": {"pretrain_masking": "selective"},
+}
+RANDOM = {"pretrain_masking": "random"}
+ABLATION: dict[str, dict[str, Any]] = {  # arm -> pretrain.json overrides; ``finetune`` holds finetune.json's
+    "per-batch-ranking": {"pretrain_masking": "per_batch"},
+    "small-tiles": {**RANDOM, "pretrain_tile_size": 16, "pretrain_mask_ratio": 0.5},
+    "raw-targets": {**RANDOM, "normalise_targets": False},
+    "no-encoder-masking": {**RANDOM, "encoder_masking": "none"},
+    "finest-skip-masking": {**RANDOM, "encoder_masking": "finest_skip"},
+    "own-images-only": {**RANDOM, "pretrain_datasets": {}},
+    "whole-transfer": {
+        **RANDOM,
+        "finetune": {"transfer_scope": "whole", "bn_batches": 0, "warmup_iterations": 0, "encoder_lr_scale": 1.0},
+    },
+}
+ALL_ARMS = {**ARMS, **ABLATION}
+OTHER_DATASETS = {  # bundle -> its adapter name, and the shared folder of its images
+    "glas": ("glas", "../shared/data/glas"),
+    "kvasir_seg": ("kvasir-seg", "../shared/data/kvasir-seg"),
+    "cvc_clinicdb": ("cvc-clinicdb", "../shared/data/cvc-clinicdb-sample"),
+}
+FINETUNE = "bundles/{bundle}/configs/finetune.json"
 RUN_FILE = "pretrain_run.json"  # written into a pretraining's output folder once it has finished
+
+
+def budget(args: argparse.Namespace) -> dict[str, Any]:
+    """The pretraining budget a record was made with: steps and rounds, or (records before issue 28) epochs."""
+    if args.pretrain_epochs is not None:
+        return {"pretrain_epochs": args.pretrain_epochs, "selective_partitions": args.selective_partitions}
+    return {"pretrain_steps": args.pretrain_steps, "pretrain_rounds": args.pretrain_rounds}
 
 
 def study_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -49,8 +91,7 @@ def study_settings(args: argparse.Namespace) -> dict[str, Any]:
         "dataset_dir": args.dataset_dir,
         "defaults": study.BUNDLE_DEFAULTS,
         "epochs": args.epochs,
-        "pretrain_epochs": args.pretrain_epochs,
-        "selective_partitions": args.selective_partitions,
+        **budget(args),
         "val_interval": args.val_interval,
         "image_size": list(args.image_size),
     }
@@ -60,12 +101,21 @@ def study_options(args: argparse.Namespace) -> str:
     """The command-line options that select this study's records (:func:`study_settings`): the reproduce line."""
     options = (
         f"--bundle {args.bundle} --dataset-dir {args.dataset_dir} --seeds {' '.join(map(str, args.seeds))} "
-        f"--pretrain-epochs {args.pretrain_epochs} --epochs {args.epochs} --val-interval {args.val_interval} "
+        f"--epochs {args.epochs} --val-interval {args.val_interval} "
         f"--image-size {args.image_size[0]} {args.image_size[1]}"
     )
-    if args.selective_partitions is not None:
-        options += f" --selective-partitions {args.selective_partitions}"
+    if args.pretrain_epochs is not None:
+        options += f" --pretrain-epochs {args.pretrain_epochs}"
+        if args.selective_partitions is not None:
+            options += f" --selective-partitions {args.selective_partitions}"
+    else:
+        options += f" --pretrain-steps {args.pretrain_steps} --pretrain-rounds {args.pretrain_rounds}"
     return options
+
+
+def other_datasets(args: argparse.Namespace) -> dict[str, str]:
+    """``pretrain_datasets``: the shared datasets other than the fine-tuning one (``{adapter: folder}``)."""
+    return {name: folder for bundle, (name, folder) in OTHER_DATASETS.items() if bundle in args.other_datasets}
 
 
 def pretrain_configs(bundle: str) -> list[str]:
@@ -73,34 +123,46 @@ def pretrain_configs(bundle: str) -> list[str]:
     return [STUDIES[bundle].train_config, f"bundles/{bundle}/configs/pretrain.json"]
 
 
-def finetune_configs(bundle: str, fraction: float) -> list[str]:
-    """The bundle's training, on ``fraction`` of the labels below 1 (``labelled_only.json``, as in ``semi.py``)."""
-    return [STUDIES[bundle].train_config, *([study.LABELLED_ONLY] if fraction < 1 else [])]
+def finetune_configs(bundle: str, fraction: float, pretrained: bool = True) -> list[str]:
+    """The bundle's training (with ``finetune.json`` after a pretraining), on ``fraction`` of the labels below 1
+    (``labelled_only.json``, as in ``semi.py``)."""
+    return [
+        STUDIES[bundle].train_config,
+        *([FINETUNE.format(bundle=bundle)] if pretrained else []),
+        *([study.LABELLED_ONLY] if fraction < 1 else []),
+    ]
+
+
+def pretrain_values(args: argparse.Namespace, arm: str, seed: int) -> dict[str, Any]:
+    """The pretraining's overrides for ``arm`` and ``seed`` (the fine-tuning dataset's held-out images are dropped by
+    ``pretraining_images`` whatever ``pretrain_datasets`` holds)."""
+    overrides = {k: v for k, v in ALL_ARMS[arm].items() if k != "finetune"}
+    return {
+        "dataset_dir": args.dataset_dir,
+        "seed": seed,
+        "pretrain_steps": args.pretrain_steps,
+        "pretrain_rounds": args.pretrain_rounds,
+        "val_interval": args.val_interval,
+        "image_size": list(args.image_size),
+        "pretrain_datasets": other_datasets(args),
+        **overrides,
+    }
 
 
 def pretrain(args: argparse.Namespace, arm: str, seed: int) -> dict[str, Any]:
     """Run (or resume, or reuse) the pretraining of ``arm`` with ``seed``; return its record.
 
     The record (``values``, ``seconds``, ``resumed``, ``commit``, ``command``, ``weights``) is kept in
-    the output folder, so every fine-tuning run with the same bundle, arm, seed, epochs and image
+    the output folder, so every fine-tuning run with the same bundle, arm, seed, budget and image
     size reuses it; one written with other values is refused, naming the folder.
     """
+    if args.pretrain_epochs is not None:
+        raise SystemExit("--pretrain-epochs only reports records made before issue 28; run with --pretrain-steps")
     width, height = args.image_size
-    out = (
-        args.work_dir
-        / f"pretrain-{args.bundle}-{study.BUNDLE_DEFAULTS}-{arm}-e{args.pretrain_epochs}-{width}x{height}-seed{seed}"
-    )
+    name = f"pretrain-{args.bundle}-{study.BUNDLE_DEFAULTS}-{arm}-s{args.pretrain_steps}-{width}x{height}-seed{seed}"
+    out = args.work_dir / name
     local = out if out.is_absolute() else study.ROOT / out
-    values = {
-        "dataset_dir": args.dataset_dir,
-        "seed": seed,
-        "max_epochs": args.pretrain_epochs,
-        "val_interval": args.val_interval,
-        "image_size": list(args.image_size),
-        "selective_masking": ARMS[arm],
-    }
-    if args.selective_partitions is not None and ARMS[arm]:
-        values["selective_partitions"] = args.selective_partitions
+    values = pretrain_values(args, arm, seed)
     if (local / RUN_FILE).is_file():
         record = json.loads((local / RUN_FILE).read_text(encoding="utf-8"))
         if record["values"] != values:
@@ -110,7 +172,7 @@ def pretrain(args: argparse.Namespace, arm: str, seed: int) -> dict[str, Any]:
             )
         print(f"[pretrain] {arm} pretraining, seed {seed}: done before, reused ({out})", flush=True)
         return record
-    print(f"[pretrain] {arm} pretraining, seed {seed}: {args.pretrain_epochs} epochs into {out}", flush=True)
+    print(f"[pretrain] {arm} pretraining, seed {seed}: {args.pretrain_steps} steps into {out}", flush=True)
     outcome = study.train(pretrain_configs(args.bundle), values, out)
     record = {"values": values, **outcome, "weights": str(out / "models" / "pretrained.pt")}
     write_json(local / RUN_FILE, record)
@@ -139,21 +201,26 @@ def run_study(args: argparse.Namespace) -> None:
         }
         if fraction < 1:
             values["label_fraction"] = fraction
-        pretrained = None if ARMS[arm] is None else pretrain(args, arm, seed)
+        pretrained = None if ALL_ARMS[arm] is None else pretrain(args, arm, seed)
         if pretrained is not None:
             values["pretrained_weights"] = pretrained["weights"]
+            values.update(ALL_ARMS[arm].get("finetune", {}))
         width, height = args.image_size
         out = args.work_dir / (
             f"finetune-{args.bundle}-{study.BUNDLE_DEFAULTS}-{arm}-e{args.epochs}-{width}x{height}-f{fraction}-seed{seed}"
-            + (f"-pretrain{args.pretrain_epochs}" if pretrained is not None else "")
+            + (f"-pretrain{args.pretrain_steps}" if pretrained is not None else "")
         )
         print(f"[pretrain] {arm} {fraction} seed {seed}: fine-tuning", flush=True)
         outcome = study.train_and_evaluate(
-            finetune_configs(args.bundle, fraction), STUDIES[args.bundle].evaluate_config, values, out
+            finetune_configs(args.bundle, fraction, pretrained is not None),
+            STUDIES[args.bundle].evaluate_config,
+            values,
+            out,
         )
         record = {"arm": arm, "label_fraction": fraction, "seed": seed, **settings, **outcome}
         if pretrained is not None:
             record["pretrain"] = {k: pretrained[k] for k in ("seconds", "resumed", "commit", "weights")}
+            record["pretrain"]["images"] = sorted(pretrained["values"].get("pretrain_datasets", {}))
             record["commands"] = [pretrained["command"], *record["commands"]]
         study.append_record(args.results, record)
         print(f"[pretrain] {arm} {fraction} seed {seed}: test mIoU {outcome['test']['test']['iou']:.4f}", flush=True)
@@ -168,7 +235,7 @@ def pretrain_tables(records: list[dict[str, Any]]) -> str:
         ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for arm in ARMS:
+    for arm in [*ALL_ARMS, *sorted({r["arm"] for r in records} - set(ALL_ARMS))]:
         for fraction in sorted({r["label_fraction"] for r in records if r["arm"] == arm}):
             rows = [r for r in records if r["arm"] == arm and r["label_fraction"] == fraction]
             cells = [study.mean_std([r["best_val_iou"] for r in rows])]
@@ -186,7 +253,7 @@ def pretrain_tables(records: list[dict[str, Any]]) -> str:
         "",
         "Test mIoU gain over `none` (no pretraining) with the same seed and label fraction:",
         "",
-        *study.paired_gains(records, "none", list(ARMS), by={"label_fraction": "label fraction"}),
+        *study.paired_gains(records, "none", list(ALL_ARMS), by={"label_fraction": "label fraction"}),
     ]
     return "\n".join(lines)
 
@@ -198,9 +265,15 @@ def report(args: argparse.Namespace) -> str:
     if not records:
         raise SystemExit(f"no finished runs with {settings} in {args.results}")
     example = next((r for r in records if "pretrain" in r), records[0])
+    scale = (
+        f"{args.pretrain_epochs} epochs on the training images without masks"
+        if args.pretrain_epochs is not None
+        else f"{args.pretrain_steps} steps in {args.pretrain_rounds} rounds on the training images without masks "
+        f"plus the images of {', '.join(other_datasets(args)) or 'no other dataset'}"
+    )
     intro = (
         f"Bundle `{args.bundle}` on `{args.dataset_dir}`, {args.image_size[0]}x{args.image_size[1]}: pretraining "
-        f"{args.pretrain_epochs} epochs on the training images without masks (validation and test images unseen), "
+        f"{scale} (the fine-tuning dataset's validation and test images never pretrained on), "
         f"fine-tuning {args.epochs} epochs with validation every {args.val_interval}; model selected on validation. "
         "Mean ± sample std over seeds; mIoU is per-image foreground IoU averaged over images."
     )
@@ -229,20 +302,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command line of the pretraining study."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=("run", "report"))
-    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    parser.add_argument("--arms", nargs="+", choices=list(ALL_ARMS), default=list(ARMS))
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.25, 1.0])
+    parser.add_argument("--pretrain-steps", type=int, default=2000, help="pretraining steps, the same for every arm")
+    parser.add_argument("--pretrain-rounds", type=int, default=10, help="rounds (checkpoints; selective's parts)")
     parser.add_argument(
-        "--pretrain-epochs", type=int, default=30, help="pretraining epochs, the same for both masking arms"
+        "--other-datasets",
+        nargs="*",
+        choices=list(OTHER_DATASETS),
+        default=None,
+        help="shared datasets whose images are also pretrained on (default: every one but the fine-tuning one)",
     )
     parser.add_argument(
-        "--selective-partitions",
-        type=int,
-        default=None,
-        help="selective masking's forward passes per ranking (default: pretrain.json's)",
+        "--pretrain-epochs", type=int, default=None, help="report only: records made with an epoch budget (before 28)"
+    )
+    parser.add_argument(
+        "--selective-partitions", type=int, default=None, help="report only: with --pretrain-epochs, as those records"
     )
     study.add_schedule_options(parser, "fine-tuning epochs per run")
+    parser.set_defaults(seeds=[0, 1, 2, 3, 4])
     add_bundle_study_options(parser, "pretrain.jsonl", "pretrain-<bundle>")
-    return bundle_study_args(parser, argv)
+    args = bundle_study_args(parser, argv)
+    if args.other_datasets is None:
+        args.other_datasets = [bundle for bundle in OTHER_DATASETS if bundle != args.bundle]
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:

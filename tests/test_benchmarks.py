@@ -99,12 +99,12 @@ def test_pretrain_speed_times_every_masking_arm_and_writes_its_block(tmp_path):
     ]
     pretrain_speed.main(argv)
     data = json.loads(out.read_text())
-    assert list(data["arms"]) == ["random", "selective", "selective-every-3"]
+    assert list(data["arms"]) == ["random", "per-batch", "per-batch-every-3", "selective-scoring"]
     assert data["arms"]["random"]["ratio_to_random"] == 1.0
     assert all(math.isfinite(arm["step_s"]) and arm["step_s"] > 0 for arm in data["arms"].values())
     assert data["settings"]["partitions"] == 10 and data["settings"]["image_size"] == [32, 32]
     block = _block(md.read_text(), "pretrain-speed")
-    assert "| selective-every-3 |" in block and "python benchmarks/pretrain_speed.py --image-size 32 32" in block
+    assert "| per-batch-every-3 |" in block and "python benchmarks/pretrain_speed.py --image-size 32 32" in block
 
 
 def test_speed_benchmark_smoke(tmp_path, capsys):
@@ -390,123 +390,3 @@ def test_every_semi_arm_merges_existing_bundle_configs_with_mim_last(bundle):
         f"bundles/{bundle}/configs/semi_train.json",
         f"bundles/{bundle}/configs/semi_mim.json",
     ]
-
-
-def _pretrain_record(arm: str, fraction: float, seed: int, test_iou: float) -> dict:
-    record = {**_ablation_record(arm, seed, test_iou), "label_fraction": fraction}
-    return {**record, "pretrain": {"seconds": 120.0}} if arm != "none" else record
-
-
-def test_pretrain_tables_pair_gains_by_seed_and_label_fraction():
-    import pretrain
-
-    records = [
-        _pretrain_record("none", 0.25, 0, 0.50),
-        _pretrain_record("none", 0.25, 1, 0.54),
-        _pretrain_record("none", 1.0, 0, 0.70),
-        _pretrain_record("selective", 0.25, 0, 0.55),
-        _pretrain_record("selective", 0.25, 1, 0.53),
-        _pretrain_record("selective", 1.0, 0, 0.72),
-        _pretrain_record("random", 1.0, 1, 0.90),
-    ]  # no `none` with seed 1 at fraction 1.0: not paired
-    text = pretrain.pretrain_tables(records)
-    assert "| none | 0.25 | 2 | 0.5000 ± 0.0000 | 0.5200 ± 0.0283 |" in text and text.count("| none |") == 2
-    assert "| selective | 0.25 | 2 |" in text and "| 2.0 | 1.0 |" in text  # pretraining and fine-tuning minutes
-    assert "| selective | 0.25 | 2 | +0.0500 (seed 0), -0.0100 (seed 1) | +0.0200 | 1 of 2 |" in text
-    assert "| selective | 1.0 | 1 | +0.0200 (seed 0) | +0.0200 | 1 of 1 |" in text
-    assert "| random | 1.0 | 1 | 0.5000 | 0.9000 |" in text and "| random | 1.0 | 1 | +" not in text
-
-
-def test_pretraining_is_shared_and_refused_when_made_with_other_settings(tmp_path, capsys):
-    import pretrain
-
-    args = pretrain.parse_args(
-        ["run", "--work-dir", str(tmp_path), "--pretrain-epochs", "2", "--image-size", "32", "32"]
-    )
-    assert args.dataset_dir == "../shared/data/glas" and args.markdown == [RESULTS_MD]  # never a bundle's docs
-    run_dir = tmp_path / f"pretrain-glas-{bundle_runs.BUNDLE_DEFAULTS}-selective-e2-32x32-seed1"
-    run_dir.mkdir()
-    values = {
-        "dataset_dir": "../shared/data/glas",
-        "seed": 1,
-        "max_epochs": 2,
-        "val_interval": 3,
-        "image_size": [32, 32],
-        "selective_masking": True,
-    }
-    (run_dir / pretrain.RUN_FILE).write_text(json.dumps({"values": values, "seconds": 5.0, "weights": "w.pt"}))
-    assert pretrain.pretrain(args, "selective", 1)["seconds"] == 5.0  # not trained again
-    assert "done before, reused" in capsys.readouterr().out
-    args.dataset_dir = "elsewhere"
-    with pytest.raises(SystemExit, match="was pretrained with"):
-        pretrain.pretrain(args, "selective", 1)
-    kvasir = pretrain.parse_args(["report", "--bundle", "kvasir_seg"])
-    assert kvasir.dataset_dir == "../shared/data/kvasir-seg" and kvasir.markdown == [RESULTS_MD]
-
-
-@pytest.mark.slow  # about a minute: one pretraining, one fine-tuning and its evaluation at toy size
-def test_pretrain_study_pretrains_fine_tunes_records_and_reports(tmp_path):
-    import pretrain
-
-    demo = make_glas_demo(tmp_path / "glas", n_train=10, n_test_a=2, n_test_b=2, size=(64, 48))
-    results, md, runs = tmp_path / "pretrain.jsonl", tmp_path / "RESULTS.md", tmp_path / "runs"
-    common = [
-        "--epochs",
-        "1",
-        "--pretrain-epochs",
-        "1",
-        "--val-interval",
-        "1",
-        "--image-size",
-        "32",
-        "32",
-        "--dataset-dir",
-        str(demo),
-        "--work-dir",
-        str(runs),
-        "--results",
-        str(results),
-        "--seeds",
-        "0",
-        "--fractions",
-        "0.25",
-        "--selective-partitions",
-        "2",
-    ]
-    pretrain.main(["run", "--arms", "selective", *common])
-    pretrain.main(["run", "--arms", "selective", *common])  # recorded: skipped
-
-    (record,) = [json.loads(line) for line in results.read_text().splitlines()]
-    assert (record["arm"], record["label_fraction"], record["seed"], record["pretrain_epochs"]) == (
-        "selective",
-        0.25,
-        0,
-        1,
-    )
-    weights = (
-        runs / f"pretrain-glas-{bundle_runs.BUNDLE_DEFAULTS}-selective-e1-32x32-seed0" / "models" / "pretrained.pt"
-    )
-    assert weights.is_file() and record["pretrain"]["weights"] == str(weights) and record["pretrain"]["seconds"] > 0
-    pretrain_cmd, train_cmd, eval_cmd = record["commands"]
-    assert (
-        "pretrain.json" in pretrain_cmd
-        and "--selective_masking True" in pretrain_cmd
-        and "--max_epochs 1" in pretrain_cmd
-    )
-    assert "labelled_only.json" in train_cmd and "--label_fraction 0.25" in train_cmd
-    assert f"--pretrained_weights {weights}" in train_cmd and "evaluating" in eval_cmd
-    finetune_log = (
-        runs / f"finetune-glas-{bundle_runs.BUNDLE_DEFAULTS}-selective-e1-32x32-f0.25-seed0-pretrain1" / "train.log"
-    ).read_text()
-    assert f"pretrained weights from {weights}" in finetune_log
-    assert 0 <= record["test"]["test"]["iou"] <= 1 and record["best_epoch"] == 1
-
-    pretrain.main(["report", *common, "--markdown", str(md)])
-    block = _block(md.read_text(), "pretrain-glas")
-    assert "| selective | 0.25 | 1 |" in block and "pretraining 1 epochs" in block
-    assert all(command in block for command in record["commands"])
-    assert (
-        "pretrain.py run --bundle glas" in block
-        and "--pretrain-epochs 1 --epochs 1 --val-interval 1 --image-size 32 32" in block
-    )
-    assert "--selective-partitions 2" in block

@@ -36,6 +36,7 @@ LINKED = (
     "semi_train.json",
     "semi_mim.json",
     "pretrain.json",
+    "finetune.json",
     "logging.conf",
 )
 

@@ -365,54 +365,6 @@ def test_semi_supervised_bad_input_fails_at_start_naming_the_value(tmp_path, ove
 
 
 @pytest.mark.slow
-def test_pretraining_writes_weights_that_training_starts_from(tmp_path):
-    """pretrain.json (selective masking) one epoch, then train.json from its weights; MLflow records the
-    reconstruction figure of the pretraining and the weights file of the training."""
-    demo = CASES["glas"].make_demo(tmp_path / "demo")
-    pre_out, out = tmp_path / "pretrain", tmp_path / "train"
-    result = run_training(
-        demo,
-        pre_out,
-        "--max_epochs",
-        "1",
-        "--image_size",
-        "[64,64]",
-        "--selective_partitions",
-        "3",
-        config=[TRAIN_CONFIG, CONFIGS / "pretrain.json"],
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "train_loss_l1" in result.stdout and "train_loss_ssim" in result.stdout
-    pretrained = pre_out / "models" / "pretrained.pt"
-    state = torch.load(pretrained, map_location="cpu", weights_only=True)  # a plain state dict (one object saved)
-    assert any(v.shape[0] == 3 for k, v in state.items() if k.endswith("weight"))  # an image-channel head
-    splits = json.loads((pre_out / "datalist.json").read_text())
-    assert set(splits) == {"train"} and all("label" not in item for item in splits["train"])  # no held-out image
-    pre_client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{pre_out / 'mlflow.db'}")
-    (pre_run,) = pre_client.search_runs([pre_client.get_experiment_by_name("masksup-glas").experiment_id])
-    figures = {a.path for a in pre_client.list_artifacts(pre_run.info.run_id, "figures")}
-    # val_interval is 2: the one epoch is drawn when training completes, next to the learning curves
-    assert figures == {"figures/reconstruction_epoch_0001.png", "figures/learning_curves.png"}, figures
-    result = run_training(
-        demo,
-        out,
-        *ONE_TINY_EPOCH,
-        "--pretrained_weights",
-        str(pretrained),
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"pretrained weights from {pretrained}" in result.stdout + result.stderr
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("masksup-glas").experiment_id])
-    assert run.data.params["pretrained_weights"] == str(pretrained)
-    # pretraining saw exactly the training split's images, none of the validation or test images
-    training_splits = json.loads((out / "datalist.json").read_text())
-    assert [item["image"] for item in splits["train"]] == [item["image"] for item in training_splits["train"]]
-    held_out = {item["image"] for name, items in training_splits.items() if name != "train" for item in items}
-    assert held_out and not held_out & {item["image"] for item in splits["train"]}
-
-
-@pytest.mark.slow
 def test_mixed_precision_bf16_trains_one_epoch_on_cpu(tmp_path):
     out = tmp_path / "out"
     result = run_training(

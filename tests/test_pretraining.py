@@ -3,6 +3,8 @@ weights."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from monai.networks.nets import UNet
@@ -43,23 +45,15 @@ def test_pretraining_data_is_the_training_images_only_without_masks(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        (True, "selective"),
-        ("true", "selective"),
-        (False, "random"),
-        ("false", "random"),
-        ("False", "random"),
-        ("none", "random"),
-    ],
+    ("masking", "expected"), [("random", "random"), ("selective", "random"), ("per_batch", "per_batch")]
 )
-def test_pick_masker_reads_booleans_and_command_line_text(value, expected):
-    assert pick_masker(value, "selective", "random") == expected
+def test_pick_masker_gives_the_batch_masker_of_each_masking(masking, expected):
+    assert pick_masker(masking, "random", "per_batch") == expected
 
 
 def test_pick_masker_refuses_anything_else():
-    with pytest.raises(ValueError, match="selective_masking must be true or false, got 'maybe'"):
-        pick_masker("maybe", "selective", "random")
+    with pytest.raises(ValueError, match="pretrain_masking must be one of random, selective, per_batch, got 'maybe'"):
+        pick_masker("maybe", "random", "per_batch")
 
 
 def test_select_tiles_picks_exactly_the_highest_loss_tiles():
@@ -95,7 +89,7 @@ def test_selective_masker_masks_the_worst_reconstructed_tiles_and_the_fraction()
     bright = [(0, 0), (1, 3), (2, 2), (3, 1), (0, 3), (2, 0), (1, 1), (3, 3)]  # 8 of 16 tiles
     for row, col in bright:
         images[0, :, row * 16 : (row + 1) * 16, col * 16 : (col + 1) * 16] = 0.9
-    masker = SelectiveTileMasker(tile_size=16, ratio=0.5, partitions=4).set_random_state(0)
+    masker = SelectiveTileMasker(tile_size=16, ratio=0.5, partitions=4, fill=0.5).set_random_state(0)
     masked, holes = masker.mask_batch(images, _Zeros())
     expected = torch.zeros(4, 4, dtype=torch.bool)
     for row, col in bright:
@@ -227,3 +221,35 @@ def test_reconstruction_figure_rows_show_masked_tiles_their_loss_and_leave_the_t
     expected = tile_losses((rows[0]["reconstruction"] - rows[0]["image"]).abs().mean(dim=0)[None], 16)[0]
     tiles = rows[0]["tile_loss"][0, ::16, ::16]
     assert torch.allclose(tiles[~torch.isnan(tiles)], expected[~torch.isnan(tiles)])
+
+
+def test_pretraining_data_takes_every_unmasked_image_but_never_a_held_out_one_even_copied(tmp_path):
+    def image(path, value):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (value, value, value)).save(path)
+        return str(path)
+
+    datalist = {
+        "train": [{"image": image(tmp_path / "ds" / "train0.png", 10), "label": "m0.png", "id": "train0"}],
+        "unlabelled": [{"image": image(tmp_path / "ds" / "train1.png", 20), "id": "train1", "source": "train"}],
+        "validation": [{"image": image(tmp_path / "ds" / "val0.png", 30), "label": "m.png", "id": "val0"}],
+        "test": [{"image": image(tmp_path / "ds" / "test0.png", 40), "label": "m.png", "id": "test0"}],
+    }
+    other = tmp_path / "other_dataset"
+    image(other / "a.png", 50)
+    image(other / "copy_of_test.png", 40)  # the same file content as a test image
+    (other / "copy_of_test.png").write_bytes((tmp_path / "ds" / "test0.png").read_bytes())
+    extra = tmp_path / "extra"
+    image(extra / "b.png", 60)
+    (extra / "train0.png").write_bytes((tmp_path / "ds" / "train0.png").read_bytes())
+    data = pretraining_images(datalist, str(extra), [str(other), str(tmp_path / "ds")])
+    ids = [item["id"] for item in data["train"]]
+    # the dataset folder itself (pretrain1) adds nothing: its training images are there already, the rest is held out
+    assert ids == ["train0", "train1", "unlabelled/b", "unlabelled/train0", "pretrain0/a"]
+    held_out = {datalist[s][0]["image"] for s in ("validation", "test")}
+    pretrained_on = [item["image"] for item in data["train"]]
+    assert not held_out & set(pretrained_on)  # not the files ...
+    contents = {open(p, "rb").read() for p in pretrained_on}
+    assert not {open(p, "rb").read() for p in held_out} & contents  # ... nor copies of them
+    assert len(pretrained_on) == len({str(Path(p).resolve()) for p in pretrained_on})  # each file once
+    assert all("label" not in item for item in data["train"])

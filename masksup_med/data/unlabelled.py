@@ -9,7 +9,9 @@ are left as they are, so model selection and evaluation stay labelled. The writt
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,33 +20,38 @@ from .errors import DatasetError, DatasetNotFoundError
 from .pairing import is_stray, require_folder
 from .splits import natural_key
 
-__all__ = ["list_unlabelled_images", "pretraining_images", "with_unlabelled"]
+__all__ = ["dataset_images", "list_unlabelled_images", "pretraining_images", "with_unlabelled"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+TRAINING_SPLITS = ("train", "unlabelled")  # every other split of a datalist is held out
 
 
-def list_unlabelled_images(folder: str | os.PathLike) -> list[dict]:
-    """``[{"image": path, "id": ..., "source": "unlabelled_dir"}, ...]`` for every readable image of ``folder``.
+def list_unlabelled_images(
+    folder: str | os.PathLike, source: str = "unlabelled_dir", prefix: str = "unlabelled"
+) -> list[dict]:
+    """``[{"image": path, "id": "<prefix>/...", "source": source}, ...]`` for every readable image of ``folder``.
 
     Every file is decoded once with the pipeline's readers; the first that fails is named.
+
+    Args:
+        folder: searched recursively for images.
+        source: the config key that named the folder (in messages and in each item).
+        prefix: the start of each item's id (ids must not collide with the dataset's).
     """
     from .readers import read_array  # MONAI-backed: loaded only when unlabelled images are used
 
-    root = require_folder(folder, "unlabelled_dir", "Pass --unlabelled_dir with a folder of images, or null for none.")
+    root = require_folder(folder, source, f"Pass --{source} with a folder of images, or null for none.")
     files = sorted(
         (p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not is_stray(p)),
         key=lambda p: natural_key(str(p.relative_to(root))),
     )
     if not files:
         raise DatasetNotFoundError(
-            f"unlabelled_dir {root} holds no images ({', '.join(IMAGE_SUFFIXES)}); pass a folder of images, or null."
+            f"{source} {root} holds no images ({', '.join(IMAGE_SUFFIXES)}); pass a folder of images, or null."
         )
     for path in files:
         read_array(path)  # raises UnreadableFileError naming the file
-    return [
-        {"image": str(p), "id": f"unlabelled/{p.relative_to(root).with_suffix('')}", "source": "unlabelled_dir"}
-        for p in files
-    ]
+    return [{"image": str(p), "id": f"{prefix}/{p.relative_to(root).with_suffix('')}", "source": source} for p in files]
 
 
 def with_unlabelled(
@@ -82,11 +89,59 @@ def with_unlabelled(
     return {**{k: v for k, v in datalist.items() if k != "train"}, "train": labelled, "unlabelled": unlabelled}
 
 
-def pretraining_images(datalist: dict[str, list[dict]], unlabelled_dir: str | None = None) -> dict[str, list[dict]]:
-    """Pretraining data: the training images without their masks, plus every image of ``unlabelled_dir``.
+def _content_hash(path: str | os.PathLike) -> str:
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
 
-    Validation and test images are left out: pretraining never sees a held-out image.
+
+def dataset_images(name: str, folder: str | os.PathLike) -> list[dict]:
+    """Every image of another dataset (all its splits, masks dropped), read by its adapter: ``[{"image", "id"}]``."""
+    from .registry import get_dataset
+
+    split = get_dataset(name).split(folder)
+    return [{"image": item["image"], "id": f"{name}/{item['id']}"} for items in split.values() for item in items]
+
+
+def pretraining_images(
+    datalist: dict[str, list[dict]],
+    unlabelled_dir: str | os.PathLike | None = None,
+    pretrain_dirs: Sequence[str | os.PathLike] | None = None,
+    pretrain_datasets: Mapping[str, str | os.PathLike] | None = None,
+) -> dict[str, list[dict]]:
+    """Pretraining data: every image without its mask that is not held out.
+
+    The training images (``train``, and ``unlabelled`` when the split has one), every image of
+    ``unlabelled_dir``, every image of each folder of ``pretrain_dirs``, and every image of each
+    other dataset of ``pretrain_datasets`` (read by its adapter, so its masks are not taken for
+    images). Validation and test images are left out, and so is any other image whose path or
+    content (SHA-1 of the file) is that of a held-out image: pretraining never sees one, even when
+    another folder holds a copy of it. An image found twice is kept once.
+
+    Args:
+        datalist: a dataset adapter's split.
+        unlabelled_dir: a folder of images without masks, or None.
+        pretrain_dirs: further folders of images (nothing but images), or None.
+        pretrain_datasets: other datasets, ``{adapter name: folder}`` (e.g. ``{"kvasir-seg": ...}``), or None.
     """
-    train = [{"image": item["image"], "id": item["id"]} for item in datalist["train"]]
-    extra = list_unlabelled_images(unlabelled_dir) if unlabelled_dir not in (None, "") else []
-    return {"train": train + extra}
+    held_out = [item["image"] for name, items in datalist.items() if name not in TRAINING_SPLITS for item in items]
+    held_out_paths = {str(Path(p).resolve()) for p in held_out}
+    held_out_hashes = {_content_hash(p) for p in held_out if Path(p).is_file()}
+    items = [{"image": item["image"], "id": item["id"]} for name in TRAINING_SPLITS for item in datalist.get(name, [])]
+    folders = ([("unlabelled_dir", "unlabelled", unlabelled_dir)] if unlabelled_dir not in (None, "") else []) + [
+        ("pretrain_dirs", f"pretrain{i}", folder) for i, folder in enumerate(pretrain_dirs or [])
+    ]
+    found = [item for source, prefix, folder in folders for item in list_unlabelled_images(folder, source, prefix)]
+    found += [item for name, folder in (pretrain_datasets or {}).items() for item in dataset_images(name, folder)]
+    items += [
+        {"image": item["image"], "id": item["id"]}
+        for item in found
+        if str(Path(item["image"]).resolve()) not in held_out_paths
+        and _content_hash(item["image"]) not in held_out_hashes
+    ]
+    seen: set[str] = set()
+    unique = []
+    for item in items:
+        key = str(Path(item["image"]).resolve())
+        if key not in seen and key not in held_out_paths:
+            seen.add(key)
+            unique.append(item)
+    return {"train": unique}

@@ -1,0 +1,144 @@
+"""benchmarks/pretrain.py: its tables (arms, ablation, gains paired by seed), shared pretrainings, the datasets
+pretrained on, old epoch-budget records still rendered, and one run end to end at toy size."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from masksup_med.data import make_glas_demo
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+import bundle_runs  # noqa: E402
+import pretrain  # noqa: E402
+from report import RESULTS_MD  # noqa: E402
+
+
+def _block(text: str, name: str) -> str:
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    assert text.count(begin) == 1 and text.count(end) == 1, text
+    return text.split(begin, 1)[1].split(end, 1)[0].strip()
+
+
+def _record(arm: str, fraction: float, seed: int, test_iou: float, **settings) -> dict:
+    test = {m: test_iou for m in ("iou", "dice", "iou_native", "dice_native")}
+    record = {
+        "arm": arm,
+        "label_fraction": fraction,
+        "seed": seed,
+        "best_val_iou": 0.5,
+        "best_epoch": 3,
+        "train_seconds": 60.0,
+        "commit": "abc1234",
+        "test": {"test": test},
+        "commands": ["python -m monai.bundle run training ..."],
+        **settings,
+    }
+    return {**record, "pretrain": {"seconds": 120.0}} if arm != "none" else record
+
+
+def test_pretrain_tables_pair_gains_by_seed_and_label_fraction_ablation_arms_included():
+    records = [
+        _record("none", 0.25, 0, 0.50),
+        _record("none", 0.25, 1, 0.54),
+        _record("none", 1.0, 0, 0.70),
+        _record("selective", 0.25, 0, 0.55),
+        _record("selective", 0.25, 1, 0.53),
+        _record("selective", 1.0, 0, 0.72),
+        _record("random", 1.0, 1, 0.90),
+        _record("raw-targets", 0.25, 0, 0.51),
+    ]  # no `none` with seed 1 at fraction 1.0: not paired
+    text = pretrain.pretrain_tables(records)
+    assert "| none | 0.25 | 2 | 0.5000 ± 0.0000 | 0.5200 ± 0.0283 |" in text and text.count("| none |") == 2
+    assert "| selective | 0.25 | 2 |" in text and "| 2.0 | 1.0 |" in text  # pretraining and fine-tuning minutes
+    assert "| selective | 0.25 | 2 | +0.0500 (seed 0), -0.0100 (seed 1) | +0.0200 | 1 of 2 |" in text
+    assert "| random | 1.0 | 1 | 0.5000 | 0.9000 |" in text and "| random | 1.0 | 1 | +" not in text
+    assert "| raw-targets | 0.25 | 1 | +0.0100 (seed 0) | +0.0100 | 1 of 1 |" in text
+
+
+def test_the_other_shared_datasets_are_pretrained_on_never_the_fine_tuning_one_as_another():
+    glas = pretrain.parse_args(["run"])
+    assert glas.seeds == [0, 1, 2, 3, 4] and glas.arms == ["none", "random", "selective"]
+    assert set(pretrain.other_datasets(glas)) == {"kvasir-seg", "cvc-clinicdb"}
+    kvasir = pretrain.parse_args(["run", "--bundle", "kvasir_seg", "--other-datasets", "glas"])
+    assert pretrain.other_datasets(kvasir) == {"glas": "../shared/data/glas"}
+    values = pretrain.pretrain_values(kvasir, "own-images-only", 3)
+    assert values["pretrain_datasets"] == {} and values["pretrain_masking"] == "random" and values["seed"] == 3
+    assert "finetune" not in pretrain.pretrain_values(kvasir, "whole-transfer", 0)
+
+
+def test_pretraining_is_shared_and_refused_when_made_with_other_settings(tmp_path, capsys):
+    args = pretrain.parse_args(
+        ["run", "--work-dir", str(tmp_path), "--pretrain-steps", "20", "--image-size", "32", "32"]
+    )
+    assert args.dataset_dir == "../shared/data/glas" and args.markdown == [RESULTS_MD]  # never a bundle's docs
+    run_dir = tmp_path / f"pretrain-glas-{bundle_runs.BUNDLE_DEFAULTS}-selective-s20-32x32-seed1"
+    run_dir.mkdir()
+    values = pretrain.pretrain_values(args, "selective", 1)
+    (run_dir / pretrain.RUN_FILE).write_text(json.dumps({"values": values, "seconds": 5.0, "weights": "w.pt"}))
+    assert pretrain.pretrain(args, "selective", 1)["seconds"] == 5.0  # not trained again
+    assert "done before, reused" in capsys.readouterr().out
+    args.dataset_dir = "elsewhere"
+    with pytest.raises(SystemExit, match="was pretrained with"):
+        pretrain.pretrain(args, "selective", 1)
+    old = pretrain.parse_args(["run", "--pretrain-epochs", "30"])
+    with pytest.raises(SystemExit, match="--pretrain-epochs only reports records made before issue 28"):
+        pretrain.pretrain(old, "random", 0)
+
+
+def test_records_of_the_epoch_budget_still_render(tmp_path):
+    results, md = tmp_path / "pretrain.jsonl", tmp_path / "RESULTS.md"
+    old = {
+        "bundle": "glas",
+        "dataset_dir": "../shared/data/glas",
+        "defaults": bundle_runs.BUNDLE_DEFAULTS,
+        "epochs": 10,
+        "pretrain_epochs": 10,
+        "selective_partitions": None,
+        "val_interval": 2,
+        "image_size": [256, 256],
+    }
+    records = [_record("none", 0.25, 0, 0.5, **old), _record("selective", 0.25, 0, 0.45, **old)]
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    options = ["--results", str(results), "--markdown", str(md), "--epochs", "10", "--val-interval", "2"]
+    pretrain.main(["report", *options, "--pretrain-epochs", "10", "--seeds", "0"])
+    block = _block(md.read_text(), "pretrain-glas")
+    assert "pretraining 10 epochs on the training images" in block and "| selective | 0.25 | 1 |" in block
+    assert "--pretrain-epochs 10" in block
+
+
+@pytest.mark.slow  # about two minutes: one pretraining, one fine-tuning and its evaluation at toy size
+def test_pretrain_study_pretrains_fine_tunes_records_and_reports(tmp_path):
+    demo = make_glas_demo(tmp_path / "glas", n_train=10, n_test_a=2, n_test_b=2, size=(64, 48))
+    results, md, runs = tmp_path / "pretrain.jsonl", tmp_path / "RESULTS.md", tmp_path / "runs"
+    common = [
+        *("--epochs", "1", "--pretrain-steps", "4", "--pretrain-rounds", "2", "--val-interval", "1"),
+        *("--image-size", "32", "32", "--dataset-dir", str(demo), "--work-dir", str(runs)),
+        *("--results", str(results), "--seeds", "0", "--fractions", "0.25", "--other-datasets"),
+    ]
+    pretrain.main(["run", "--arms", "selective", *common])
+    pretrain.main(["run", "--arms", "selective", *common])  # recorded: skipped
+    (record,) = [json.loads(line) for line in results.read_text().splitlines()]
+    assert (record["arm"], record["label_fraction"], record["seed"], record["pretrain_steps"]) == (
+        "selective",
+        0.25,
+        0,
+        4,
+    )
+    weights = (
+        runs / f"pretrain-glas-{bundle_runs.BUNDLE_DEFAULTS}-selective-s4-32x32-seed0" / "models" / "pretrained.pt"
+    )
+    assert weights.is_file() and record["pretrain"]["weights"] == str(weights) and record["pretrain"]["seconds"] > 0
+    pretrain_cmd, train_cmd, eval_cmd = record["commands"]
+    assert "pretrain.json" in pretrain_cmd and "--pretrain_masking selective" in pretrain_cmd
+    assert "--pretrain_steps 4" in pretrain_cmd
+    assert "finetune.json" in train_cmd and "labelled_only.json" in train_cmd and "--label_fraction 0.25" in train_cmd
+    assert f"--pretrained_weights {weights}" in train_cmd and "evaluating" in eval_cmd
+    pretrain.main(["report", *common, "--markdown", str(md)])
+    block = _block(md.read_text(), "pretrain-glas")
+    assert "| selective | 0.25 | 1 |" in block and "pretraining 4 steps in 2 rounds" in block
+    assert all(command in block for command in record["commands"])
