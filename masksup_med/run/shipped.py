@@ -167,6 +167,11 @@ def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return {str(k): v.detach().cpu().contiguous() for k, v in state.items()}
 
 
+def _first_lines(error: Exception, lines: int = 3, chars: int = 400) -> str:
+    """The start of a long error message (``load_state_dict`` lists every tensor), on one line."""
+    return " ".join(line.strip() for line in str(error).splitlines()[:lines])[:chars]
+
+
 def _large_files_text(entries: Mapping[str, str]) -> str:
     lines = [
         "# Large files of this bundle (MONAI model-zoo format), written by `masksup-med bundle ship`.",
@@ -196,7 +201,7 @@ def ship_model(
         except RuntimeError as e:
             raise ConfigError(
                 f"model {checkpoint} does not fit the network_def of {bundle_dir / 'configs' / 'train.json'}: "
-                f"{str(e).splitlines()[0]} Make the bundle's network_def the one the run trained, then ship."
+                f"{_first_lines(e)} Make the bundle's network_def the one the run trained, then ship."
             ) from e
     target = bundle_dir / SHIPPED_MODEL
     save_atomically(state, target)
