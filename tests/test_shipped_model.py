@@ -8,8 +8,10 @@ but the output bias, so a model answers polyp everywhere (+5) or nowhere (-5), a
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
+import http.client
 import json
 import shutil
 import subprocess
@@ -21,7 +23,7 @@ import torch
 from _models import TINY_UNET
 from monai.bundle import ConfigParser
 from PIL import Image
-from servers import job_env, masksup_command
+from servers import LOOPBACK, free_port, job_env, masksup_command, masksup_server
 
 from masksup_med.cli import main
 from masksup_med.errors import MissingInputError
@@ -165,6 +167,26 @@ def test_serving_runs_the_shipped_model_without_a_store(shipped, bundle, tmp_pat
     answer = segment_files(served, sorted(images(tmp_path / "in").iterdir()))
     assert list(answer["foreground_fraction"]) == [1.0, 1.0] and list(answer["width"]) == [40, 40]
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_serve_with_the_bundle_serves_its_shipped_model_with_flips_and_no_store(shipped, bundle, tmp_path):
+    port = free_port()
+    args = ["--bundle", "kvasir_seg", "--bundles-dir", str(bundle.parent), "--tta", "--port", str(port)]
+    frame = base64.b64encode(next(images(tmp_path / "in").iterdir()).read_bytes()).decode("ascii")
+    work = tmp_path / "work"
+    work.mkdir()
+    with masksup_server([*args, "--device", "cpu"], work, job_env(), tmp_path / "serve.log", timeout=600):
+        connection = http.client.HTTPConnection(LOOPBACK, port, timeout=120)
+        body = json.dumps({"dataframe_records": [{"image": frame}]})
+        connection.request("POST", "/invocations", body=body, headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        answer = json.loads(response.read())
+    assert response.status == 200, answer
+    assert answer["predictions"][0]["foreground_fraction"] == 1.0 and answer["predictions"][0]["width"] == 40
+    log = (tmp_path / "serve.log").read_text()
+    assert f"running the model bundle kvasir_seg ships: {shipped.resolve()}" in log
+    assert "with bundle kvasir_seg (flip TTA)" in log and not list(work.iterdir())  # no store made
 
 
 def test_serve_refuses_an_altered_shipped_model_before_starting(shipped, bundle, capsys):
