@@ -43,6 +43,7 @@ def test_tta_benchmark_scores_and_times_both_arms_and_writes_its_block(tmp_path)
     assert "--tta_flips False" in data["arms"]["plain"]["command"]
     summaries = {arm: json.loads((run / "eval-tta" / arm / "summary.json").read_text()) for arm in ("plain", "flips")}
     assert summaries["plain"]["images"] == summaries["flips"]["images"] == 1
+    assert summaries["flips"]["tta_flips"] is True and summaries["plain"]["tta_flips"] is False
     text = md.read_text()
     assert text.startswith("# Results\n\nhand-written notes\n")
     block = text.split("<!-- tta:begin -->", 1)[1].split("<!-- tta:end -->", 1)[0]
