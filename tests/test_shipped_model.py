@@ -212,7 +212,7 @@ def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
         env=job_env(),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
         check=False,
     )
 
