@@ -120,6 +120,8 @@ class SegmentationReportHandler:
         dataset: name of the evaluated dataset (recorded in the summary). When a registered model was
             trained on another dataset (its version tag ``dataset``), its test tags are named
             ``test_<dataset>_<group>_<metric>``, so an evaluation on each dataset keeps its own.
+        tta_flips: whether the evaluator averaged over flipped copies (test-time flips); recorded in the
+            summary and the printed title, and a registered model's tags are then ``test_flips_…``.
     """
 
     def __init__(
@@ -131,8 +133,10 @@ class SegmentationReportHandler:
         group_key: str | None = "split",
         sequence_key: str | None = "sequence",
         dataset: str | None = None,
+        tta_flips: bool = False,
     ) -> None:
         self.output_dir = Path(output_dir)
+        self.tta_flips = bool(tta_flips)
         self.split = split
         self.model_source = str(model_source)
         self.tracking_uri = tracking_uri
@@ -175,6 +179,7 @@ class SegmentationReportHandler:
             "dataset": self.dataset,
             "split": self.split,
             "model_source": self.model_source,
+            "tta_flips": self.tta_flips,
             "images": len(self.rows),
             "summary": summaries,
         }
@@ -203,7 +208,9 @@ class SegmentationReportHandler:
             with atomic_path(self.output_dir / "per_sequence.png") as tmp:
                 fig.savefig(tmp, dpi=100, format="png")
             plt.close(fig)
-        print(f"\nEvaluation of {self.model_source} on {self.split} (mean ± std over images)\n{table}\n", flush=True)
+        flips = " with test-time flips" if self.tta_flips else ""
+        title = f"Evaluation of {self.model_source}{flips} on {self.split} (mean ± std over images)"
+        print(f"\n{title}\n{table}\n", flush=True)
         logger.info(f"evaluation report written to {self.output_dir}")
         self._tag_registered_model(summaries)
         return self.summary
@@ -216,6 +223,7 @@ class SegmentationReportHandler:
         client = mlflow.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         trained_on = client.get_model_version(name, number).tags.get("dataset")
         prefix = "test_" if not self.dataset or trained_on in (None, self.dataset) else f"test_{self.dataset}_"
+        prefix += "flips_" if self.tta_flips else ""  # a flipped evaluation keeps the plain one's tags
         for group, summary in summaries.items():
             for metric, stats in summary.items():
                 client.set_model_version_tag(name, number, f"{prefix}{group}_{metric}", f"{stats['mean']:.4f}")

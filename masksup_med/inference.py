@@ -15,13 +15,14 @@ import shutil
 import stat
 import tempfile
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.config import KeysCollection
+from monai.inferers import Inferer, SimpleInferer
 from monai.transforms import Activationsd, AsDiscreted, CopyItemsd, Invertd, MapTransform, Transform
 from PIL import Image
 
@@ -32,6 +33,7 @@ from masksup_med.data.readers import AnyImageReader, read_array
 from masksup_med.errors import OutputDirError
 
 __all__ = [
+    "FlipInferer",
     "OutputRefusedError",
     "OverlayHandler",
     "PlaceOutputd",
@@ -42,6 +44,7 @@ __all__ = [
     "output_conflict",
     "overlay",
     "place_output",
+    "segmentation_inferer",
     "write_output",
 ]
 
@@ -66,6 +69,43 @@ def native_mask_postprocessing(preprocessing: Transform, threshold: float = 0.5)
         Invertd(keys="pred_native", transform=preprocessing, orig_keys="image", nearest_interp=False, to_tensor=True),
         AsDiscreted(keys=["pred", "pred_native"], threshold=threshold),
     ]
+
+
+class FlipInferer(Inferer):
+    """Test-time flip augmentation: the network's output averaged over flipped copies of the input.
+
+    Each copy is flipped, run through the network, and its output flipped back before averaging, so the
+    outputs line up with the input. The default copies are the input itself, its horizontal flip and its
+    vertical flip. In MONAI's 2D axes (``N, C, W, H``) spatial axis 0 is the width (a horizontal flip) and
+    axis 1 the height (a vertical flip). The logits are averaged (the postprocessing's sigmoid comes after),
+    so the result is what the evaluator, the inference config and serving threshold as usual.
+
+    Args:
+        flips: one entry per copy, each the spatial axes it is flipped along (``()``: the input as it is).
+    """
+
+    def __init__(self, flips: Sequence[Sequence[int]] = ((), (0,), (1,))) -> None:
+        super().__init__()
+        if not flips:
+            raise ValueError("FlipInferer needs at least one flip (() is the input as it is)")
+        self.flips = [tuple(int(a) for a in axes) for axes in flips]
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args, **kwargs) -> torch.Tensor:
+        """The mean over ``flips`` of ``network(flipped inputs)`` flipped back; extra arguments go to ``network``."""
+        total = None
+        for axes in self.flips:
+            dims = [2 + a for a in axes]  # batch and channel come first
+            flipped = torch.flip(inputs, dims) if dims else inputs
+            output = network(flipped, *args, **kwargs)
+            output = torch.flip(output, dims) if dims else output
+            total = output.float() if total is None else total + output.float()
+        return total / len(self.flips)
+
+
+def segmentation_inferer(tta_flips: bool = False) -> Inferer:
+    """The inferer of evaluation, inference and serving: :class:`FlipInferer` with ``tta_flips``, else MONAI's
+    ``SimpleInferer`` (the network once)."""
+    return FlipInferer() if tta_flips else SimpleInferer()
 
 
 IGNORED = {".ds_store", "thumbs.db"}

@@ -53,3 +53,12 @@ def test_images_without_sequences_get_no_sequence_summary(tmp_path, sequences):
     summary = report.report()
     assert ("per_sequence" in summary) == any(s is not None for s in sequences)
     assert (tmp_path / "per_sequence.png").exists() == any(s is not None for s in sequences)
+
+
+@pytest.mark.parametrize("tta_flips", [False, True])
+def test_the_report_says_whether_test_time_flips_were_used(tmp_path, capsys, tta_flips):
+    report = SegmentationReportHandler(tmp_path, "test", "model.pt", tta_flips=tta_flips)
+    report.score_batch(_engine([None, None]))
+    report.report()
+    assert json.loads((tmp_path / "summary.json").read_text())["tta_flips"] is tta_flips
+    assert ("Evaluation of model.pt with test-time flips on test" in capsys.readouterr().out) is tta_flips

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from masksup_med import __version__
+from masksup_med.cli.bundle import add_bundle_commands
 from masksup_med.cli.data import add_data_commands
 from masksup_med.cli.deploy import add_deploy_commands
 from masksup_med.cli.registry import add_registry_commands
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(commands)
     add_registry_commands(commands)
     add_deploy_commands(commands)
+    add_bundle_commands(commands)
     return parser
 
 

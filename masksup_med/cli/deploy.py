@@ -10,7 +10,10 @@ model's store as training wrote it and its bundle from the version's ``bundle`` 
 Bundles are looked up under a bundles root: ``--bundles-dir``, else ``$MASKSUP_BUNDLES_DIR``, else
 the ``bundles/`` folder of the source checkout the package runs from, else ``./bundles``. ``predict``
 and ``serve`` run a registered model with the bundle it was trained with (its version tag ``bundle``);
-``--bundle`` chooses one by hand.
+``--bundle`` chooses one by hand. Without ``--model``, ``predict --bundle NAME`` and ``serve --bundle NAME``
+run the model bundle NAME ships (``NAME/models/model.pt``, listed with its checksum in ``NAME/large_files.yml``;
+:mod:`masksup_med.run.shipped`): no training and no MLflow store. ``--tta`` averages each mask over flipped
+copies of the image (:class:`masksup_med.inference.FlipInferer`).
 """
 
 from __future__ import annotations
@@ -228,6 +231,38 @@ def bundle_for_model(args: argparse.Namespace, store: str | None) -> str:
     return DEFAULT_BUNDLE
 
 
+def _is_registered(source: str) -> bool:
+    return str(source).startswith(("models:/", "runs:/"))
+
+
+def model_or_shipped(args: argparse.Namespace) -> str:
+    """``--model``, else the model ``--bundle`` ships (checked against its checksum now); SystemExit naming
+    what is missing."""
+    from masksup_med.errors import UserError
+    from masksup_med.run.shipped import LARGE_FILES, shipped_model, verify_shipped
+
+    if args.model:
+        return args.model
+    if not args.bundle:
+        raise SystemExit(
+            "error: pass --model (models:/NAME@ALIAS or a checkpoint file), or --bundle NAME to run the model "
+            "that bundle ships (e.g. --bundle kvasir_seg)"
+        )
+    folder = bundle_dir(args.bundle, args.bundles_dir)
+    shipped = shipped_model(folder)
+    if shipped is None:
+        raise SystemExit(
+            f"error: bundle {args.bundle} ships no model ({folder / LARGE_FILES} does not list models/model.pt); "
+            "pass --model with a registered model or a training run's models/model.pt"
+        )
+    try:
+        verify_shipped(shipped)
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"running the model bundle {args.bundle} ships: {shipped}", file=sys.stderr)
+    return str(shipped)
+
+
 def _predict(args: argparse.Namespace) -> int:
     from masksup_med.data.limits import InputLimits
 
@@ -237,8 +272,8 @@ def _predict(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     overrides = _overrides(args)
-    registered = str(args.model).startswith(("models:/", "runs:/"))
-    store = _registry_store(args, overrides) if registered else None
+    args.model = model_or_shipped(args)
+    store = _registry_store(args, overrides) if _is_registered(args.model) else None
     folder = bundle_dir(bundle_for_model(args, store), args.bundles_dir)
     input_dir = Path(args.input)
     if not input_dir.is_dir():
@@ -257,6 +292,8 @@ def _predict(args: argparse.Namespace) -> int:
         cmd_overrides += ["--save_overlays", "true"]
     if args.skip_bad_inputs:
         cmd_overrides += ["--skip_bad_inputs", "true"]
+    if args.tta:
+        cmd_overrides += ["--tta_flips", "true"]
     for key in ("max_pixels", "max_image_bytes"):
         if getattr(args, key) is not None:
             cmd_overrides += [f"--{key}", str(getattr(args, key))]
@@ -289,7 +326,8 @@ def _serve(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    store = _registry_store(args)
+    args.model = model_or_shipped(args)
+    store = _registry_store(args) if _is_registered(args.model) else None
     folder = bundle_dir(bundle_for_model(args, store), args.bundles_dir)
     workdir = Path(tempfile.mkdtemp(prefix="masksup-serve-"))
     proc: subprocess.Popen | None = None
@@ -308,11 +346,14 @@ def _serve(args: argparse.Namespace) -> int:
                 threshold=args.threshold,
                 tracking_uri=store,
                 limits=limits,
+                tta_flips=args.tta,
             )
         except (MlflowException, ValueError, OSError) as e:
-            raise SystemExit(f"error: cannot serve {args.model} from {store}: {e}") from None
+            where = f" from {store}" if store else ""
+            raise SystemExit(f"error: cannot serve {args.model}{where}: {e}") from None
         print(
-            f"serving {args.model} with bundle {folder.name} on http://{args.host}:{args.port} "
+            f"serving {args.model} with bundle {folder.name}{' (flip TTA)' if args.tta else ''} "
+            f"on http://{args.host}:{args.port} "
             f"(POST /invocations, GET /ping); limits: {limits}",
             file=sys.stderr,
             flush=True,
@@ -399,15 +440,22 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     _bundle_options(predict)
     predict.add_argument(
         "--model",
-        required=True,
         metavar="SOURCE",
-        help="models:/NAME@ALIAS, models:/NAME/VERSION, or a checkpoint file (model.pt)",
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, or a checkpoint file (model.pt); default: the model "
+        "--bundle ships (BUNDLE/models/model.pt, checked against its checksum), e.g. --bundle kvasir_seg",
     )
     predict.add_argument("--input", required=True, metavar="DIR", help="folder of images")
     predict.add_argument("--output", required=True, metavar="DIR", help="folder for the masks (<stem>_mask.png)")
     predict.add_argument(
         "--bundle",
-        help="bundle whose inference config runs (default: the registered version's 'bundle' tag, else glas)",
+        help="bundle whose inference config runs (default: the registered version's 'bundle' tag, else glas); "
+        "without --model, its shipped model runs",
+    )
+    predict.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time flips: average each mask over the image, its horizontal and its vertical flip "
+        "(three network passes per image)",
     )
     predict.add_argument(
         "--format",
@@ -451,18 +499,30 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
 
     serve = commands.add_parser(
         "serve",
-        help="serve a registered model over REST (MLflow scoring server: images in, masks out)",
-        description="Serve a registered model with MLflow's scoring server: GET /ping is the health check, "
+        help="serve a model over REST (MLflow scoring server: images in, masks out)",
+        description="Serve a registered model, a checkpoint file or the model a bundle ships with MLflow's "
+        "scoring server: GET /ping is the health check, "
         "POST /invocations takes base64-encoded image files in column 'image' and answers with "
         "base64 PNG masks (0/255) at each image's size. See docker/README.md for the request format.",
         epilog="example: masksup-med serve --model models:/masksup-glas@champion --port 8080   (binds 127.0.0.1: "
         "the server has no authentication; put it behind an authenticating proxy to expose it)",
     )
     _bundle_options(serve)
-    serve.add_argument("--model", required=True, metavar="SOURCE", help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    serve.add_argument(
+        "--model",
+        metavar="SOURCE",
+        help="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint file (model.pt); default: the model "
+        "--bundle ships, e.g. --bundle kvasir_seg (no MLflow store needed)",
+    )
     serve.add_argument(
         "--bundle",
-        help="bundle whose preprocessing is used (default: the registered version's 'bundle' tag, else glas)",
+        help="bundle whose preprocessing is used (default: the registered version's 'bundle' tag, else glas); "
+        "without --model, its shipped model is served",
+    )
+    serve.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time flips: average each mask over the image and its two flips (three passes per image)",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port (default: 8080)")

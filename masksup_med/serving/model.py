@@ -177,7 +177,8 @@ class MaskSupSegmenter:
         data_path: the pyfunc's data folder: ``network/`` (the registered model's files) and
             ``train.json`` (the bundle config whose ``resizing`` transforms are reused).
         config: ``image_size`` (``[W, H]`` the network was trained at, as the bundle's), ``threshold`` (0.5),
-            ``device`` (``auto``: CUDA when available) and the :class:`ServingLimits` values.
+            ``device`` (``auto``: CUDA when available), ``tta_flips`` (average over flipped copies:
+            :class:`~masksup_med.inference.FlipInferer`) and the :class:`ServingLimits` values.
     """
 
     def __init__(self, data_path: str | os.PathLike, config: Mapping[str, Any] | None = None) -> None:
@@ -185,7 +186,7 @@ class MaskSupSegmenter:
         from monai.bundle import ConfigParser
         from monai.transforms import Compose
 
-        from masksup_med.inference import native_mask_postprocessing
+        from masksup_med.inference import native_mask_postprocessing, segmentation_inferer
         from masksup_med.run.runtime import select_device
         from masksup_med.tracking.model_format import load_model
 
@@ -202,6 +203,7 @@ class MaskSupSegmenter:
         self.intensity = parser.get("intensity")  # None in a bundle config written before it had one
         self.postprocessing = Compose(native_mask_postprocessing(self.preprocessing, self.threshold))
         self.network = load_model(data_path / NETWORK_DIR, self.device)
+        self.inferer = segmentation_inferer(bool(config.get("tta_flips", False)))
         self._torch = torch
 
     def _segment(self, encoded: str | bytes) -> dict[str, Any]:
@@ -211,7 +213,7 @@ class MaskSupSegmenter:
         image = MetaTensor(torch.as_tensor(decode_image(encoded, self.limits, self.intensity)))
         item = self.preprocessing({"image": image})
         with torch.no_grad():
-            logits = self.network(item["image"].as_tensor()[None].to(self.device, torch.float32))
+            logits = self.inferer(item["image"].as_tensor()[None].to(self.device, torch.float32), self.network)
         item["pred"] = MetaTensor(logits[0].float().cpu())
         native = self.postprocessing(item)["pred_native"]
         mask = torch.as_tensor(native)[0].numpy().T > 0.5  # thresholded already; W, H -> H, W
@@ -268,6 +270,28 @@ def model_input_size(model_uri: str) -> list[int] | None:
     return [int(shape[2]), int(shape[3])]
 
 
+def _checkpoint_model(checkpoint: Path, bundle_config: str | os.PathLike, path: Path) -> None:
+    """A model folder at ``path`` (the registered-model format) for a checkpoint file of ``bundle_config``'s
+    network (a training run's ``models/model.pt``, or the model a bundle ships, checked against its checksum)."""
+    from monai.bundle import ConfigParser
+
+    from masksup_med.tracking.model_format import build_network, network_definition, save_model
+    from masksup_med.tracking.registry import load_checkpoint
+
+    definition = network_definition(bundle_config)
+    network = load_checkpoint(build_network(definition, str(bundle_config)), checkpoint)
+    parser = ConfigParser()
+    parser.read_config(str(bundle_config))
+    save_model(
+        path,
+        state_dict=network.state_dict(),
+        network=definition,
+        input_shape=[int(network.in_channels), *(int(s) for s in parser.get_parsed_content("image_size"))],
+        bundle=Path(bundle_config).resolve().parent.parent.name,
+        threshold=float(parser.get_parsed_content("threshold")) if "threshold" in parser else 0.5,
+    )
+
+
 def build_serving_model(
     model_uri: str,
     bundle_config: str | os.PathLike,
@@ -276,12 +300,16 @@ def build_serving_model(
     threshold: float | None = None,
     tracking_uri: str | None = None,
     limits: ServingLimits | None = None,
+    tta_flips: bool = False,
 ) -> Path:
-    """Write a pyfunc model serving ``model_uri`` (e.g. ``models:/masksup-glas@candidate``) into ``path``.
+    """Write a pyfunc model serving ``model_uri`` into ``path``; returns ``path``.
 
-    The registered model's files are downloaded into the pyfunc's data (the served folder needs no
-    tracking server afterwards) and checked by loading them once; ``bundle_config`` is the local
-    bundle's ``train.json``. ``threshold`` None: the registered model's. Returns ``path``.
+    ``model_uri``: a registered model (``models:/masksup-glas@candidate``), whose files are downloaded into
+    the pyfunc's data (the served folder needs no tracking server afterwards), or a checkpoint file of the
+    bundle's network (a run's ``models/model.pt``, the model a bundle ships: no store needed), written in
+    the same format. Either is checked by loading it once. ``bundle_config`` is the local bundle's
+    ``train.json``. ``threshold`` None: the registered model's (a checkpoint's: the bundle's).
+    ``tta_flips``: average each answer over flipped copies (:class:`~masksup_med.inference.FlipInferer`).
     """
     from masksup_med import __version__
     from masksup_med.tracking.model_format import flavor_config, load_model
@@ -292,9 +320,12 @@ def build_serving_model(
     try:
         data = staging / "serving"
         data.mkdir()
-        with using_store(tracking_uri):
-            downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(staging / "dl")))
-        shutil.move(str(downloaded), data / NETWORK_DIR)
+        if str(model_uri).startswith(("models:/", "runs:/")):
+            with using_store(tracking_uri):
+                downloaded = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(staging / "dl"))
+            shutil.move(downloaded, data / NETWORK_DIR)
+        else:
+            _checkpoint_model(Path(model_uri), bundle_config, data / NETWORK_DIR)
         load_model(data / NETWORK_DIR)  # refuse a bad or unsafe model now, not in the server
         shutil.copy(bundle_config, data / BUNDLE_CONFIG)  # a bundle config is self-contained
         registered = flavor_config(data / NETWORK_DIR, model_uri)
@@ -305,6 +336,7 @@ def build_serving_model(
             "image_size": [int(s) for s in input_shape[1:]] or None,
             "threshold": threshold,
             "device": device,
+            "tta_flips": bool(tta_flips),
             **(limits or ServingLimits()).as_config(),
         }
         mlflow.pyfunc.save_model(

@@ -24,6 +24,7 @@ from mlflow.models import Model, infer_signature
 
 from masksup_med.errors import MissingInputError, UnreadableFileError
 from masksup_med.run.overrides import bundle_run_config
+from masksup_med.run.shipped import verify_shipped
 from masksup_med.tracking import model_format
 from masksup_med.tracking.model_format import build_network, load_model, network_definition
 from masksup_med.tracking.store import find_run_id, using_store
@@ -45,10 +46,13 @@ logger = logging.getLogger(__name__)
 def load_checkpoint(network: torch.nn.Module, checkpoint: str | Path) -> torch.nn.Module:
     """Load weights saved by MONAI's CheckpointSaver (``{"model": state}`` or a bare state dict) into ``network``.
 
-    A missing file raises :class:`~masksup_med.errors.MissingInputError`, one that does not load
+    A model a bundle ships (listed in its ``large_files.yml``) is checked against its checksum first
+    (:func:`masksup_med.run.shipped.verify_shipped`). A missing file raises
+    :class:`~masksup_med.errors.MissingInputError`, one that does not load
     :class:`~masksup_med.errors.UnreadableFileError`, each naming the file and what to do.
     """
     checkpoint = Path(checkpoint)
+    verify_shipped(checkpoint)  # a model a bundle ships: present and unaltered, else refused naming it
     if not checkpoint.is_file():
         raise MissingInputError(
             f"checkpoint {checkpoint} does not exist (train the bundle first, or pass model_source)."
