@@ -95,6 +95,9 @@ def test_ship_writes_the_weights_and_lists_their_sha256_in_large_files_yml(shipp
     assert shipped_model(bundle) == shipped.resolve()
     network = load_checkpoint(build_network(TINY_UNET), shipped)
     assert torch.all(network(torch.rand(1, 3, 32, 32)) == 5.0)
+    alter_one_byte(shipped)
+    with pytest.raises(ChecksumMismatchError, match="checksum mismatch"):
+        load_pretrained_weights(build_network(TINY_UNET), shipped)
     assert not list((bundle / "models").glob(".*.tmp"))  # written whole, no temporary left
 
 

@@ -2,7 +2,8 @@
 
 Every weight whose name and shape match is loaded; weights whose shape differs (an output head
 with another number of channels: image channels when pretraining, classes when segmenting) keep
-their fresh initialisation. A file that matches no weight of the network is refused, naming it.
+their fresh initialisation. A file that matches no weight of the network is refused, naming it; a
+model a bundle ships is checked against its listed checksum first (:mod:`masksup_med.run.shipped`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from masksup_med.errors import ConfigError, MissingInputError
+from masksup_med.run.shipped import verify_shipped
 
 __all__ = ["load_pretrained_weights"]
 
@@ -23,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 
 def _state_dict(path: Path) -> Mapping[str, torch.Tensor]:
+    verify_shipped(path)  # a bundle's shipped model: present and unaltered, else refused naming it
     if not path.is_file():
         raise MissingInputError(
             f"pretrained_weights {path} does not exist; pass the pretraining run's models/pretrained.pt."
