@@ -197,14 +197,14 @@ def append_record(results: Path, record: dict[str, Any]) -> None:
 
 def add_study_options(
     parser: argparse.ArgumentParser,
-    results_name: str,
+    results_name: str | None,
     block: str,
     dataset_dir: str | None = "../shared/data/glas",
 ) -> None:
     """Options every study shares: data, where runs and records go, which Markdown gets the ``block``
     (``benchmarks/RESULTS.md`` unless ``--markdown`` names others).
 
-    ``dataset_dir`` None: the study fills it in from its other options (e.g. the bundle's).
+    ``results_name`` or ``dataset_dir`` None: the study fills it in from its other options (e.g. the bundle's).
     """
     where = dataset_dir or "the bundle's data in ../shared/data"
     parser.add_argument(
@@ -216,7 +216,7 @@ def add_study_options(
         default=Path("benchmarks/runs"),
         help="run outputs, relative to the repository root (not committed)",
     )
-    parser.add_argument("--results", type=Path, default=RESULTS_DIR / results_name)
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR / results_name if results_name else None)
     parser.add_argument(
         "--markdown",
         type=Path,

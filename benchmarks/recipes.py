@@ -196,9 +196,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--val-interval", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", nargs=2, type=int, help="override the recipe's image size (smoke runs)")
-    add_study_options(parser, "", "recipes", dataset_dir=None)
+    add_study_options(parser, None, "recipes", dataset_dir=None)
     args = parser.parse_intermixed_args(argv)
-    if args.results == RESULTS_DIR:  # no --results: the bundle's own records
+    if args.results is None:  # no --results: the bundle's own records
         args.results = RESULTS_DIR / RESULTS_NAMES.get(args.bundle, f"{args.bundle}_recipes.jsonl")
     if args.dataset_dir is None:
         args.dataset_dir = {"glas": "../shared/data/glas", "kvasir_seg": "../shared/data/kvasir-seg"}[args.bundle]
