@@ -114,6 +114,31 @@ def best_validation(ckpt_dir: Path) -> tuple[float, int]:
     return float(state["best_metric"]), int(state["best_metric_epoch"])
 
 
+CURVE_METRICS = {"val_iou": "val_mean_iou", "val_dice": "val_mean_dice", "train_loss": "train_loss"}
+
+
+def learning_curve(output_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """A run's curves so far, read from its own MLflow store (``OUTPUT_DIR/mlflow.db``), finished or not.
+
+    Returns ``val_iou``, ``val_dice`` and ``train_loss`` as (epoch, value) pairs (both are logged once per epoch,
+    with the epoch as step). Raises when the run has no store or no run file.
+    """
+    import mlflow
+
+    local_dir = output_dir if output_dir.is_absolute() else ROOT / output_dir
+    run_file, store = local_dir / "models" / "mlflow_run.json", local_dir / "mlflow.db"
+    if not run_file.is_file() or not store.is_file():
+        raise RuntimeError(f"{local_dir} holds no tracked run (no models/mlflow_run.json or mlflow.db)")
+    run_id = json.loads(run_file.read_text(encoding="utf-8"))["run_id"]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store.resolve()}")
+    curves = {}
+    for name, metric in CURVE_METRICS.items():
+        points = sorted((m.step, m.timestamp, m.value) for m in client.get_metric_history(run_id, metric))
+        by_step = {step: value for step, _, value in points}  # a resumed epoch logs again: the newest value counts
+        curves[name] = sorted(by_step.items())
+    return curves
+
+
 def train(configs: Sequence[str], values: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     """Train ``configs`` with override ``values`` into ``output_dir``, resuming a half-finished run.
 

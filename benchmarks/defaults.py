@@ -44,18 +44,21 @@ SPLITS = ("train", "validation", "test")
 class BundleStudy:
     """One bundle as shipped: its real data and the datasets its model is also scored on."""
 
-    def __init__(self, bundle: str, dataset_dir: str, cross: Sequence[tuple[str, str]] = ()) -> None:
+    def __init__(
+        self, bundle: str, dataset_dir: str, cross: Sequence[tuple[str, str]] = (), bundle_dir: str | None = None
+    ) -> None:
         self.bundle = bundle
         self.dataset_dir = dataset_dir
         self.cross = tuple(cross)
+        self.bundle_dir = bundle_dir or f"bundles/{bundle}"  # relative to the repository, or absolute
 
     @property
     def train_config(self) -> str:
-        return f"bundles/{self.bundle}/configs/train.json"
+        return f"{self.bundle_dir}/configs/train.json"
 
     @property
     def evaluate_config(self) -> str:
-        return f"bundles/{self.bundle}/configs/evaluate.json"
+        return f"{self.bundle_dir}/configs/evaluate.json"
 
 
 STUDIES = {

@@ -26,6 +26,7 @@ only. The test split is scored once, for a chosen recipe, by the ``score`` actio
     python benchmarks/recipes.py run --bundle kvasir_seg shipped plain --epochs 16
     python benchmarks/recipes.py score --bundle kvasir_seg plain --epochs 16   # test, once
     python benchmarks/recipes.py report --bundle kvasir_seg   # the "kvasir_seg-recipes" block
+    python benchmarks/recipes.py curve --bundle kvasir_seg plain-structure --epochs 120   # its validation curve
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from bundle_runs import (
     RESULTS_DIR,
     add_study_options,
     append_record,
+    learning_curve,
     load_records,
     publish,
     score_test,
@@ -174,6 +176,37 @@ def recipes_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def curve_table(curve: dict[str, list[tuple[int, float]]], epochs: int) -> str:
+    """Markdown: the validation curve of one run, one row per validation, the best marked."""
+    losses = dict(curve["train_loss"])
+    dice = dict(curve["val_dice"])
+    best_epoch, best = max(curve["val_iou"], key=lambda point: (point[1], -point[0]))
+    done = max(losses, default=0)
+    lines = [
+        f"Epochs done: {done} of {epochs}; best validation mIoU so far {best:.4f} at epoch {best_epoch}.",
+        "",
+        "| epoch | val mIoU | val Dice | train loss |",
+        "|---|---|---|---|",
+    ]
+    for epoch, iou in curve["val_iou"]:
+        loss = f"{losses[epoch]:.4f}" if epoch in losses else "—"
+        mark = " (best)" if epoch == best_epoch else ""
+        lines.append(f"| {epoch} | {iou:.4f}{mark} | {dice.get(epoch, float('nan')):.4f} | {loss} |")
+    return "\n".join(lines)
+
+
+def write_curves(args: argparse.Namespace) -> str:
+    """Put each named run's validation curve so far into its own block (``BUNDLE-RECIPE-eN-curve``)."""
+    bodies = []
+    for recipe in args.recipes:
+        curve = learning_curve(_output_dir(recipe, args))
+        if not curve["val_iou"]:
+            raise SystemExit(f"{_output_dir(recipe, args)}: no validation logged yet")
+        block = f"{args.bundle}-{recipe}-e{args.epochs}-curve"
+        bodies.append(publish(curve_table(curve, args.epochs), block, args.markdown))
+    return "\n\n".join(bodies)
+
+
 def write_report(args: argparse.Namespace) -> str:
     """Put the tries' table into the bundle's recipes block of each Markdown file; return the Markdown."""
     records = load_records(args.results)
@@ -189,7 +222,7 @@ def _block(bundle: str) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command line of the recipe runner."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=("run", "score", "report"))
+    parser.add_argument("action", choices=("run", "score", "report", "curve"))
     parser.add_argument("recipes", nargs="*", default=[], help="recipes to run or score (see above)")
     parser.add_argument("--bundle", choices=sorted(RECIPES), default="glas")
     parser.add_argument("--epochs", type=int, default=100)
@@ -214,7 +247,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    {"run": run_tries, "score": score_tries, "report": write_report}[args.action](args)
+    {"run": run_tries, "score": score_tries, "report": write_report, "curve": write_curves}[args.action](args)
 
 
 if __name__ == "__main__":

@@ -44,15 +44,16 @@ ARMS = {"plain": False, "flips": True}
 WARMUP = 1  # untimed passes over the images before the rounds
 
 
-def bundle_configs(bundle: str) -> tuple[list[str], str]:
-    """The bundle's training config (as a list of configs, relative to the repository) and its evaluate config."""
-    folder = f"bundles/{bundle}/configs"
-    return [f"{folder}/train.json"], f"{folder}/evaluate.json"
+def bundle_configs(bundle_dir: Path) -> tuple[list[str], str]:
+    """The bundle's training config (as a list of configs; relative to the repository unless ``bundle_dir`` is
+    absolute) and its evaluate config."""
+    folder = bundle_dir / "configs"
+    return [str(folder / "train.json")], str(folder / "evaluate.json")
 
 
 def score(args: argparse.Namespace, values: dict[str, Any], arm: str) -> dict[str, Any]:
     """Evaluate the run's model on the test split with the arm's ``tta_flips``; metrics and the command."""
-    configs, evaluate = bundle_configs(args.bundle)
+    configs, evaluate = bundle_configs(args.bundle_dir)
     eval_dir = args.output_dir / "eval-tta" / arm
     overrides = {**values, "tta_flips": ARMS[arm], "eval_dir": str(eval_dir)}
     command = evaluation_command(configs, evaluate, as_cli_overrides(overrides))
@@ -70,7 +71,7 @@ def score(args: argparse.Namespace, values: dict[str, Any], arm: str) -> dict[st
 
 def prepared(args: argparse.Namespace, values: dict[str, Any]) -> tuple[torch.nn.Module, list[torch.Tensor]]:
     """The evaluate config's network (on the CPU) and the first ``--images`` test images, preprocessed."""
-    configs, evaluate = bundle_configs(args.bundle)
+    configs, evaluate = bundle_configs(args.bundle_dir)
     parser = ConfigParser()
     parser.read_config([str(ROOT / c) for c in [*configs, evaluate]])
     for key, value in {**values, "device": "cpu"}.items():
@@ -138,6 +139,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", type=Path, required=True, help="the trained run (models/model.pt)")
     parser.add_argument("--dataset-dir", type=Path, required=True, help="the dataset whose test split is scored")
     parser.add_argument("--bundle", default="kvasir_seg", help="the bundle the run was trained with")
+    parser.add_argument("--bundle-dir", type=Path, help="the bundle's folder (default: bundles/BUNDLE)")
     parser.add_argument("--image-size", nargs=2, type=int, metavar=("W", "H"), help="default: the bundle's")
     parser.add_argument("--images", type=int, default=20, help="test images timed per round (default 20)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per arm (default 5)")
@@ -145,7 +147,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "tta.json")
     parser.add_argument("--markdown", default=str(RESULTS_MD), help="Markdown file whose block is replaced, or none")
     parser.add_argument("--block", default="tta", help="name of the Markdown block to replace (default: tta)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.bundle_dir = args.bundle_dir or Path("bundles") / args.bundle
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

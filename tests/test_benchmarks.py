@@ -227,6 +227,11 @@ def test_recipe_runner_trains_selects_on_validation_and_records(tmp_path):
     assert "| cosine-light | cosine_lr, light_masking | 2 | 0 |" in block
     assert f"| {scored['test']['test']['iou']:.4f} |" in block and scored["commands"][0] in block
 
+    recipes.main(["curve", "cosine-light", *common, "--markdown", str(md)])
+    curve = _block(md.read_text(), "glas-cosine-light-e2-curve")
+    assert "Epochs done: 2 of 2;" in curve and f"{record['best_val_iou']:.4f} at epoch {record['best_epoch']}" in curve
+    assert [line.split(" |")[0] for line in curve.splitlines() if line[:3] in ("| 1", "| 2")] == ["| 1", "| 2"]
+
 
 def _ablation_record(arm: str, seed: int, test_iou: float) -> dict:
     test = {m: test_iou for m in ("iou", "dice", "iou_native", "dice_native")}

@@ -251,3 +251,48 @@ def test_the_evaluate_config_runs_the_shipped_model_when_the_run_has_none(shippe
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "eval" / "kvasir-seg" / "test" / "summary.json").read_text())
     assert summary["model_source"] == str(shipped.resolve()) and summary["images"] == 1
+
+
+@pytest.mark.slow  # the benchmark's evaluations at toy size: two on the test split, three on the other data (~1 min)
+def test_the_shipped_model_benchmark_scores_the_file_the_bundle_ships_and_writes_its_block(shipped, bundle, tmp_path):
+    import sys
+
+    from masksup_med.data import make_cvc_clinicdb_demo, make_kvasir_seg_demo
+
+    sys.path.insert(0, str(BUNDLES.parent / "benchmarks"))
+    import shipped as benchmark
+
+    demo = make_kvasir_seg_demo(tmp_path / "demo", n_images=5, size=(48, 40))
+    cvc = make_cvc_clinicdb_demo(tmp_path / "cvc", n_frames=6, size=(48, 36))
+    out, md, work = tmp_path / "shipped.json", tmp_path / "RESULTS.md", tmp_path / "work"
+    md.write_text("# Results\n")
+    argv = ["--bundle-dir", str(bundle), "--dataset-dir", str(demo), "--cross", "cvc-clinicdb", str(cvc)]
+    argv += ["--work-dir", str(work), "--images", "1", "--rounds", "1", "--num-workers", "0"]
+    argv += ["--output", str(out), "--markdown", str(md)]
+    result = benchmark.main(argv)
+
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["sha256"] == hashlib.sha256(shipped.read_bytes()).hexdigest()
+    assert {arm["model_source"] for arm in result["arms"].values()} == {str(shipped.resolve())}
+    # the shipped model answers polyp everywhere: Dice on the test image is its polyp share, never 0 or 1
+    assert all(0.0 < arm["test"]["iou"] < 1.0 for arm in result["arms"].values())
+    (other,) = result["elsewhere"]
+    assert other["dataset"] == "cvc-clinicdb" and other["images"] == 6 and 0.0 < other["iou"] < 1.0
+    block = md.read_text().split("<!-- kvasir_seg-shipped:begin -->", 1)[1].split("<!-- kvasir_seg-shipped:end -->")[0]
+    assert "Kvasir-SEG test, flips" in block and "CVC-ClinicDB sample, every frame" in block
+    assert result["sha256"][:16] in block and "python benchmarks/shipped.py --bundle-dir" in block
+
+    (work / "models").mkdir()
+    (work / "models" / "model.pt").write_bytes(b"a run's own model")
+    with pytest.raises(SystemExit, match="would run it instead of the shipped model"):
+        benchmark.main(argv)
+
+
+def test_the_shipped_model_benchmark_refuses_a_bundle_that_ships_none(bundle, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(BUNDLES.parent / "benchmarks"))
+    import shipped as benchmark
+
+    with pytest.raises(SystemExit, match="ships no model"):
+        benchmark.main(["--bundle-dir", str(bundle), "--work-dir", str(tmp_path / "work"), "--markdown", "none"])
