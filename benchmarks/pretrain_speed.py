@@ -37,7 +37,7 @@ from monai.bundle import ConfigParser
 from monai.data import list_data_collate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import RESULTS_DIR, RESULTS_MD, machine, replace_block, write_json
+from report import RESULTS_DIR, RESULTS_MD, machine, save_result
 from speed import ROOT, interleaved, make_samples, paired_ratio
 
 from masksup_med.methods.pretraining import ReconstructionTrainer
@@ -161,10 +161,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result = measure(args, select_device(args.device))
     for name, arm in result["arms"].items():
         print(f"{name:>20}: {arm['step_s']:.3f} s/step, {arm['ratio_to_random']:.2f}x random tiles")
-    write_json(args.output, result)
-    if args.markdown != "none":
-        command = "python benchmarks/pretrain_speed.py" + (f" {' '.join(argv)}" if argv else "")
-        replace_block(Path(args.markdown), "pretrain-speed", markdown_body(result, command))
+    command = "python benchmarks/pretrain_speed.py" + (f" {' '.join(argv)}" if argv else "")
+    save_result(result, args.output, args.markdown, "pretrain-speed", markdown_body(result, command))
     return result
 
 

@@ -75,3 +75,11 @@ def replace_block(markdown_file: Path, name: str, body: str) -> None:
     else:
         text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
     markdown_file.write_text(text, encoding="utf-8")
+
+
+def save_result(result: Any, output: Path, markdown: str, block: str, body: str) -> None:
+    """Write a benchmark's ``result`` to the JSON file ``output`` and ``body`` into the Markdown file
+    ``markdown``'s ``block`` (skipped when ``markdown`` is ``none``)."""
+    write_json(output, result)
+    if str(markdown).lower() != "none":
+        replace_block(Path(markdown), block, body)

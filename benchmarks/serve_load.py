@@ -59,7 +59,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bundle_runs import shown_command
-from report import BENCHMARKS_DIR, RESULTS_DIR, RESULTS_MD, code_version, machine, replace_block, write_json
+from report import BENCHMARKS_DIR, RESULTS_DIR, RESULTS_MD, code_version, machine, save_result
 
 REPO = BENCHMARKS_DIR.parent
 LOOPBACK = "127.0.0.1"
@@ -415,9 +415,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "command": shown_command([sys.executable, "benchmarks/serve_load.py", *argv]),
     }
     print(text_report(result))
-    write_json(args.output, result)
-    if args.markdown.lower() != "none":
-        replace_block(Path(args.markdown), args.block, markdown_body(result))
+    save_result(result, args.output, args.markdown, args.block, markdown_body(result))
     return result
 
 

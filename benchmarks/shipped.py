@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tta
 from bundle_runs import METRICS, ROOT, shown_command
 from defaults import SPLITS, STUDIES, BundleStudy, score_elsewhere
-from report import RESULTS_DIR, RESULTS_MD, code_version, machine, replace_block, write_json
+from report import RESULTS_DIR, RESULTS_MD, code_version, machine, save_result
 
 from masksup_med.run.shipped import file_sha256, shipped_model, verify_shipped
 
@@ -140,10 +140,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "commit": code_version(),
         "command": shown_command([sys.executable, "benchmarks/shipped.py", *argv]),
     }
-    write_json(args.output, result)
     body = markdown_body(result)
-    if args.markdown != "none":
-        replace_block(Path(args.markdown), args.block, body)
+    save_result(result, args.output, args.markdown, args.block, body)
     print(body)
     return result
 

@@ -58,7 +58,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation import ARMS, TRAIN_CONFIG
 from bundle_runs import shown_command
-from report import BENCHMARKS_DIR, RESULTS_DIR, RESULTS_MD, machine, replace_block, write_json
+from report import BENCHMARKS_DIR, RESULTS_DIR, RESULTS_MD, machine, save_result
 
 from masksup_med.methods.masksup import MaskSupTrainer
 from masksup_med.run.runtime import keep_freed_memory, select_device
@@ -474,9 +474,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "runtime_seconds": round(time.perf_counter() - start, 1),
     }
     print(text_table(rows))
-    write_json(args.output, result)
-    if args.markdown.lower() != "none":
-        replace_block(Path(args.markdown), args.block, markdown_body(rows, settings, info, command))
+    save_result(result, args.output, args.markdown, args.block, markdown_body(rows, settings, info, command))
     return result
 
 

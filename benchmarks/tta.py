@@ -35,7 +35,7 @@ from monai.inferers import Inferer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bundle_runs import METRICS, as_cli_overrides, evaluation_command, run_logged, shown_command
-from report import BENCHMARKS_DIR, RESULTS_DIR, RESULTS_MD, code_version, machine, replace_block, write_json
+from report import BENCHMARKS_DIR, RESULTS_DIR, RESULTS_MD, code_version, machine, save_result
 
 from masksup_med.inference import segmentation_inferer
 
@@ -183,10 +183,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "commit": code_version(),
         "command": shown_command([sys.executable, "benchmarks/tta.py", *argv]),
     }
-    write_json(args.output, result)
     body = markdown_body(result)
-    if args.markdown != "none":
-        replace_block(Path(args.markdown), args.block, body)
+    save_result(result, args.output, args.markdown, args.block, body)
     print(body)
     return result
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from masksup_med.errors import ConfigError, MissingInputError
+from masksup_med.errors import ConfigError
 from masksup_med.run.shipped import verify_shipped
+from masksup_med.run.weights import read_weights
 
 __all__ = ["load_pretrained_weights"]
 
@@ -26,19 +27,8 @@ logger = logging.getLogger(__name__)
 
 def _state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     verify_shipped(path)  # a bundle's shipped model: present and unaltered, else refused naming it
-    if not path.is_file():
-        raise MissingInputError(
-            f"pretrained_weights {path} does not exist; pass the pretraining run's models/pretrained.pt."
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(f"pretrained_weights {path} cannot be read as weights ({type(e).__name__}: {e}).") from e
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]  # a CheckpointSaver file
-    if not isinstance(state, Mapping):
-        raise ConfigError(f"pretrained_weights {path} holds a {type(state).__name__}, not a state dict of weights.")
-    return state
+    hint = "Pass the pretraining run's models/pretrained.pt, or a trained model."
+    return read_weights(path, f"pretrained_weights {path}", hint)
 
 
 def load_pretrained_weights(network: nn.Module, path: str | os.PathLike | None) -> dict[str, list[str]]:

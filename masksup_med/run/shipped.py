@@ -28,6 +28,7 @@ import torch
 
 from masksup_med.errors import ConfigError, MissingInputError, UnreadableFileError
 from masksup_med.run.files import atomic_path, save_atomically
+from masksup_med.run.weights import read_weights
 
 __all__ = [
     "HASH_TYPE",
@@ -152,21 +153,6 @@ def default_model_source(best_model_file: str | os.PathLike, bundle_root: str | 
     return str(shipped)
 
 
-def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The state dict of a training checkpoint (``{"model": state}`` or a bare one), tensors only."""
-    if not checkpoint.is_file():
-        raise MissingInputError(f"model {checkpoint} does not exist; pass a training run's models/model.pt.")
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling refused, a cut file, another format: one message
-        raise UnreadableFileError(f"model {checkpoint} does not load as weights ({type(e).__name__}: {e}).") from e
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UnreadableFileError(f"model {checkpoint} is not a state dict of weights (names to tensors).")
-    return {str(k): v.detach().cpu().contiguous() for k, v in state.items()}
-
-
 def _first_lines(error: Exception, lines: int = 3, chars: int = 400) -> str:
     """The start of a long error message (``load_state_dict`` lists every tensor), on one line."""
     return " ".join(line.strip() for line in str(error).splitlines()[:lines])[:chars]
@@ -194,7 +180,10 @@ def ship_model(
     weights must fit it exactly (the configs build that network to run the model), else :class:`ConfigError`.
     """
     checkpoint, bundle_dir = Path(checkpoint), Path(bundle_dir)
-    state = _weights(checkpoint)
+    state = {
+        k: v.contiguous()
+        for k, v in read_weights(checkpoint, f"model {checkpoint}", "Pass a training run's models/model.pt.").items()
+    }
     if network is not None:
         try:
             network.load_state_dict(state)

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import pickle
-import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -33,6 +31,7 @@ import numpy as np
 import torch
 from mlflow.models import Model, ModelSignature
 
+from masksup_med.run import weights
 from masksup_med.run.files import atomic_path, save_atomically, write_text_atomically
 
 __all__ = [
@@ -126,24 +125,13 @@ def build_network(definition: Mapping[str, Any], source: str = "network definiti
 
 
 def read_weights(path: str | Path, label: str | None = None) -> dict[str, torch.Tensor]:
-    """A state dict from ``path`` without unpickling code: ``torch.load(weights_only=True)``, tensors only."""
-    label = label or str(path)
+    """A registered model's state dict, without unpickling code (:func:`masksup_med.run.weights.read_weights`);
+    a file holding Python objects is refused with :class:`UnsafeModelError`."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = f"it references {found.group(1)}" if found else "torch.load(weights_only=True) rejected it"
-        raise UnsafeModelError(
-            f"refused to load {label}: it holds Python objects besides tensors, which could run code when "
-            f"unpickled ({what}). Register the model again from its checkpoint with `masksup-med registry register`."
-        ) from None
-    except (OSError, RuntimeError, EOFError) as e:
-        raise ValueError(f"{label} is not a readable weights file: {type(e).__name__}: {e}") from e
-    if not isinstance(state, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise ValueError(f"{label} is not a state dict (names to tensors)")
-    return dict(state)
+        return weights.read_weights(path, label)
+    except weights.PickledObjectsError as e:
+        hint = "Register the model again from its checkpoint with `masksup-med registry register`."
+        raise UnsafeModelError(f"refused to load {e} {hint}") from None
 
 
 def flavor_config(model_dir: str | Path, source: str | None = None) -> dict[str, Any]:

@@ -9,7 +9,6 @@ how to register the same checkpoint again by hand with ``masksup-med registry re
 from __future__ import annotations
 
 import logging
-import pickle
 import shlex
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -22,9 +21,9 @@ from ignite.engine import Engine, Events
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import Model, infer_signature
 
-from masksup_med.errors import MissingInputError, UnreadableFileError
 from masksup_med.run.overrides import bundle_run_config
 from masksup_med.run.shipped import verify_shipped
+from masksup_med.run.weights import read_weights
 from masksup_med.tracking import model_format
 from masksup_med.tracking.model_format import build_network, load_model, network_definition
 from masksup_med.tracking.store import find_run_id, using_store
@@ -53,26 +52,11 @@ def load_checkpoint(network: torch.nn.Module, checkpoint: str | Path) -> torch.n
     """
     checkpoint = Path(checkpoint)
     verify_shipped(checkpoint)  # a model a bundle ships: present and unaltered, else refused naming it
-    if not checkpoint.is_file():
-        raise MissingInputError(
-            f"checkpoint {checkpoint} does not exist (train the bundle first, or pass model_source)."
-        )
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UnreadableFileError(
-            f"checkpoint {checkpoint} holds Python objects besides tensors, which could run code when unpickled; "
-            "it was not loaded. Use a checkpoint written by the bundle's training (models/model.pt)."
-        ) from None
-    except Exception as e:  # noqa: BLE001 - a file cut short fails in several ways (EOFError, RuntimeError, OSError)
-        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}" if str(e).strip() else type(e).__name__
-        raise UnreadableFileError(
-            f"checkpoint {checkpoint} does not load ({reason}); it was probably cut short by a kill while it was "
-            "written. Train again (with --overwrite true into the same folder), or point model_source at another "
-            "checkpoint or a registered model (models:/NAME@ALIAS)."
-        ) from e
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]
+    hint = (
+        "Train the bundle (with --overwrite true to replace a broken model in the same folder), or point "
+        "model_source at another checkpoint or a registered model (models:/NAME@ALIAS)."
+    )
+    state = read_weights(checkpoint, f"checkpoint {checkpoint}", hint)
     try:
         network.load_state_dict(state)
     except RuntimeError as e:
