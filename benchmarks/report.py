@@ -77,9 +77,16 @@ def replace_block(markdown_file: Path, name: str, body: str) -> None:
     markdown_file.write_text(text, encoding="utf-8")
 
 
-def save_result(result: Any, output: Path, markdown: str, block: str, body: str) -> None:
+def save_result(result: Any, output: Path, markdown: str, block: str, body: str, echo: bool = False) -> None:
     """Write a benchmark's ``result`` to the JSON file ``output`` and ``body`` into the Markdown file
-    ``markdown``'s ``block`` (skipped when ``markdown`` is ``none``)."""
+    ``markdown``'s ``block`` (skipped when ``markdown`` is ``none``); ``echo``: print ``body`` too."""
     write_json(output, result)
     if str(markdown).lower() != "none":
         replace_block(Path(markdown), block, body)
+    if echo:
+        print(body)
+
+
+def provenance(command: str) -> dict[str, Any]:
+    """Where a benchmark's figures come from: the ``machine``, the code's ``commit`` and the ``command``."""
+    return {"machine": machine(), "commit": code_version(), "command": command}

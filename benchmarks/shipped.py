@@ -25,9 +25,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tta
-from bundle_runs import METRICS, ROOT, shown_command
+from bundle_runs import ROOT, shown_command
 from defaults import SPLITS, STUDIES, BundleStudy, score_elsewhere
-from report import RESULTS_DIR, RESULTS_MD, code_version, machine, save_result
+from report import RESULTS_DIR, RESULTS_MD, provenance, save_result
 
 from masksup_med.run.shipped import file_sha256, shipped_model, verify_shipped
 
@@ -38,7 +38,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command line of the shipped-model benchmark."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", default="kvasir_seg", choices=sorted(STUDIES))
-    parser.add_argument("--bundle-dir", type=Path, help="the bundle's folder (default: bundles/BUNDLE)")
     parser.add_argument("--dataset-dir", help="the data whose test split is scored (default: the bundle's own)")
     parser.add_argument(
         "--cross",
@@ -48,10 +47,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="another dataset scored on every frame (repeatable; default: the bundle's, e.g. the CVC-ClinicDB sample)",
     )
     parser.add_argument("--work-dir", type=Path, help="evaluation folder (default: benchmarks/runs/shipped-BUNDLE)")
-    parser.add_argument("--image-size", nargs=2, type=int, metavar=("W", "H"), help="default: the bundle's")
-    parser.add_argument("--images", type=int, default=20, help="test images timed per round (default 20)")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per arm (default 5)")
-    parser.add_argument("--num-workers", type=int, default=2, help="data loader workers of the evaluations")
+    tta.add_flip_options(parser)
     parser.add_argument("--output", type=Path, help="JSON record (default: benchmarks/results/shipped_BUNDLE.json)")
     parser.add_argument("--markdown", default=str(RESULTS_MD), help="Markdown file whose block is replaced, or none")
     parser.add_argument("--block", help="name of the Markdown block to replace (default: BUNDLE-shipped)")
@@ -79,23 +75,16 @@ def the_shipped_model(bundle_dir: Path, work_dir: Path) -> Path:
     return model
 
 
-def _row(name: str, images: int, scores: dict[str, float], speed: str) -> str:
-    return f"| {name} | {images} | {' | '.join(f'{scores[m]:.4f}' for m in METRICS)} | {speed} |"
-
-
 def markdown_body(result: dict[str, Any]) -> str:
     """The shipped-model block of RESULTS.md: the test split per arm, the other datasets, the commands."""
     bundle, arms = result["bundle"], result["arms"]
-    rows = [
-        "| data | images | mIoU | Dice | mIoU (native) | Dice (native) | images/s (CPU) |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    rows = list(tta.TABLE_HEAD)
     for arm, figures in arms.items():
         label = f"{NAMES.get(bundle, bundle)} test, {'flips' if arm == 'flips' else 'no flips'}"
-        rows.append(_row(label, figures["images"], figures["test"], f"{figures['images_per_second']:.2f}"))
+        rows.append(tta.table_row(label, figures["images"], figures["test"], f"{figures['images_per_second']:.2f}"))
     for other in result["elsewhere"]:
         name = f"{NAMES.get(other['dataset'], other['dataset'])}, every frame, no flips"
-        rows.append(_row(name, other["images"], other, "—"))
+        rows.append(tta.table_row(name, other["images"], other, "—"))
     commands = [result["command"], *(a["command"] for a in arms.values())]
     commands += [c for other in result["elsewhere"] for c in other["commands"]]
     head = (
@@ -136,13 +125,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "elsewhere": elsewhere,
         "speed_images": flips["settings"]["speed_images"],
         "rounds": args.rounds,
-        "machine": machine(),
-        "commit": code_version(),
-        "command": shown_command([sys.executable, "benchmarks/shipped.py", *argv]),
+        **provenance(shown_command([sys.executable, "benchmarks/shipped.py", *argv])),
     }
-    body = markdown_body(result)
-    save_result(result, args.output, args.markdown, args.block, body)
-    print(body)
+    save_result(result, args.output, args.markdown, args.block, markdown_body(result), echo=True)
     return result
 
 

@@ -35,7 +35,7 @@ from monai.inferers import Inferer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bundle_runs import METRICS, as_cli_overrides, evaluation_command, run_logged, shown_command
-from report import BENCHMARKS_DIR, RESULTS_DIR, RESULTS_MD, code_version, machine, save_result
+from report import BENCHMARKS_DIR, RESULTS_DIR, RESULTS_MD, provenance, save_result
 
 from masksup_med.inference import segmentation_inferer
 
@@ -109,17 +109,23 @@ def speed(network: torch.nn.Module, images: list[torch.Tensor], rounds: int) -> 
     }
 
 
+TABLE_HEAD = [
+    "| data | images | mIoU | Dice | mIoU (native) | Dice (native) | images/s (CPU) |",
+    "|---|---|---|---|---|---|---|",
+]
+
+
+def table_row(name: str, images: int, scores: dict[str, float], speed: str) -> str:
+    """One row under :data:`TABLE_HEAD`: the data's name, its image count, its mean scores, the speed cell."""
+    return f"| {name} | {images} | {' | '.join(f'{scores[m]:.4f}' for m in METRICS)} | {speed} |"
+
+
 def markdown_body(result: dict[str, Any]) -> str:
-    """The ``tta`` block of RESULTS.md: one row per arm."""
+    """The ``tta`` block of RESULTS.md: one row per arm (the test split)."""
     arms, settings = result["arms"], result["settings"]
-    rows = [
-        "| arm | test mIoU | test Dice | mIoU (native) | Dice (native) | images/s (CPU) |",
-        "|---|---|---|---|---|---|",
-    ]
+    rows = list(TABLE_HEAD)
     for arm, figures in arms.items():
-        test = figures["test"]
-        cells = [f"{test[m]:.4f}" for m in METRICS]
-        rows.append(f"| {arm} | {' | '.join(cells)} | {figures['images_per_second']:.2f} |")
+        rows.append(table_row(arm, figures["images"], figures["test"], f"{figures['images_per_second']:.2f}"))
     plain, flips = arms["plain"], arms["flips"]
     gain = flips["test"]["iou"] - plain["test"]["iou"]
     cost = plain["images_per_second"] / flips["images_per_second"]
@@ -133,17 +139,22 @@ def markdown_body(result: dict[str, Any]) -> str:
     return "\n".join([summary, "", *rows, "", f"Command: `{result['command']}`"])
 
 
+def add_flip_options(parser: argparse.ArgumentParser) -> None:
+    """The bundle's folder, the image size and the timing and loading options of a flip benchmark."""
+    parser.add_argument("--bundle-dir", type=Path, help="the bundle's folder (default: bundles/BUNDLE)")
+    parser.add_argument("--image-size", nargs=2, type=int, metavar=("W", "H"), help="default: the bundle's")
+    parser.add_argument("--images", type=int, default=20, help="test images timed per round (default 20)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per arm (default 5)")
+    parser.add_argument("--num-workers", type=int, default=2, help="data loader workers of the evaluations")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command line of the flip benchmark."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, required=True, help="the trained run (models/model.pt)")
     parser.add_argument("--dataset-dir", type=Path, required=True, help="the dataset whose test split is scored")
     parser.add_argument("--bundle", default="kvasir_seg", help="the bundle the run was trained with")
-    parser.add_argument("--bundle-dir", type=Path, help="the bundle's folder (default: bundles/BUNDLE)")
-    parser.add_argument("--image-size", nargs=2, type=int, metavar=("W", "H"), help="default: the bundle's")
-    parser.add_argument("--images", type=int, default=20, help="test images timed per round (default 20)")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per arm (default 5)")
-    parser.add_argument("--num-workers", type=int, default=2, help="data loader workers of the evaluations")
+    add_flip_options(parser)
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "tta.json")
     parser.add_argument("--markdown", default=str(RESULTS_MD), help="Markdown file whose block is replaced, or none")
     parser.add_argument("--block", default="tta", help="name of the Markdown block to replace (default: tta)")
@@ -179,13 +190,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "rounds": args.rounds,
             "warmup": WARMUP,
         },
-        "machine": machine(),
-        "commit": code_version(),
-        "command": shown_command([sys.executable, "benchmarks/tta.py", *argv]),
+        **provenance(shown_command([sys.executable, "benchmarks/tta.py", *argv])),
     }
-    body = markdown_body(result)
-    save_result(result, args.output, args.markdown, args.block, body)
-    print(body)
+    save_result(result, args.output, args.markdown, args.block, markdown_body(result), echo=True)
     return result
 
 
