@@ -232,7 +232,7 @@ def test_one_epoch_on_a_nifti_folder_then_predict_writes_masks_with_the_images_a
 
 
 def test_serving_header_checks_for_nifti_and_dicom(tmp_path):
-    from masksup_med.serving.limits import ImageRejected, ServingLimits, image_header
+    from masksup_med.serving.limits import ImageRejected, InputLimits, image_header
 
     data = nifti(tmp_path / "s.nii.gz", np.zeros((40, 30, 1), np.int16)).read_bytes()
     header = image_header(data)
@@ -240,7 +240,7 @@ def test_serving_header_checks_for_nifti_and_dicom(tmp_path):
     big = nib.Nifti1Header()
     big.set_data_shape((30000, 30000))  # a header declaring 900 M pixels, with no pixels behind it
     with pytest.raises(ImageRejected, match="30000 x 30000 = 900,000,000 pixels"):
-        image_header(big.binaryblock + b"\0" * 4).check(ServingLimits())
+        image_header(big.binaryblock + b"\0" * 4).check(InputLimits())
     ct = image_header(CT.read_bytes())
     assert (ct.suffix, ct.width, ct.height) == (".dcm", 128, 128)
     with pytest.raises(ImageRejected, match="volume of shape 33 x 41 x 25"):

@@ -28,7 +28,7 @@ from servers import LOOPBACK, free_port, job_env, masksup_command, masksup_serve
 from masksup_med.cli import main
 from masksup_med.data.limits import ImageRejected
 from masksup_med.serving.app import clean_error, inspect_json
-from masksup_med.serving.limits import RequestRejected, ServingLimits, image_header
+from masksup_med.serving.limits import InputLimits, RequestRejected, image_header
 
 MODEL = TINY_MODEL
 BODY_LIMIT = 1_000_000
@@ -273,22 +273,22 @@ def test_image_header_reads_size_and_decoded_bytes(mode, fmt, per_pixel):
 def test_image_header_of_tiffs():
     buffer = io.BytesIO()
     tifffile.imwrite(buffer, np.zeros((30, 40, 3), dtype=np.uint8))
-    assert image_header(buffer.getvalue()).check(ServingLimits()).decoded_bytes == 3600
+    assert image_header(buffer.getvalue()).check(InputLimits()).decoded_bytes == 3600
     buffer = io.BytesIO()
     tifffile.imwrite(buffer, np.zeros((30, 40), dtype=np.float32))
     with pytest.raises(ImageRejected, match="1-channel float32"):
-        image_header(buffer.getvalue()).check(ServingLimits())
+        image_header(buffer.getvalue()).check(InputLimits())
 
 
 def test_header_checks_refuse_before_decoding():
     bomb = image_header(png_bomb(30000, 30000))  # parsed from the header: nothing decoded
     assert (bomb.width, bomb.height) == (30000, 30000)
     with pytest.raises(ImageRejected) as refused:
-        bomb.check(ServingLimits())
+        bomb.check(InputLimits())
     assert refused.value.status == 413 and "900,000,000 pixels; the limit is 25,000,000" in str(refused.value)
     assert RequestRejected.from_image(refused.value).status == 413
     with pytest.raises(ImageRejected, match="4,800 bytes decoded") as refused:
-        image_header(encoded(Image.new("RGBA", (40, 30)))).check(ServingLimits(max_image_bytes=4000))
+        image_header(encoded(Image.new("RGBA", (40, 30)))).check(InputLimits(max_image_bytes=4000))
     assert refused.value.status == 413
     with pytest.raises(ImageRejected, match="empty"):
         image_header(b"")
@@ -339,13 +339,13 @@ def test_the_guard_reads_json_once_and_counts_the_images(body, status, says):
 
 
 def test_serving_limits_travel_in_a_model_config():
-    limits = ServingLimits(max_body_bytes=10, max_pixels=20, max_image_bytes=30, max_images=2)
-    assert ServingLimits.from_config({**limits.as_config(), "threshold": 0.5}) == limits
-    assert ServingLimits.from_config(None) == ServingLimits()
+    limits = InputLimits(max_body_bytes=10, max_pixels=20, max_image_bytes=30, max_images=2)
+    assert InputLimits.from_config({**limits.as_config(), "threshold": 0.5}) == limits
+    assert InputLimits.from_config(None) == InputLimits()
     with pytest.raises(ValueError, match="max_body_bytes"):
-        ServingLimits(max_body_bytes=-1)
+        InputLimits(max_body_bytes=-1)
     with pytest.raises(ValueError, match="max_images"):
-        ServingLimits(max_images=0)
+        InputLimits(max_images=0)
 
 
 def test_a_file_that_does_not_decode_is_refused_without_the_temporary_path():

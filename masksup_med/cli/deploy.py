@@ -314,11 +314,11 @@ def _serve(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
     from masksup_med.serving.app import server_command
-    from masksup_med.serving.limits import ServingLimits
+    from masksup_med.serving.limits import InputLimits
     from masksup_med.serving.model import build_serving_model
 
     try:
-        limits = ServingLimits(
+        limits = InputLimits(
             max_body_bytes=args.max_body_bytes,
             max_pixels=args.max_pixels,
             max_image_bytes=args.max_image_bytes,

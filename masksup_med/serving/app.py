@@ -312,13 +312,13 @@ def create_app() -> RequestGuard:
     from mlflow.pyfunc import scoring_server
     from PIL import Image
 
-    from masksup_med.serving.limits import ServingLimits
+    from masksup_med.serving.limits import InputLimits
 
     model_dir = os.environ.get(MODEL_DIR_ENV, "").strip()
     if not model_dir:
         raise RuntimeError(f"${MODEL_DIR_ENV} is not set: start the server with `masksup-med serve`")
     model = mlflow.pyfunc.load_model(model_dir)
-    limits = ServingLimits.from_config(model.model_config)
+    limits = InputLimits.from_config(model.model_config)
     Image.MAX_IMAGE_PIXELS = limits.max_pixels  # Pillow's own decompression-bomb check, behind ours
     return RequestGuard(scoring_server.init(model), limits.max_body_bytes, limits.max_images)
 

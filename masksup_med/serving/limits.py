@@ -2,8 +2,7 @@
 
 The limits themselves are the project's input limits (:mod:`masksup_med.data.limits`: pixels and decoded
 bytes per image, read from its header before decoding; body bytes and images per request), shared with
-``predict`` and the bundles' inference and evaluate configs. :class:`ServingLimits` is that class under
-the name the serving code has always used.
+``predict`` and the bundles' inference and evaluate configs, re-exported here with the serving errors.
 """
 
 from __future__ import annotations
@@ -18,12 +17,9 @@ __all__ = [
     "ImageRejected",
     "InputLimits",
     "RequestRejected",
-    "ServingLimits",
     "image_header",
     "sniff_suffix",
 ]
-
-ServingLimits = InputLimits
 
 
 class RequestRejected(MlflowException, ValueError):

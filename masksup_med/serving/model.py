@@ -51,7 +51,7 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from masksup_med.serving.limits import ImageRejected, RequestRejected, ServingLimits, image_header, sniff_suffix
+from masksup_med.serving.limits import ImageRejected, InputLimits, RequestRejected, image_header, sniff_suffix
 
 __all__ = [
     "MaskSupSegmenter",
@@ -98,7 +98,7 @@ def _image_bytes(encoded: str | bytes) -> bytes:
 
 
 def decode_image(
-    encoded: str | bytes, limits: ServingLimits | None = None, intensity: Mapping[str, Any] | None = None
+    encoded: str | bytes, limits: InputLimits | None = None, intensity: Mapping[str, Any] | None = None
 ) -> np.ndarray:
     """Decode one base64-encoded image file into a channel-first array in MONAI's axes (``C, W, H``).
 
@@ -115,7 +115,7 @@ def decode_image(
 
     data = _image_bytes(encoded)
     try:
-        header = image_header(data).check(limits or ServingLimits())
+        header = image_header(data).check(limits or InputLimits())
     except ImageRejected as e:
         raise RequestRejected.from_image(e) from None
     with tempfile.TemporaryDirectory(prefix="masksup-serve-") as tmp:
@@ -178,7 +178,7 @@ class MaskSupSegmenter:
             ``train.json`` (the bundle config whose ``resizing`` transforms are reused).
         config: ``image_size`` (``[W, H]`` the network was trained at, as the bundle's), ``threshold`` (0.5),
             ``device`` (``auto``: CUDA when available), ``tta_flips`` (average over flipped copies:
-            :class:`~masksup_med.inference.FlipInferer`) and the :class:`ServingLimits` values.
+            :class:`~masksup_med.inference.FlipInferer`) and the :class:`InputLimits` values.
     """
 
     def __init__(self, data_path: str | os.PathLike, config: Mapping[str, Any] | None = None) -> None:
@@ -192,7 +192,7 @@ class MaskSupSegmenter:
 
         config = dict(config or {})
         data_path = Path(data_path)
-        self.limits = ServingLimits.from_config(config)
+        self.limits = InputLimits.from_config(config)
         self.threshold = float(config.get("threshold", 0.5))
         self.device = select_device(config.get("device", "auto"))
         parser = ConfigParser()
@@ -299,7 +299,7 @@ def build_serving_model(
     device: str = "auto",
     threshold: float | None = None,
     tracking_uri: str | None = None,
-    limits: ServingLimits | None = None,
+    limits: InputLimits | None = None,
     tta_flips: bool = False,
 ) -> Path:
     """Write a pyfunc model serving ``model_uri`` into ``path``; returns ``path``.
@@ -337,7 +337,7 @@ def build_serving_model(
             "threshold": threshold,
             "device": device,
             "tta_flips": bool(tta_flips),
-            **(limits or ServingLimits()).as_config(),
+            **(limits or InputLimits()).as_config(),
         }
         mlflow.pyfunc.save_model(
             path=str(path),
