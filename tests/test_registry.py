@@ -272,22 +272,9 @@ def test_registry_cli_register_list_promote_show(checkpoint, sqlite_uri, tmp_pat
     content["image_size"] = [32, 32]
     config.write_text(json.dumps(content))
 
-    assert (
-        main(
-            [
-                "registry",
-                "--tracking-uri",
-                sqlite_uri,
-                "register",
-                str(path),
-                "--config",
-                str(config),
-                "--name",
-                "masksup-glas",
-            ]
-        )
-        == 0
-    )
+    register = ["registry", "--tracking-uri", sqlite_uri, "register", str(path), "--config", str(config)]
+    register += ["--name", "masksup-glas"]
+    assert main(register) == 0
     assert main(["registry", "--tracking-uri", sqlite_uri, "list"]) == 0
     listed = capsys.readouterr().out
     assert "masksup-glas" in listed and "candidate=v1" in listed
@@ -298,24 +285,7 @@ def test_registry_cli_register_list_promote_show(checkpoint, sqlite_uri, tmp_pat
     assert "version 1  aliases: candidate, champion" in shown
     assert "input_shape: 3,32,32" in shown and "bundle:" not in shown  # a config outside a bundle names none
 
-    assert (
-        main(
-            [
-                "registry",
-                "--tracking-uri",
-                sqlite_uri,
-                "register",
-                str(path),
-                "--config",
-                str(config),
-                "--name",
-                "masksup-glas",
-                "--bundle",
-                "glas",
-            ]
-        )
-        == 0
-    )
+    assert main([*register, "--bundle", "glas"]) == 0
     loaded = load_model("models:/masksup-glas/2", tracking_uri=sqlite_uri)
     assert next(m.out_channels for m in loaded.modules() if isinstance(m, torch.nn.Conv2d)) == 4
 
