@@ -26,6 +26,7 @@ from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointSaver
 
 from masksup_med.run.files import atomic_path
+from masksup_med.run.weights import error_summary
 
 __all__ = [
     "EPOCH_CHECKPOINT",
@@ -46,8 +47,7 @@ def unreadable_reason(path: str | os.PathLike) -> str | None:
     try:
         torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
     except Exception as e:  # noqa: BLE001 - truncated, corrupt, not plain weights: all mean "does not load"
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return f"{type(e).__name__}: {first_line}" if first_line else type(e).__name__
+        return error_summary(e)
     return None
 
 

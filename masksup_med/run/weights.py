@@ -18,14 +18,15 @@ import torch
 
 from masksup_med.errors import MissingInputError, UnreadableFileError
 
-__all__ = ["PickledObjectsError", "read_weights"]
+__all__ = ["PickledObjectsError", "error_summary", "read_weights"]
 
 
 class PickledObjectsError(UnreadableFileError):
     """A weights file holding Python objects besides tensors: refused, never unpickled (it could run code)."""
 
 
-def _first_line(error: Exception) -> str:
+def error_summary(error: Exception) -> str:
+    """``Type: first line of the message`` (``torch.load``'s messages run to many lines)."""
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
@@ -56,7 +57,7 @@ def read_weights(path: str | os.PathLike, label: str | None = None, hint: str = 
         ) from None
     except Exception as e:  # noqa: BLE001 - a file cut short fails in several ways (EOFError, RuntimeError, OSError)
         raise UnreadableFileError(
-            f"{label} does not load ({_first_line(e)}); it was cut short (a kill while it was written) or is not "
+            f"{label} does not load ({error_summary(e)}); it was cut short (a kill while it was written) or is not "
             f"a weights file.{tail}"
         ) from e
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):

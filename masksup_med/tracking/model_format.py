@@ -131,7 +131,7 @@ def read_weights(path: str | Path, label: str | None = None) -> dict[str, torch.
         return weights.read_weights(path, label)
     except weights.PickledObjectsError as e:
         hint = "Register the model again from its checkpoint with `masksup-med registry register`."
-        raise UnsafeModelError(f"refused to load {e} {hint}") from None
+        raise UnsafeModelError(f"refused: {e} {hint}") from None
 
 
 def flavor_config(model_dir: str | Path, source: str | None = None) -> dict[str, Any]:
