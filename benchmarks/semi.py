@@ -10,6 +10,9 @@ Arms, on one bundle and its real data, each at a label fraction (the same seeded
     supervised-time   supervised-only for as long as semi trained            (control: wall-clock)
     full-supervised   plain supervised training on every label (fraction 1, the reference)
 
+and the ablation (``--arms`` with the names of ``ABLATION``, best at a reduced budget): each undoes one
+change of issue 27 on ``semi`` through its ``semi_train.json`` values, paired with ``semi`` by seed.
+
 A semi-supervised epoch is one pass over the larger, unlabelled set, so at equal epochs ``semi``
 takes more labelled steps than the arms on the labelled part alone; the two controls take that
 away. ``supervised-steps`` trains ``epochs * semi's steps per epoch / supervised-only's`` epochs (the
@@ -33,6 +36,8 @@ the better of its EMA teacher and its network), scores it on the test split, and
 
     python benchmarks/semi.py run --fractions 0.25 0.125 --seeds 0 1 2
     python benchmarks/semi.py run --bundle kvasir_seg
+    python benchmarks/semi.py run --bundle kvasir_seg --epochs 10 --image-size 160 128 --fractions 0.25 \
+        --seeds 0 --arms semi supervised-only semi-masked-only semi-teacher-source
     python benchmarks/semi.py report --bundle glas       # the "semi-glas" block of RESULTS.md
 """
 
@@ -62,16 +67,26 @@ ARMS: dict[str, list[str]] = {
     "supervised-time": ["train.json", "supervised.json", study.LABELLED_ONLY],
     "full-supervised": ["train.json", "supervised.json"],
 }
-SEMI_ARMS = ("semi", "semi-mim")
+ABLATION: dict[str, dict[str, Any]] = {  # arm -> semi_train.json overrides, each undoing one change of issue 27
+    "semi-teacher-source": {"pseudo_label_source": "teacher"},  # EMA teacher (burn-in) instead of the online model
+    "semi-masked-only": {"strong_weight": 0.0, "feature_weight": 0.0},  # no weak-to-strong branches (issue 14)
+    "semi-no-masked-view": {"masked_weight": 0.0},  # weak-to-strong only: MaskMatch's masked view dropped
+    "semi-ce-only": {"unsup_dice_weight": 0.0},  # the unlabelled loss without its ignore-mask Dice
+    "semi-labelled-masksup": {"labelled_masked_terms": True},  # MaskSup's masked terms on the labelled batch
+    "semi-multi-scale": {"teacher_scales": [0.75, 1.0, 1.25]},  # pseudo-labels averaged over three input scales
+}
+SEMI_ARMS = ("semi", "semi-mim", *ABLATION)
 # The semi_train.json defaults new semi-supervised records are made on; change it when they change.
 SEMI_VERSION = "issue27"
 EARLIEST_SEMI_VERSION = "issue14"  # what a semi-supervised record without ``semi_version`` was made on
+ALL_ARMS = [*ARMS, *ABLATION]  # report and plan order
 CONTROLS = {"supervised-steps": "equal labelled steps", "supervised-time": "equal wall-clock"}
 
 
 def configs(bundle: str, arm: str) -> list[str]:
     """The config files of ``arm``, merged in order (bundle files by name, recipe fragments by path)."""
-    return [name if "/" in name else f"bundles/{bundle}/configs/{name}" for name in ARMS[arm]]
+    files = ARMS["semi"] if arm in ABLATION else ARMS[arm]
+    return [name if "/" in name else f"bundles/{bundle}/configs/{name}" for name in files]
 
 
 def study_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -119,7 +134,7 @@ def runs(args: argparse.Namespace) -> list[tuple[str, float, int]]:
     planned = []
     for seed in args.seeds:
         for fraction in args.fractions:
-            planned += [(arm, fraction, seed) for arm in ARMS if arm in args.arms and arm != "full-supervised"]
+            planned += [(arm, fraction, seed) for arm in ALL_ARMS if arm in args.arms and arm != "full-supervised"]
         if "full-supervised" in args.arms:
             planned.append(("full-supervised", 1.0, seed))
     return planned
@@ -187,6 +202,7 @@ def run_study(args: argparse.Namespace) -> None:
         }
         if arm != "full-supervised":
             values["label_fraction"] = fraction
+        values.update(ABLATION.get(arm, {}))
         out = run_dir(args, arm, fraction, seed)
         print(f"[semi] {arm} {fraction} seed {seed}: training {epochs} epochs", flush=True)
         outcome = study.train_and_evaluate(configs(args.bundle, arm), STUDIES[args.bundle].evaluate_config, values, out)
@@ -246,6 +262,14 @@ def report(args: argparse.Namespace) -> str:
                 "",
                 *study.paired_gains(records, control, semi_arms, by=fraction),
             ]
+    ablated = [arm for arm in labels if arm in ABLATION]
+    if ablated and "semi" in labels:
+        lines += [
+            "",
+            "Ablation: test mIoU of each arm that undoes one change of issue 27, minus `semi`'s, same seed:",
+            "",
+            *study.paired_gains(records, "semi", ablated, by=fraction),
+        ]
     lines += [
         "",
         "Test mIoU minus full-label supervised training with the same seed (goal at 1/4: >= -0.03):",
@@ -266,14 +290,14 @@ def report(args: argparse.Namespace) -> str:
 def _arm_order(label: str) -> tuple[int, str]:
     """Report order: the order of :data:`ARMS`, earlier semi-supervised versions before the current one."""
     name = label.split(" ")[0]
-    return list(ARMS).index(name), ("0" if label == name else "-") + label
+    return ALL_ARMS.index(name), ("0" if label == name else "-") + label
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command line of the semi-supervised study."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=("run", "report"))
-    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    parser.add_argument("--arms", nargs="+", choices=ALL_ARMS, default=list(ARMS))
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.25, 0.125])
     study.add_schedule_options(parser)
     add_bundle_study_options(parser, "semi.jsonl", "semi-<bundle>")

@@ -82,3 +82,29 @@ def test_old_semi_records_keep_their_version_and_by_hand_long_runs_count_as_equa
         and "| semi (issue14) | 0.25 | 1 | -0.1000 (seed 0) |" in steps
     )
     assert bundle_runs.load_records(args.results) == rows  # the records file is read, never rewritten
+
+
+def test_ablation_arms_train_semi_with_one_change_and_are_reported_against_semi(tmp_path, monkeypatch):
+    args = _args(tmp_path, arms=["semi-masked-only"], seeds=[0])
+    assert semi.configs("glas", "semi-masked-only") == semi.configs("glas", "semi")
+    trained = []
+
+    def train(configs, evaluate_config, values, output_dir):
+        trained.append((configs, values, output_dir))
+        test = {"test": {"iou": 0.4, "dice": 0.5, "iou_native": 0.4, "dice_native": 0.5}}
+        return {"best_val_iou": 0.4, "test": test, "train_seconds": 10.0, "commands": ["train", "evaluate"]}
+
+    monkeypatch.setattr(bundle_runs, "train_and_evaluate", train)
+    monkeypatch.setattr(semi, "epoch_length", lambda output_dir: 13)
+    semi.run_study(args)
+    ((configs, values, output_dir),) = trained
+    assert values["strong_weight"] == 0.0 and values["feature_weight"] == 0.0 and values["label_fraction"] == 0.25
+    assert "semi-masked-only-issue27" in output_dir.name  # an ablation run is a semi-supervised run of this version
+    args.results.open("a").write(json.dumps(_record(args, "semi", iou=0.5, semi_version=semi.SEMI_VERSION)) + "\n")
+    md = tmp_path / "RESULTS.md"
+    md.write_text("<!-- semi-glas:begin -->\n<!-- semi-glas:end -->\n")
+    block = semi.report(_args(tmp_path, markdown=[md]))
+    ablation = block[block.index("Ablation") :]
+    assert "| semi-masked-only | 0.25 | 1 | -0.1000 (seed 0) |" in ablation
+    with pytest.raises(SystemExit):
+        semi.parse_args(["run", "--arms", "semi-no-such-change"])
