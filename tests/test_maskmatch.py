@@ -13,6 +13,7 @@ from _semi_batches import semi_batches
 from ignite.engine import Events
 from monai.networks.nets import UNet
 from PIL import Image
+import torch.nn.functional as F
 from torch import nn
 
 from masksup_med.data import DatasetError, DatasetNotFoundError, UnreadableFileError, with_unlabelled
@@ -324,6 +325,18 @@ def test_pseudo_label_figure_rows_repeat_each_round_and_leave_the_student_as_it_
     assert set(first[0]["pseudo_label"].unique().tolist()) <= {0.0, 1.0}  # threshold 0.5: confident everywhere
     assert not torch.equal(first[0]["student_input"], first[0]["image"])  # strong view, masked
     assert strong[1].R is not handler.strong.transforms[1].R  # training's transforms are copies, left alone
+
+    # Pseudo-labels as training makes them: the source in training-mode normalisation, its statistics untouched.
+    source = nn.Sequential(nn.Conv2d(3, 1, 1), nn.BatchNorm2d(1)).eval()
+    before = source[1].running_mean.clone()
+    drawn = PseudoLabelFigureHandler(dataset, source, student, strong, masker, "sqlite:///u.db", "e", "r",
+                                     threshold=0.5, num_images=2).rows(torch.device("cpu"))  # fmt: skip
+    images = torch.stack([item["image"] for item in dataset[:2]])
+    with torch.no_grad():
+        batch_stats = F.batch_norm(source[0](images), None, None, source[1].weight, source[1].bias, training=True)
+    for row, probs in zip(drawn, torch.sigmoid(batch_stats)):
+        assert torch.equal(row["pseudo_label"], pseudo_label_image(probs, 0.5))
+    assert not source.training and torch.equal(source[1].running_mean, before)
 
 
 @pytest.mark.slow  # two processes starting torch

@@ -23,7 +23,7 @@ from monai.transforms import Compose
 
 from masksup_med.methods.losses import confidence_mask
 from masksup_med.methods.pretraining import mask_images, tile_losses, tiles_to_pixels
-from masksup_med.methods.teacher import multiscale_probabilities
+from masksup_med.methods.teacher import training_mode_probabilities
 from masksup_med.tracking.store import find_run_id
 from masksup_med.transforms.base import RandMask
 
@@ -305,9 +305,9 @@ class PseudoLabelFigureHandler(_ExampleFigureHandler):
     """After each validation round, what the semi-supervised student learns from, next to the ground truth.
 
     For the first ``num_images`` validation items (which have ground truth), one row: the image, its
-    ground truth, the teacher's pseudo-label (its probabilities averaged over ``scales`` as in
-    training, drawn by :func:`pseudo_label_image`: grey where it is less than ``threshold``
-    confident), the student's input (the image through the ``strong`` transforms, then ``masker``)
+    ground truth, the pseudo-label as training makes it (the ``source`` network in training-mode
+    normalisation with its running statistics left alone, probabilities averaged over ``scales``;
+    drawn by :func:`pseudo_label_image`: grey where it is less than ``threshold`` confident), the student's input (the image through the ``strong`` transforms, then ``masker``)
     and the student's prediction on it. ``strong`` and ``masker`` are copies reseeded every round,
     so rounds are comparable and training's random streams are left alone. ``student`` must be the
     plain network (under DDP the module inside, since this runs on one process only). Attach to the
@@ -315,7 +315,8 @@ class PseudoLabelFigureHandler(_ExampleFigureHandler):
 
     Args:
         dataset: the preprocessed validation items (with ground truth).
-        teacher, student: the EMA teacher and the plain student network.
+        source: the network the pseudo-labels come from (the plain network itself, or the EMA teacher).
+        student: the plain student network.
         strong: the strong augmentation(s) the student's input goes through, as in training.
         masker: the student's masker (copied and reseeded every round).
         tracking_uri, experiment_name, run_name: the MLflow run the figures go to.
@@ -330,7 +331,7 @@ class PseudoLabelFigureHandler(_ExampleFigureHandler):
     def __init__(
         self,
         dataset: Sequence[dict],
-        teacher: torch.nn.Module,
+        source: torch.nn.Module,
         student: torch.nn.Module,
         strong: Callable | Sequence[Callable],
         masker: RandMask,
@@ -345,7 +346,7 @@ class PseudoLabelFigureHandler(_ExampleFigureHandler):
         enabled: bool = True,
     ) -> None:
         super().__init__(dataset, tracking_uri, experiment_name, run_name, num_images, seed, enabled)
-        self.teacher = teacher
+        self.source = source
         self.student = student
         self.strong = Compose(copy.deepcopy(strong if isinstance(strong, Sequence) else [strong]))
         self.masker = copy.deepcopy(masker)
@@ -366,7 +367,7 @@ class PseudoLabelFigureHandler(_ExampleFigureHandler):
             [torch.as_tensor(self.strong({"image": item["image"]})["image_strong"]).float() for item in items]
         ).to(device)
         student_input = self.masker.mask_batch(strong)[0]
-        probabilities = multiscale_probabilities(self.teacher, images, self.scales, self.activation)
+        probabilities = training_mode_probabilities(self.source, images, self.scales, self.activation)
         was_training = self.student.training
         self.student.eval()
         try:
@@ -387,7 +388,7 @@ class PseudoLabelFigureHandler(_ExampleFigureHandler):
     def __call__(self, engine: Engine) -> None:
         epoch = engine.state.epoch
         title = (
-            f"{self.run_name}: teacher pseudo-labels (confidence >= {self.threshold:g}) and the student, epoch {epoch}"
+            f"{self.run_name}: pseudo-labels (confidence >= {self.threshold:g}) and the student, epoch {epoch}"
         )
 
         def draw() -> plt.Figure | None:
