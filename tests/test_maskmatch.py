@@ -9,11 +9,11 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from _semi_batches import semi_batches
 from ignite.engine import Events
 from monai.networks.nets import UNet
 from PIL import Image
-import torch.nn.functional as F
 from torch import nn
 
 from masksup_med.data import DatasetError, DatasetNotFoundError, UnreadableFileError, with_unlabelled

@@ -307,7 +307,8 @@ class PseudoLabelFigureHandler(_ExampleFigureHandler):
     For the first ``num_images`` validation items (which have ground truth), one row: the image, its
     ground truth, the pseudo-label as training makes it (the ``source`` network in training-mode
     normalisation with its running statistics left alone, probabilities averaged over ``scales``;
-    drawn by :func:`pseudo_label_image`: grey where it is less than ``threshold`` confident), the student's input (the image through the ``strong`` transforms, then ``masker``)
+    drawn by :func:`pseudo_label_image`: grey where it is less than ``threshold`` confident), the
+    student's input (the image through the ``strong`` transforms, then ``masker``)
     and the student's prediction on it. ``strong`` and ``masker`` are copies reseeded every round,
     so rounds are comparable and training's random streams are left alone. ``student`` must be the
     plain network (under DDP the module inside, since this runs on one process only). Attach to the
@@ -387,9 +388,7 @@ class PseudoLabelFigureHandler(_ExampleFigureHandler):
 
     def __call__(self, engine: Engine) -> None:
         epoch = engine.state.epoch
-        title = (
-            f"{self.run_name}: pseudo-labels (confidence >= {self.threshold:g}) and the student, epoch {epoch}"
-        )
+        title = f"{self.run_name}: pseudo-labels (confidence >= {self.threshold:g}) and the student, epoch {epoch}"
 
         def draw() -> plt.Figure | None:
             rows = self.rows(next(self.student.parameters()).device)
