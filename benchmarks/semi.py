@@ -278,13 +278,19 @@ def report(args: argparse.Namespace) -> str:
     ]
     lines += [
         "",
-        "Each run is these two commands (here the first recorded run):",
+        "Each run is these two commands (here the first recorded run of the current semi-supervised arm):",
         "",
         "```",
-        *records[0]["commands"],
+        *_example_commands(records),
         "```",
     ]
     return study.publish("\n".join(lines), f"semi-{args.bundle}", args.markdown)
+
+
+def _example_commands(records: list[dict[str, Any]]) -> list[str]:
+    """The commands of the first current ``semi`` record, else of the first record that kept its commands."""
+    ranked = sorted(records, key=lambda r: r["arm"] != "semi")  # stable: the first semi record, if any, leads
+    return next((r["commands"] for r in ranked if r.get("commands")), [])
 
 
 def _arm_order(label: str) -> tuple[int, str]:

@@ -100,11 +100,13 @@ def test_ablation_arms_train_semi_with_one_change_and_are_reported_against_semi(
     ((configs, values, output_dir),) = trained
     assert values["strong_weight"] == 0.0 and values["feature_weight"] == 0.0 and values["label_fraction"] == 0.25
     assert "semi-masked-only-issue27" in output_dir.name  # an ablation run is a semi-supervised run of this version
-    args.results.open("a").write(json.dumps(_record(args, "semi", iou=0.5, semi_version=semi.SEMI_VERSION)) + "\n")
+    semi_record = _record(args, "semi", iou=0.5, semi_version=semi.SEMI_VERSION, commands=["semi-train", "semi-eval"])
+    args.results.open("a").write(json.dumps(semi_record) + "\n")
     md = tmp_path / "RESULTS.md"
     md.write_text("<!-- semi-glas:begin -->\n<!-- semi-glas:end -->\n")
     block = semi.report(_args(tmp_path, markdown=[md]))
     ablation = block[block.index("Ablation") :]
     assert "| semi-masked-only | 0.25 | 1 | -0.1000 (seed 0) |" in ablation
+    assert "semi-train\nsemi-eval\n```" in block  # the example commands are the semi arm's, though recorded later
     with pytest.raises(SystemExit):
         semi.parse_args(["run", "--arms", "semi-no-such-change"])
