@@ -25,7 +25,9 @@ Every arm starts from the bundle's shipped defaults (``bundle_runs.BUNDLE_DEFAUL
 record made on other defaults does not count) with the study's own epochs and image size. The
 semi-supervised arms' records also carry ``semi_version`` (the ``semi_train.json`` defaults they were
 made on, :data:`SEMI_VERSION`); records made on earlier ones stay in the table, labelled with their
-version (records without one are issue 14's MaskMatch), so old and new semi arms compare side by side.
+version (records without one are issue 14's MaskMatch), so old and new semi arms compare side by side;
+one made on earlier defaults that is the same run as an arm on the current ones counts as that arm
+(:data:`SAME_RUNS`: issue 27's online-source ``semi`` is today's ``semi-online-source``).
 Supervised-only runs of more epochs than the study's, made by hand before these arms existed (issue
 14's equal-labelled-steps control), count as ``supervised-steps``.
 
@@ -37,7 +39,7 @@ the better of its EMA teacher and its network), scores it on the test split, and
     python benchmarks/semi.py run --fractions 0.25 0.125 --seeds 0 1 2
     python benchmarks/semi.py run --bundle kvasir_seg
     python benchmarks/semi.py run --bundle kvasir_seg --epochs 10 --image-size 160 128 --fractions 0.25 \
-        --seeds 0 --arms semi supervised-only semi-masked-only semi-teacher-source
+        --seeds 0 --arms semi supervised-only semi-masked-only semi-online-source
     python benchmarks/semi.py report --bundle glas       # the "semi-glas" block of RESULTS.md
 """
 
@@ -68,7 +70,7 @@ ARMS: dict[str, list[str]] = {
     "full-supervised": ["train.json", "supervised.json"],
 }
 ABLATION: dict[str, dict[str, Any]] = {  # arm -> semi_train.json overrides, each undoing one change of issue 27
-    "semi-teacher-source": {"pseudo_label_source": "teacher"},  # EMA teacher (burn-in) instead of the online model
+    "semi-online-source": {"pseudo_label_source": "online"},  # the network's own pseudo-labels, not the teacher's
     "semi-masked-only": {"strong_weight": 0.0, "feature_weight": 0.0},  # no weak-to-strong branches (issue 14)
     "semi-no-masked-view": {"masked_weight": 0.0},  # weak-to-strong only: MaskMatch's masked view dropped
     "semi-ce-only": {"unsup_dice_weight": 0.0},  # the unlabelled loss without its ignore-mask Dice
@@ -77,7 +79,10 @@ ABLATION: dict[str, dict[str, Any]] = {  # arm -> semi_train.json overrides, eac
 }
 SEMI_ARMS = ("semi", "semi-mim", *ABLATION)
 # The semi_train.json defaults new semi-supervised records are made on; change it when they change.
-SEMI_VERSION = "issue27"
+SEMI_VERSION = "issue27-teacher"
+# Records made on earlier defaults that are, value for value, runs of an arm on the current ones: issue 27's
+# first defaults differed from today's in the pseudo-label source alone (the network online, now the EMA teacher).
+SAME_RUNS = {("semi", "issue27"): "semi-online-source", ("semi-teacher-source", "issue27"): "semi"}
 EARLIEST_SEMI_VERSION = "issue14"  # what a semi-supervised record without ``semi_version`` was made on
 ALL_ARMS = [*ARMS, *ABLATION]  # report and plan order
 CONTROLS = {"supervised-steps": "equal labelled steps", "supervised-time": "equal wall-clock"}
@@ -106,6 +111,12 @@ def semi_version(record: dict[str, Any]) -> str | None:
     return record.get("semi_version", EARLIEST_SEMI_VERSION) if record["arm"] in SEMI_ARMS else None
 
 
+def current_arm(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` under the arm that makes the same run on the current defaults (:data:`SAME_RUNS`), else as it is."""
+    arm = SAME_RUNS.get((record["arm"], record.get("semi_version")))
+    return record if arm is None else {**record, "arm": arm, "semi_version": SEMI_VERSION}
+
+
 def arm_label(record: dict[str, Any]) -> str:
     """The arm as the report shows it: semi-supervised arms made on earlier defaults carry their version."""
     version = semi_version(record)
@@ -121,7 +132,7 @@ def study_records(args: argparse.Namespace) -> list[dict[str, Any]]:
     settings = study_settings(args)
     relaxed = {k: v for k, v in settings.items() if k not in ("epochs", "val_interval")}
     out = []
-    for record in study.load_records(args.results, relaxed):
+    for record in map(current_arm, study.load_records(args.results, relaxed)):
         if record["epochs"] == args.epochs and record["val_interval"] == args.val_interval:
             out.append({**record, "arm": arm_label(record)})
         elif record["arm"] == "supervised-only" and record["epochs"] > args.epochs:
@@ -296,7 +307,7 @@ def _example_commands(records: list[dict[str, Any]]) -> list[str]:
 def _arm_order(label: str) -> tuple[int, str]:
     """Report order: the order of :data:`ARMS`, earlier semi-supervised versions before the current one."""
     name = label.split(" ")[0]
-    return ALL_ARMS.index(name), ("0" if label == name else "-") + label
+    return (ALL_ARMS.index(name) if name in ALL_ARMS else len(ALL_ARMS)), ("0" if label == name else "-") + label
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

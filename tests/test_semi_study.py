@@ -110,3 +110,26 @@ def test_ablation_arms_train_semi_with_one_change_and_are_reported_against_semi(
     assert "semi-train\nsemi-eval\n```" in block  # the example commands are the semi arm's, though recorded later
     with pytest.raises(SystemExit):
         semi.parse_args(["run", "--arms", "semi-no-such-change"])
+
+
+def test_records_of_earlier_defaults_that_are_the_same_run_count_as_the_current_arm(tmp_path):
+    """Issue 27's first defaults differed from today's in the pseudo-label source alone: its online ``semi``
+    is today's ``semi-online-source``, and its ``semi-teacher-source`` today's ``semi``."""
+    args = _args(tmp_path)
+    rows = [
+        _record(args, "semi", iou=0.6, semi_version="issue27"),
+        _record(args, "semi-teacher-source", iou=0.7, semi_version="issue27"),
+        _record(args, "semi-masked-only", iou=0.65, semi_version="issue27"),  # made on the online source: kept apart
+    ]
+    args.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    labels = {r["arm"]: r["test"]["test"]["iou"] for r in semi.study_records(args)}
+    assert labels == {"semi-online-source": 0.6, "semi": 0.7, "semi-masked-only (issue27)": 0.65}
+    assert semi.SAME_RUNS[("semi-teacher-source", "issue27")] == "semi"
+    config = json.loads((Path(__file__).resolve().parents[1] / "bundles/common/configs/semi_train.json").read_text())
+    assert config["pseudo_label_source"] == "teacher"  # what makes the mapping true
+    args.arms = ["semi"]
+    args.results.open("a").write(json.dumps(_record(args, "supervised-only")) + "\n")
+    md = tmp_path / "RESULTS.md"
+    md.write_text("<!-- semi-glas:begin -->\n<!-- semi-glas:end -->\n")
+    block = semi.report(_args(tmp_path, markdown=[md]))
+    assert "| semi-online-source | 0.25 | 1 | -0.1000 (seed 0) |" in block[block.index("Ablation") :]

@@ -9,10 +9,12 @@ images alone; MaskSup's masked terms are an option.
 
 Pseudo-labels come from one of two sources (``pseudo_label_source``):
 
+- ``"teacher"`` (default): the EMA teacher, in training-mode normalisation (batch statistics, as
+  SSL4MIS's Mean Teacher), optionally averaged over input scales (``teacher_scales``, default 1 only);
+  on GLaS (3 seeds, a quarter and an eighth of the labels) it beat the online source by 0.04-0.08
+  test mIoU, its pseudo-labels closer to the held-back masks;
 - ``"online"`` (UniMatch): the network itself, in training mode, in one forward pass with the
-  labelled batch (the weak view joins it; its logits are detached);
-- ``"teacher"``: the EMA teacher, in training-mode normalisation (batch statistics, as SSL4MIS's Mean
-  Teacher), optionally averaged over input scales (``teacher_scales``, default 1 only).
+  labelled batch (the weak view joins it; its logits are detached).
 
 The network then learns the confident pixels of the pseudo-label
 (:class:`~masksup_med.methods.losses.ConfidentPseudoLabelLoss`: cross entropy + Dice with an ignore mask)
@@ -120,8 +122,8 @@ class MaskMatchTrainer(MaskSupTrainer):
     Args:
         unlabelled_loader: batches of unlabelled images with keys ``image`` (weak view) and
             ``image_strong`` (strong view, same geometry); cycled as often as the labelled loader needs.
-        pseudo_label_source: ``"online"`` (the network, training mode, one pass with the labelled
-            batch) or ``"teacher"`` (the EMA teacher, training-mode normalisation).
+        pseudo_label_source: ``"teacher"`` (the EMA teacher, training-mode normalisation) or
+            ``"online"`` (the network, training mode, one pass with the labelled batch).
         teacher: the EMA teacher (default: a frozen copy of ``network`` made here). Pass the same
             module to the validator and the checkpoint to score and keep it.
         ema_momentum: how slowly the teacher follows after the burn-in
@@ -170,7 +172,7 @@ class MaskMatchTrainer(MaskSupTrainer):
         self,
         *args: Any,
         unlabelled_loader: Iterable,
-        pseudo_label_source: str = "online",
+        pseudo_label_source: str = "teacher",
         teacher: nn.Module | None = None,
         ema_momentum: float = 0.99,
         ema_burn_in_epochs: float = 1.0,
