@@ -204,6 +204,14 @@ def test_label_fraction_that_labels_nothing(demo, tmp_path):
     assert_stopped_with(result, "label_fraction must be a number in (0, 1], got 0")
 
 
+def test_semi_supervised_setting_the_trainer_refuses_ends_on_its_own_message(demo, tmp_path):
+    out = tmp_path / "out"
+    args = ["--dataset_dir", str(demo), "--output_dir", str(out), "--pseudo_label_source", "nonsense"]
+    result = bundle_run("training", ["train.json", "semi_train.json"], *args)
+    assert_stopped_with(result, "pseudo_label_source must be one of ('online', 'teacher'), got 'nonsense'")
+    assert not (out / "models").exists()  # stopped before any checkpoint
+
+
 def test_pretrained_weights_that_fit_no_layer(demo, tmp_path):
     weights = tmp_path / "other.pt"
     torch.save({"encoder.weight": torch.zeros(3)}, weights)

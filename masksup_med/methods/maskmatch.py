@@ -57,6 +57,7 @@ import torch
 from monai.data import MetaTensor
 from torch import nn
 
+from masksup_med.errors import ConfigError
 from masksup_med.methods.losses import (
     ClassWiseReconstructionLoss,
     ConfidentPseudoLabelLoss,
@@ -195,23 +196,25 @@ class MaskMatchTrainer(MaskSupTrainer):
     ) -> None:
         super().__init__(*args, **kwargs)
         if self.single_pass:
-            raise ValueError(
+            raise ConfigError(
                 "MaskMatchTrainer does not take single_pass=True: the masked pass would update BatchNorm's "
                 "running statistics together with the clean one."
             )
         if pseudo_label_source not in PSEUDO_LABEL_SOURCES:
-            raise ValueError(f"pseudo_label_source must be one of {PSEUDO_LABEL_SOURCES}, got {pseudo_label_source!r}.")
+            raise ConfigError(
+                f"pseudo_label_source must be one of {PSEUDO_LABEL_SOURCES}, got {pseudo_label_source!r}."
+            )
         if not 0.0 <= ema_momentum <= 1.0:
-            raise ValueError(f"ema_momentum must lie in [0, 1], got {ema_momentum!r}.")
+            raise ConfigError(f"ema_momentum must lie in [0, 1], got {ema_momentum!r}.")
         if ema_burn_in_epochs < 0:
-            raise ValueError(f"ema_burn_in_epochs must be >= 0, got {ema_burn_in_epochs!r}.")
+            raise ConfigError(f"ema_burn_in_epochs must be >= 0, got {ema_burn_in_epochs!r}.")
         weights = (strong_weight, feature_weight, masked_weight)
         self.branch_weights = {name: float(w) for name, w in zip(SemiKeys.BRANCHES, weights)}
         if min(self.branch_weights.values()) < 0 or sum(self.branch_weights.values()) == 0:
-            raise ValueError(f"the branch weights must be >= 0 and not all 0, got {self.branch_weights}.")
+            raise ConfigError(f"the branch weights must be >= 0 and not all 0, got {self.branch_weights}.")
         self.teacher_scales = tuple(float(s) for s in teacher_scales)
         if pseudo_label_source == "online" and self.teacher_scales != (1.0,):
-            raise ValueError(
+            raise ConfigError(
                 f"teacher_scales {list(self.teacher_scales)} only apply to pseudo_label_source 'teacher'; the "
                 "online source predicts once, at scale 1, in the labelled batch's pass."
             )
@@ -224,7 +227,7 @@ class MaskMatchTrainer(MaskSupTrainer):
         self.unsup_loss = unsup_loss if unsup_loss is not None else ConfidentPseudoLabelLoss()
         supervised_activation = getattr(self.loss_function, "activation", self.unsup_loss.activation)
         if supervised_activation != self.unsup_loss.activation:
-            raise ValueError(
+            raise ConfigError(
                 f"the supervised loss uses activation {supervised_activation!r} but unsup_loss uses "
                 f"{self.unsup_loss.activation!r}: the teacher's pseudo-labels would not match the "
                 "student's loss. Set both (loss#activation and unsup_loss#activation) alike."
@@ -258,19 +261,19 @@ class MaskMatchTrainer(MaskSupTrainer):
                 "DistributedDataParallel yet: train it in one process."
             )
         if min(self.mim_weight, self.mim_feature_weight) < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"mim_weight and mim_feature_weight must be >= 0, got {self.mim_weight}, {self.mim_feature_weight}."
             )
         if mim_network.segmenter is not self.network:
-            raise ValueError("mim_network must wrap the trainer's network itself (its segmenter is another module).")
+            raise ConfigError("mim_network must wrap the trainer's network itself (its segmenter is another module).")
         optimised = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         if not all(id(p) in optimised for p in mim_network.head.parameters()):
-            raise ValueError(
+            raise ConfigError(
                 "the optimiser does not update the reconstruction head: build it from "
                 "mim_network.parameters() (the network's and the head's)."
             )
         if self.loss_function.uses_masked_pass and self.batch_masker is None:
-            raise ValueError(
+            raise ConfigError(
                 "masked image modelling on labelled images needs batch_masker (it says which pixels "
                 "were hidden); a masked copy from the data pipeline does not."
             )
