@@ -12,8 +12,9 @@ from _semi_batches import semi_batches
 from monai.networks.nets import UNet
 from torch import nn
 
+from masksup_med.errors import ConfigError
 from masksup_med.methods.losses import ConfidentPseudoLabelLoss, MaskSupLoss
-from masksup_med.methods.maskmatch import MaskMatchTrainer
+from masksup_med.methods.maskmatch import MaskMatchTrainer, check_semi_settings
 from masksup_med.methods.perturbation import FeatureDropout
 from masksup_med.methods.teacher import frozen_norm_statistics, make_teacher, training_mode_probabilities
 from masksup_med.transforms import RandCutMix
@@ -185,3 +186,27 @@ def test_branches_of_weight_zero_do_not_run_and_online_scales_are_refused():
         _trainer(net, "online", strong_weight=0.0, feature_weight=0.0, masked_weight=0.0)
     with pytest.raises(ValueError, match="single_pass"):
         _trainer(net, "online", single_pass=True)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"pseudo_label_source": "oracle"}, "pseudo_label_source must be one of"),
+        ({"ema_momentum": 1.5}, "ema_momentum must lie in"),
+        ({"ema_burn_in_epochs": -1}, "ema_burn_in_epochs must be >= 0"),
+        ({"branch_weights": [1.0, 1.0]}, "must hold one weight per branch"),
+        ({"branch_weights": [1.0, -1.0, 1.0]}, "must be >= 0 and not all 0"),
+        ({"pseudo_label_source": "online", "teacher_scales": [0.75, 1.0]}, "only apply to pseudo_label_source"),
+    ],
+)
+def test_semi_settings_check_refuses_each_setting_that_cannot_run(settings, message):
+    valid = {
+        "pseudo_label_source": "teacher",
+        "ema_momentum": 0.99,
+        "ema_burn_in_epochs": 1,
+        "branch_weights": [1.0, 1.0, 1.0],
+        "teacher_scales": [1.0],
+    }
+    check_semi_settings(**valid)  # the defaults pass
+    with pytest.raises(ConfigError, match=message):
+        check_semi_settings(**{**valid, **settings})

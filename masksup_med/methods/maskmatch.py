@@ -84,11 +84,49 @@ from masksup_med.transforms.base import RandMask
 from masksup_med.transforms.cutmix import RandCutMix
 from masksup_med.transforms.patch import RandPatchMask
 
-__all__ = ["PSEUDO_LABEL_SOURCES", "BestNetworkSelectionHandler", "MaskMatchTrainer", "MaskedView", "SemiKeys"]
+__all__ = [
+    "PSEUDO_LABEL_SOURCES",
+    "BestNetworkSelectionHandler",
+    "MaskMatchTrainer",
+    "MaskedView",
+    "SemiKeys",
+    "check_semi_settings",
+]
 
 logger = logging.getLogger(__name__)
 
 PSEUDO_LABEL_SOURCES = ("online", "teacher")
+
+
+def check_semi_settings(
+    pseudo_label_source: str,
+    ema_momentum: float,
+    ema_burn_in_epochs: float,
+    branch_weights: Sequence[float],
+    teacher_scales: Sequence[float],
+) -> None:
+    """Refuse, with :class:`ConfigError`, a MaskMatch setting that cannot run.
+
+    ``semi_train.json`` calls it in ``initialize``, before the output folder is claimed, so a bad
+    setting writes nothing; :class:`MaskMatchTrainer` calls it too. ``branch_weights`` are the strong,
+    feature and masked branches' weights.
+    """
+    if pseudo_label_source not in PSEUDO_LABEL_SOURCES:
+        raise ConfigError(f"pseudo_label_source must be one of {PSEUDO_LABEL_SOURCES}, got {pseudo_label_source!r}.")
+    if not 0.0 <= ema_momentum <= 1.0:
+        raise ConfigError(f"ema_momentum must lie in [0, 1], got {ema_momentum!r}.")
+    if ema_burn_in_epochs < 0:
+        raise ConfigError(f"ema_burn_in_epochs must be >= 0, got {ema_burn_in_epochs!r}.")
+    if len(branch_weights) != len(SemiKeys.BRANCHES):
+        raise ConfigError(f"branch_weights must hold one weight per branch {SemiKeys.BRANCHES}, got {branch_weights}.")
+    weights = dict(zip(SemiKeys.BRANCHES, map(float, branch_weights)))
+    if min(weights.values()) < 0 or sum(weights.values()) == 0:
+        raise ConfigError(f"the branch weights must be >= 0 and not all 0, got {weights}.")
+    if pseudo_label_source == "online" and tuple(map(float, teacher_scales)) != (1.0,):
+        raise ConfigError(
+            f"teacher_scales {list(teacher_scales)} only apply to pseudo_label_source 'teacher'; the "
+            "online source predicts once, at scale 1, in the labelled batch's pass."
+        )
 
 
 class SemiKeys:
@@ -200,24 +238,10 @@ class MaskMatchTrainer(MaskSupTrainer):
                 "MaskMatchTrainer does not take single_pass=True: the masked pass would update BatchNorm's "
                 "running statistics together with the clean one."
             )
-        if pseudo_label_source not in PSEUDO_LABEL_SOURCES:
-            raise ConfigError(
-                f"pseudo_label_source must be one of {PSEUDO_LABEL_SOURCES}, got {pseudo_label_source!r}."
-            )
-        if not 0.0 <= ema_momentum <= 1.0:
-            raise ConfigError(f"ema_momentum must lie in [0, 1], got {ema_momentum!r}.")
-        if ema_burn_in_epochs < 0:
-            raise ConfigError(f"ema_burn_in_epochs must be >= 0, got {ema_burn_in_epochs!r}.")
         weights = (strong_weight, feature_weight, masked_weight)
+        check_semi_settings(pseudo_label_source, ema_momentum, ema_burn_in_epochs, weights, teacher_scales)
         self.branch_weights = {name: float(w) for name, w in zip(SemiKeys.BRANCHES, weights)}
-        if min(self.branch_weights.values()) < 0 or sum(self.branch_weights.values()) == 0:
-            raise ConfigError(f"the branch weights must be >= 0 and not all 0, got {self.branch_weights}.")
         self.teacher_scales = tuple(float(s) for s in teacher_scales)
-        if pseudo_label_source == "online" and self.teacher_scales != (1.0,):
-            raise ConfigError(
-                f"teacher_scales {list(self.teacher_scales)} only apply to pseudo_label_source 'teacher'; the "
-                "online source predicts once, at scale 1, in the labelled batch's pass."
-            )
         self.pseudo_label_source = pseudo_label_source
         self.unlabelled_loader = unlabelled_loader
         self.teacher = (teacher if teacher is not None else make_teacher(self.network)).to(self.state.device)
