@@ -28,10 +28,10 @@ picked on *validation*, scored once on test (``bundle_runs.py``). Finished runs 
     python benchmarks/pretrain.py run --seeds 0 1 2 3 4                 # GLaS, fractions 0.25 and 1.0
     python benchmarks/pretrain.py run --bundle kvasir_seg --arms none selective
     python benchmarks/pretrain.py run --arms random no-encoder-masking raw-targets --pretrain-steps 500
-    python benchmarks/pretrain.py report --bundle glas                   # the "pretrain-glas" block of RESULTS.md
+    python benchmarks/pretrain.py report --bundle glas     # the "pretrain-glas" block of RESULTS.md
 
 Records made before issue 28 (an epoch budget, ``pretrain_epochs``) still render with
-``report --pretrain-epochs N``.
+``report --pretrain-epochs N``, into the ``pretrain-<bundle>-epochs`` block.
 """
 
 from __future__ import annotations
@@ -254,6 +254,11 @@ def pretrain_tables(records: list[dict[str, Any]]) -> str:
         "Test mIoU gain over `none` (no pretraining) with the same seed and label fraction:",
         "",
         *study.paired_gains(records, "none", list(ALL_ARMS), by={"label_fraction": "label fraction"}),
+        "",
+        "Test mIoU gain over `random` with the same seed and label fraction (`selective` changes only the masking; "
+        "each ablation arm undoes one change of issue 28 on `random`):",
+        "",
+        *study.paired_gains(records, "random", ["selective", *ABLATION], by={"label_fraction": "label fraction"}),
     ]
     return "\n".join(lines)
 
@@ -295,7 +300,12 @@ def report(args: argparse.Namespace) -> str:
             "```",
         ]
     )
-    return study.publish(body, f"pretrain-{args.bundle}", args.markdown)
+    return study.publish(body, block_name(args), args.markdown)
+
+
+def block_name(args: argparse.Namespace) -> str:
+    """The RESULTS.md block of a study: ``pretrain-<bundle>``, ``pretrain-<bundle>-epochs`` for an epoch budget."""
+    return f"pretrain-{args.bundle}" + ("-epochs" if args.pretrain_epochs is not None else "")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -321,7 +331,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     study.add_schedule_options(parser, "fine-tuning epochs per run")
     parser.set_defaults(seeds=[0, 1, 2, 3, 4])
-    add_bundle_study_options(parser, "pretrain.jsonl", "pretrain-<bundle>")
+    add_bundle_study_options(parser, "pretrain.jsonl", "pretrain-<bundle>[-epochs]")
     args = bundle_study_args(parser, argv)
     if args.other_datasets is None:
         args.other_datasets = [bundle for bundle in OTHER_DATASETS if bundle != args.bundle]

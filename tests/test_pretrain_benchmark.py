@@ -58,6 +58,23 @@ def test_pretrain_tables_pair_gains_by_seed_and_label_fraction_ablation_arms_inc
     assert "| selective | 0.25 | 2 | +0.0500 (seed 0), -0.0100 (seed 1) | +0.0200 | 1 of 2 |" in text
     assert "| random | 1.0 | 1 | 0.5000 | 0.9000 |" in text and "| random | 1.0 | 1 | +" not in text
     assert "| raw-targets | 0.25 | 1 | +0.0100 (seed 0) | +0.0100 | 1 of 1 |" in text
+    against_random = text.split("gain over `random`")[1]
+    assert "| selective |" not in against_random and "| raw-targets |" not in against_random  # no random to pair
+
+
+def test_selective_and_the_ablation_are_paired_with_random_on_the_same_seed():
+    records = [
+        _record("none", 0.25, 0, 0.50),
+        _record("random", 0.25, 0, 0.60),
+        _record("random", 0.25, 1, 0.58),
+        _record("selective", 0.25, 0, 0.62),
+        _record("selective", 0.25, 1, 0.57),
+        _record("raw-targets", 0.25, 1, 0.55),
+    ]
+    against_random = pretrain.pretrain_tables(records).split("gain over `random`")[1]
+    assert "| selective | 0.25 | 2 | +0.0200 (seed 0), -0.0100 (seed 1) | +0.0050 | 1 of 2 |" in against_random
+    assert "| raw-targets | 0.25 | 1 | -0.0300 (seed 1) | -0.0300 | 0 of 1 |" in against_random
+    assert "| none |" not in against_random
 
 
 def test_the_other_shared_datasets_are_pretrained_on_never_the_fine_tuning_one_as_another():
@@ -106,7 +123,9 @@ def test_records_of_the_epoch_budget_still_render(tmp_path):
     results.write_text("".join(json.dumps(r) + "\n" for r in records))
     options = ["--results", str(results), "--markdown", str(md), "--epochs", "10", "--val-interval", "2"]
     pretrain.main(["report", *options, "--pretrain-epochs", "10", "--seeds", "0"])
-    block = _block(md.read_text(), "pretrain-glas")
+    text = md.read_text()
+    assert "<!-- pretrain-glas:begin -->" not in text  # the step-budget study's block is left to it
+    block = _block(text, "pretrain-glas-epochs")
     assert "pretraining 10 epochs on the training images" in block and "| selective | 0.25 | 1 |" in block
     assert "--pretrain-epochs 10" in block
 
