@@ -10,8 +10,11 @@ subset in every arm):
     selective   pretrain.json with the paper's selective masking (parts, fixed      (pretrain_masking selective)
                 masks chosen by the previous part's model), then fine-tune
 
-and the ablation (``--arms`` with the names of ``ABLATION``, best at a reduced ``--pretrain-steps``):
-each undoes one change of issue 28 on the ``random`` arm (or runs the per-batch ranking).
+and the ablation (``--arms`` with the names of ``ABLATION``): each undoes one change of issue 28 on the
+``random`` arm (or runs the per-batch ranking). Arms that change the pretraining are best run at a
+reduced ``--pretrain-steps``; arms that change only the fine-tuning (``whole-network``,
+``no-bn-reestimate``, ``no-warm-up``, ``encoder-full-lr``, ``whole-transfer``: all four at once) reuse
+the ``random`` arm's pretraining, so they cost one fine-tuning each at the full budget.
 
 Every pretraining arm gets the same step budget (``--pretrain-steps``, in ``--pretrain-rounds``
 rounds, one checkpoint each), on every image of the fine-tuning dataset's training split without its
@@ -19,7 +22,7 @@ mask plus every image of the other shared datasets (``--other-datasets``; read b
 no mask is taken for an image). No validation or test image of the fine-tuning dataset is ever
 pretrained on: ``masksup_med.data.pretraining_images`` drops it by path and by content, even when
 another dataset holds a copy. A pretraining run is shared by every fine-tuning run with the same
-bundle, arm, seed, budget and image size; it resumes with ``--resume auto`` when killed halfway and
+bundle, pretraining settings, seed, budget and image size; it resumes with ``--resume auto`` when killed halfway and
 records its time in ``pretrain_run.json`` next to its output. Fine-tuning is the bundle's training
 with ``finetune.json`` from ``--pretrained_weights <pretraining>/models/pretrained.pt``: checkpoint
 picked on *validation*, scored once on test (``bundle_runs.py``). Finished runs go to
@@ -66,6 +69,10 @@ ABLATION: dict[str, dict[str, Any]] = {  # arm -> pretrain.json overrides; ``fin
         **RANDOM,
         "finetune": {"transfer_scope": "whole", "bn_batches": 0, "warmup_iterations": 0, "encoder_lr_scale": 1.0},
     },
+    "whole-network": {**RANDOM, "finetune": {"transfer_scope": "whole"}},
+    "no-bn-reestimate": {**RANDOM, "finetune": {"bn_batches": 0}},
+    "no-warm-up": {**RANDOM, "finetune": {"warmup_iterations": 0}},
+    "encoder-full-lr": {**RANDOM, "finetune": {"encoder_lr_scale": 1.0}},
 }
 ALL_ARMS = {**ARMS, **ABLATION}
 OTHER_DATASETS = {  # bundle -> its adapter name, and the shared folder of its images
@@ -136,7 +143,7 @@ def finetune_configs(bundle: str, fraction: float, pretrained: bool = True) -> l
 def pretrain_values(args: argparse.Namespace, arm: str, seed: int) -> dict[str, Any]:
     """The pretraining's overrides for ``arm`` and ``seed`` (the fine-tuning dataset's held-out images are dropped by
     ``pretraining_images`` whatever ``pretrain_datasets`` holds)."""
-    overrides = {k: v for k, v in ALL_ARMS[arm].items() if k != "finetune"}
+    overrides = pretrain_overrides(arm)
     return {
         "dataset_dir": args.dataset_dir,
         "seed": seed,
@@ -149,17 +156,28 @@ def pretrain_values(args: argparse.Namespace, arm: str, seed: int) -> dict[str, 
     }
 
 
+def pretraining_arm(arm: str) -> str:
+    """The first arm pretrained exactly as ``arm`` is: arms that change only the fine-tuning share its pretraining."""
+    return next(a for a, o in ALL_ARMS.items() if o is not None and pretrain_overrides(a) == pretrain_overrides(arm))
+
+
+def pretrain_overrides(arm: str) -> dict[str, Any]:
+    """``arm``'s ``pretrain.json`` overrides (its ``finetune`` entry left out)."""
+    return {k: v for k, v in (ALL_ARMS[arm] or {}).items() if k != "finetune"}
+
+
 def pretrain(args: argparse.Namespace, arm: str, seed: int) -> dict[str, Any]:
     """Run (or resume, or reuse) the pretraining of ``arm`` with ``seed``; return its record.
 
     The record (``values``, ``seconds``, ``resumed``, ``commit``, ``command``, ``weights``) is kept in
-    the output folder, so every fine-tuning run with the same bundle, arm, seed, budget and image
-    size reuses it; one written with other values is refused, naming the folder.
+    the output folder, so every fine-tuning run with the same bundle, pretraining (:func:`pretraining_arm`),
+    seed, budget and image size reuses it; one written with other values is refused, naming the folder.
     """
     if args.pretrain_epochs is not None:
         raise SystemExit("--pretrain-epochs only reports records made before issue 28; run with --pretrain-steps")
     width, height = args.image_size
-    name = f"pretrain-{args.bundle}-{study.BUNDLE_DEFAULTS}-{arm}-s{args.pretrain_steps}-{width}x{height}-seed{seed}"
+    shared = pretraining_arm(arm)
+    name = f"pretrain-{args.bundle}-{study.BUNDLE_DEFAULTS}-{shared}-s{args.pretrain_steps}-{width}x{height}-seed{seed}"
     out = args.work_dir / name
     local = out if out.is_absolute() else study.ROOT / out
     values = pretrain_values(args, arm, seed)

@@ -88,6 +88,14 @@ def test_the_other_shared_datasets_are_pretrained_on_never_the_fine_tuning_one_a
     assert "finetune" not in pretrain.pretrain_values(kvasir, "whole-transfer", 0)
 
 
+def test_arms_that_change_only_the_fine_tuning_share_the_pretraining_of_the_arm_they_build_on():
+    assert pretrain.pretraining_arm("random") == "random" and pretrain.pretraining_arm("selective") == "selective"
+    for arm in ("whole-transfer", "whole-network", "no-bn-reestimate", "no-warm-up", "encoder-full-lr"):
+        assert pretrain.pretraining_arm(arm) == "random", arm
+    for arm in ("small-tiles", "raw-targets", "own-images-only", "per-batch-ranking"):
+        assert pretrain.pretraining_arm(arm) == arm
+
+
 def test_pretraining_is_shared_and_refused_when_made_with_other_settings(tmp_path, capsys):
     args = pretrain.parse_args(
         ["run", "--work-dir", str(tmp_path), "--pretrain-steps", "20", "--image-size", "32", "32"]
@@ -99,6 +107,11 @@ def test_pretraining_is_shared_and_refused_when_made_with_other_settings(tmp_pat
     (run_dir / pretrain.RUN_FILE).write_text(json.dumps({"values": values, "seconds": 5.0, "weights": "w.pt"}))
     assert pretrain.pretrain(args, "selective", 1)["seconds"] == 5.0  # not trained again
     assert "done before, reused" in capsys.readouterr().out
+    random_dir = tmp_path / f"pretrain-glas-{bundle_runs.BUNDLE_DEFAULTS}-random-s20-32x32-seed1"
+    random_dir.mkdir()
+    random_values = pretrain.pretrain_values(args, "random", 1)
+    (random_dir / pretrain.RUN_FILE).write_text(json.dumps({"values": random_values, "seconds": 7.0, "weights": "r"}))
+    assert pretrain.pretrain(args, "encoder-full-lr", 1)["seconds"] == 7.0  # a fine-tuning arm reuses random's
     args.dataset_dir = "elsewhere"
     with pytest.raises(SystemExit, match="was pretrained with"):
         pretrain.pretrain(args, "selective", 1)
