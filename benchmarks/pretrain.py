@@ -67,11 +67,11 @@ ABLATION: dict[str, dict[str, Any]] = {  # arm -> pretrain.json overrides; ``fin
     "own-images-only": {**RANDOM, "pretrain_datasets": {}},
     "whole-transfer": {
         **RANDOM,
-        "finetune": {"transfer_scope": "whole", "bn_batches": 0, "warmup_iterations": 0, "encoder_lr_scale": 1.0},
+        "finetune": {"transfer_scope": "whole", "bn_batches": 0, "warmup_fraction": 0, "encoder_lr_scale": 1.0},
     },
     "whole-network": {**RANDOM, "finetune": {"transfer_scope": "whole"}},
     "no-bn-reestimate": {**RANDOM, "finetune": {"bn_batches": 0}},
-    "no-warm-up": {**RANDOM, "finetune": {"warmup_iterations": 0}},
+    "no-warm-up": {**RANDOM, "finetune": {"warmup_fraction": 0}},
     "encoder-full-lr": {**RANDOM, "finetune": {"encoder_lr_scale": 1.0}},
 }
 ALL_ARMS = {**ARMS, **ABLATION}
@@ -85,10 +85,22 @@ RUN_FILE = "pretrain_run.json"  # written into a pretraining's output folder onc
 
 
 def budget(args: argparse.Namespace) -> dict[str, Any]:
-    """The pretraining budget a record was made with: steps and rounds, or (records before issue 28) epochs."""
+    """The pretraining budget a record was made with: steps and rounds, and the fine-tuning start's defaults
+    (:func:`finetune_defaults`), or (records before issue 28) epochs."""
     if args.pretrain_epochs is not None:
         return {"pretrain_epochs": args.pretrain_epochs, "selective_partitions": args.selective_partitions}
-    return {"pretrain_steps": args.pretrain_steps, "pretrain_rounds": args.pretrain_rounds}
+    return {
+        "pretrain_steps": args.pretrain_steps,
+        "pretrain_rounds": args.pretrain_rounds,
+        "finetune": finetune_defaults(args.bundle),
+    }
+
+
+def finetune_defaults(bundle: str) -> dict[str, Any]:
+    """The plain values of the bundle's ``finetune.json`` (transfer scope, BatchNorm batches, warm-up, encoder
+    schedule): a record made with other defaults is not this study's."""
+    config = json.loads((study.ROOT / FINETUNE.format(bundle=bundle)).read_text(encoding="utf-8"))
+    return {k: v for k, v in config.items() if not k.startswith("+") and not isinstance(v, (dict, list))}
 
 
 def study_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -297,7 +309,9 @@ def report(args: argparse.Namespace) -> str:
     intro = (
         f"Bundle `{args.bundle}` on `{args.dataset_dir}`, {args.image_size[0]}x{args.image_size[1]}: pretraining "
         f"{scale} (the fine-tuning dataset's validation and test images never pretrained on), "
-        f"fine-tuning {args.epochs} epochs with validation every {args.val_interval}; model selected on validation. "
+        f"fine-tuning {args.epochs} epochs with validation every {args.val_interval}"
+        + (f" (`finetune.json`: {json.dumps(settings['finetune'])})" if "finetune" in settings else "")
+        + "; model selected on validation. "
         "Mean ± sample std over seeds; mIoU is per-image foreground IoU averaged over images."
     )
     body = "\n".join(

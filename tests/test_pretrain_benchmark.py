@@ -174,3 +174,17 @@ def test_pretrain_study_pretrains_fine_tunes_records_and_reports(tmp_path):
     block = _block(md.read_text(), "pretrain-glas")
     assert "| selective | 0.25 | 1 |" in block and "pretraining 4 steps in 2 rounds" in block
     assert all(command in block for command in record["commands"])
+
+
+def test_a_record_counts_only_for_the_fine_tuning_defaults_it_was_made_with(tmp_path):
+    args = pretrain.parse_args(["run", "--bundle", "kvasir_seg", "--results", str(tmp_path / "pretrain.jsonl")])
+    settings = pretrain.study_settings(args)
+    shipped = json.loads((bundle_runs.ROOT / "bundles/common/configs/finetune.json").read_text())
+    assert settings["finetune"]["warmup_fraction"] == shipped["warmup_fraction"]
+    assert settings["finetune"]["transfer_scope"] == shipped["transfer_scope"]
+    assert "fine_tune_start" not in settings["finetune"] and "+recipe" not in settings["finetune"]
+    older = {**settings, "finetune": {**settings["finetune"], "warmup_fraction": None, "warmup_iterations": 100}}
+    for made_with, seed in ((settings, 0), (older, 1)):
+        bundle_runs.append_record(args.results, _record("random", 0.25, seed, 0.4, **made_with))
+    assert [r["seed"] for r in bundle_runs.load_records(args.results, settings)] == [0]
+    assert "finetune" not in pretrain.study_settings(pretrain.parse_args(["run", "--pretrain-epochs", "30"]))

@@ -75,7 +75,7 @@ def test_pretraining_with_its_defaults_then_fine_tuning_from_its_encoder(tmp_pat
             demo,
             out,
             "finetune.json",
-            extra=("--max_epochs", "1", "--pretrained_weights", str(pretrained), "--warmup_iterations", "2"),
+            extra=("--max_epochs", "1", "--pretrained_weights", str(pretrained), "--warmup_fraction", "0.5"),
         )
     )
     log = result.stdout + result.stderr
