@@ -6,15 +6,16 @@ subset in every arm):
 
     none        the bundle's training from scratch on the labelled part          (train [+ labelled_only])
     random      pretrain.json with random tiles, then fine-tune through            (pretrain_masking random)
-                finetune.json (encoder transfer, BatchNorm re-estimated, warm-up)
+                finetune.json (as shipped: the whole network, no warm-up; measured)
     selective   pretrain.json with the paper's selective masking (parts, fixed      (pretrain_masking selective)
                 masks chosen by the previous part's model), then fine-tune
 
-and the ablation (``--arms`` with the names of ``ABLATION``): each undoes one change of issue 28 on the
-``random`` arm (or runs the per-batch ranking). Arms that change the pretraining are best run at a
-reduced ``--pretrain-steps``; arms that change only the fine-tuning (``whole-network``,
-``no-bn-reestimate``, ``no-warm-up``, ``encoder-full-lr``, ``whole-transfer``: all four at once) reuse
-the ``random`` arm's pretraining, so they cost one fine-tuning each at the full budget.
+and the ablation (``--arms`` with the names of ``ABLATION``): each changes one thing on the ``random``
+arm: undoes one change of issue 28 to the pretraining (or runs the per-batch ranking), or turns on one
+step of the careful fine-tuning start (``encoder-only``, ``bn-reestimate``, ``warm-up``,
+``slow-encoder``; ``careful-start``: all four). Arms that change the pretraining are best run at a
+reduced ``--pretrain-steps``; the fine-tuning arms reuse the ``random`` arm's pretraining, so they
+cost one fine-tuning each at the full budget.
 
 Every pretraining arm gets the same step budget (``--pretrain-steps``, in ``--pretrain-rounds``
 rounds, one checkpoint each), on every image of the fine-tuning dataset's training split without its
@@ -58,6 +59,13 @@ ARMS: dict[str, dict[str, Any] | None] = {  # arm -> pretrain.json overrides (No
     "selective": {"pretrain_masking": "selective"},
 }
 RANDOM = {"pretrain_masking": "random"}
+CAREFUL_START = {  # issue 28's transfer: encoder only, BatchNorm re-estimated, warm-up, a slower encoder at first
+    "transfer_scope": "encoder",
+    "bn_batches": 50,
+    "warmup_fraction": 0.05,
+    "encoder_lr_scale": 0.1,
+    "encoder_fraction": 0.1,
+}
 ABLATION: dict[str, dict[str, Any]] = {  # arm -> pretrain.json overrides; ``finetune`` holds finetune.json's
     "per-batch-ranking": {"pretrain_masking": "per_batch"},
     "small-tiles": {**RANDOM, "pretrain_tile_size": 16, "pretrain_mask_ratio": 0.5},
@@ -65,14 +73,12 @@ ABLATION: dict[str, dict[str, Any]] = {  # arm -> pretrain.json overrides; ``fin
     "no-encoder-masking": {**RANDOM, "encoder_masking": "none"},
     "finest-skip-masking": {**RANDOM, "encoder_masking": "finest_skip"},
     "own-images-only": {**RANDOM, "pretrain_datasets": {}},
-    "whole-transfer": {
-        **RANDOM,
-        "finetune": {"transfer_scope": "whole", "bn_batches": 0, "warmup_fraction": 0, "encoder_lr_scale": 1.0},
-    },
-    "whole-network": {**RANDOM, "finetune": {"transfer_scope": "whole"}},
-    "no-bn-reestimate": {**RANDOM, "finetune": {"bn_batches": 0}},
-    "no-warm-up": {**RANDOM, "finetune": {"warmup_fraction": 0}},
-    "encoder-full-lr": {**RANDOM, "finetune": {"encoder_lr_scale": 1.0}},
+    # the fine-tuning start (finetune.json) ships plain: the whole network, no warm-up; these turn on each careful step
+    "encoder-only": {**RANDOM, "finetune": {"transfer_scope": "encoder"}},
+    "bn-reestimate": {**RANDOM, "finetune": {"bn_batches": 50}},
+    "warm-up": {**RANDOM, "finetune": {"warmup_fraction": 0.05}},
+    "slow-encoder": {**RANDOM, "finetune": {"encoder_lr_scale": 0.1, "encoder_fraction": 0.1}},
+    "careful-start": {**RANDOM, "finetune": CAREFUL_START},
 }
 ALL_ARMS = {**ARMS, **ABLATION}
 OTHER_DATASETS = {  # bundle -> its adapter name, and the shared folder of its images
@@ -92,7 +98,7 @@ def budget(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "pretrain_steps": args.pretrain_steps,
         "pretrain_rounds": args.pretrain_rounds,
-        "finetune": finetune_defaults(args.bundle),
+        "finetune": json.loads(args.finetune_settings) if args.finetune_settings else finetune_defaults(args.bundle),
     }
 
 
@@ -256,6 +262,12 @@ def run_study(args: argparse.Namespace) -> None:
         print(f"[pretrain] {arm} {fraction} seed {seed}: test mIoU {outcome['test']['test']['iou']:.4f}", flush=True)
 
 
+def table_arms(records: list[dict[str, Any]]) -> list[str]:
+    """The pretrained arms of ``records`` but ``random``, in ``ALL_ARMS``'s order, then any other (older) arm."""
+    present = {r["arm"] for r in records} - {"none", "random"}
+    return [a for a in ALL_ARMS if a in present] + sorted(present - set(ALL_ARMS))
+
+
 def pretrain_tables(records: list[dict[str, Any]]) -> str:
     """Markdown: mean ± std over seeds per (arm, fraction), then the gain over ``none`` paired by seed."""
     lines = [
@@ -265,7 +277,7 @@ def pretrain_tables(records: list[dict[str, Any]]) -> str:
         ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for arm in [*ALL_ARMS, *sorted({r["arm"] for r in records} - set(ALL_ARMS))]:
+    for arm in ["none", "random", *table_arms(records)]:
         for fraction in sorted({r["label_fraction"] for r in records if r["arm"] == arm}):
             rows = [r for r in records if r["arm"] == arm and r["label_fraction"] == fraction]
             cells = [study.mean_std([r["best_val_iou"] for r in rows])]
@@ -283,12 +295,12 @@ def pretrain_tables(records: list[dict[str, Any]]) -> str:
         "",
         "Test mIoU gain over `none` (no pretraining) with the same seed and label fraction:",
         "",
-        *study.paired_gains(records, "none", list(ALL_ARMS), by={"label_fraction": "label fraction"}),
+        *study.paired_gains(records, "none", ["random", *table_arms(records)], by={"label_fraction": "label fraction"}),
         "",
         "Test mIoU gain over `random` with the same seed and label fraction (`selective` changes only the masking; "
-        "each ablation arm undoes one change of issue 28 on `random`):",
+        "each ablation arm changes one thing on `random`):",
         "",
-        *study.paired_gains(records, "random", ["selective", *ABLATION], by={"label_fraction": "label fraction"}),
+        *study.paired_gains(records, "random", table_arms(records), by={"label_fraction": "label fraction"}),
     ]
     return "\n".join(lines)
 
@@ -336,8 +348,11 @@ def report(args: argparse.Namespace) -> str:
 
 
 def block_name(args: argparse.Namespace) -> str:
-    """The RESULTS.md block of a study: ``pretrain-<bundle>``, ``pretrain-<bundle>-epochs`` for an epoch budget."""
-    return f"pretrain-{args.bundle}" + ("-epochs" if args.pretrain_epochs is not None else "")
+    """The RESULTS.md block of a study: ``pretrain-<bundle>``; ``-epochs`` for an epoch budget, ``-earlier-start``
+    for records made with other ``finetune.json`` values (``--finetune-settings``)."""
+    if args.pretrain_epochs is not None:
+        return f"pretrain-{args.bundle}-epochs"
+    return f"pretrain-{args.bundle}" + ("-earlier-start" if args.finetune_settings else "")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -360,6 +375,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--selective-partitions", type=int, default=None, help="report only: with --pretrain-epochs, as those records"
+    )
+    parser.add_argument(
+        "--finetune-settings",
+        default=None,
+        help="report only: records made with these finetune.json values (JSON) rather than the shipped ones",
     )
     study.add_schedule_options(parser, "fine-tuning epochs per run")
     parser.set_defaults(seeds=[0, 1, 2, 3, 4])

@@ -85,12 +85,12 @@ def test_the_other_shared_datasets_are_pretrained_on_never_the_fine_tuning_one_a
     assert pretrain.other_datasets(kvasir) == {"glas": "../shared/data/glas"}
     values = pretrain.pretrain_values(kvasir, "own-images-only", 3)
     assert values["pretrain_datasets"] == {} and values["pretrain_masking"] == "random" and values["seed"] == 3
-    assert "finetune" not in pretrain.pretrain_values(kvasir, "whole-transfer", 0)
+    assert "finetune" not in pretrain.pretrain_values(kvasir, "careful-start", 0)
 
 
 def test_arms_that_change_only_the_fine_tuning_share_the_pretraining_of_the_arm_they_build_on():
     assert pretrain.pretraining_arm("random") == "random" and pretrain.pretraining_arm("selective") == "selective"
-    for arm in ("whole-transfer", "whole-network", "no-bn-reestimate", "no-warm-up", "encoder-full-lr"):
+    for arm in ("encoder-only", "bn-reestimate", "warm-up", "slow-encoder", "careful-start"):
         assert pretrain.pretraining_arm(arm) == "random", arm
     for arm in ("small-tiles", "raw-targets", "own-images-only", "per-batch-ranking"):
         assert pretrain.pretraining_arm(arm) == arm
@@ -111,7 +111,7 @@ def test_pretraining_is_shared_and_refused_when_made_with_other_settings(tmp_pat
     random_dir.mkdir()
     random_values = pretrain.pretrain_values(args, "random", 1)
     (random_dir / pretrain.RUN_FILE).write_text(json.dumps({"values": random_values, "seconds": 7.0, "weights": "r"}))
-    assert pretrain.pretrain(args, "encoder-full-lr", 1)["seconds"] == 7.0  # a fine-tuning arm reuses random's
+    assert pretrain.pretrain(args, "careful-start", 1)["seconds"] == 7.0  # a fine-tuning arm reuses random's
     args.dataset_dir = "elsewhere"
     with pytest.raises(SystemExit, match="was pretrained with"):
         pretrain.pretrain(args, "selective", 1)
