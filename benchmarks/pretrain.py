@@ -122,6 +122,17 @@ def study_settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def study_records(results: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """The study's finished runs: those made with ``settings``; the ``none`` arm's whatever ``finetune.json`` said
+    (it does not read it)."""
+    shared = {k: v for k, v in settings.items() if k != "finetune"}
+    return [
+        r
+        for r in study.load_records(results, shared)
+        if r["arm"] == "none" or r.get("finetune") == settings.get("finetune")
+    ]
+
+
 def study_options(args: argparse.Namespace) -> str:
     """The command-line options that select this study's records (:func:`study_settings`): the reproduce line."""
     options = (
@@ -223,7 +234,7 @@ def runs(args: argparse.Namespace) -> list[tuple[str, float, int]]:
 def run_study(args: argparse.Namespace) -> None:
     """Pretrain (once per arm and seed) and fine-tune every planned run not recorded yet."""
     settings = study_settings(args)
-    done = {(r["arm"], r["label_fraction"], r["seed"]) for r in study.load_records(args.results, settings)}
+    done = {(r["arm"], r["label_fraction"], r["seed"]) for r in study_records(args.results, settings)}
     for arm, fraction, seed in runs(args):
         if (arm, fraction, seed) in done:
             print(f"[pretrain] {arm} {fraction} seed {seed}: recorded, skipped", flush=True)
@@ -308,7 +319,7 @@ def pretrain_tables(records: list[dict[str, Any]]) -> str:
 def report(args: argparse.Namespace) -> str:
     """The study's tables into the ``pretrain-<bundle>`` block of RESULTS.md."""
     settings = study_settings(args)
-    records = study.load_records(args.results, settings)
+    records = study_records(args.results, settings)
     if not records:
         raise SystemExit(f"no finished runs with {settings} in {args.results}")
     example = next((r for r in records if "pretrain" in r), records[0])

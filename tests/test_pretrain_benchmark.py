@@ -184,7 +184,9 @@ def test_a_record_counts_only_for_the_fine_tuning_defaults_it_was_made_with(tmp_
     assert settings["finetune"]["transfer_scope"] == shipped["transfer_scope"]
     assert "fine_tune_start" not in settings["finetune"] and "+recipe" not in settings["finetune"]
     older = {**settings, "finetune": {**settings["finetune"], "warmup_fraction": None, "warmup_iterations": 100}}
-    for made_with, seed in ((settings, 0), (older, 1)):
-        bundle_runs.append_record(args.results, _record("random", 0.25, seed, 0.4, **made_with))
-    assert [r["seed"] for r in bundle_runs.load_records(args.results, settings)] == [0]
+    for arm, made_with, seed in (("random", settings, 0), ("random", older, 1), ("none", older, 1)):
+        bundle_runs.append_record(args.results, _record(arm, 0.25, seed, 0.4, **made_with))
+    # the none arm reads no finetune.json: its records count whatever the defaults were
+    assert [(r["arm"], r["seed"]) for r in pretrain.study_records(args.results, settings)] == [("random", 0), ("none", 1)]
+    assert [(r["arm"], r["seed"]) for r in pretrain.study_records(args.results, older)] == [("random", 1), ("none", 1)]
     assert "finetune" not in pretrain.study_settings(pretrain.parse_args(["run", "--pretrain-epochs", "30"]))
