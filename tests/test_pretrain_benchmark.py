@@ -186,7 +186,10 @@ def test_a_record_counts_only_for_the_fine_tuning_defaults_it_was_made_with(tmp_
     older = {**settings, "finetune": {**settings["finetune"], "warmup_fraction": None, "warmup_iterations": 100}}
     for arm, made_with, seed in (("random", settings, 0), ("random", older, 1), ("none", older, 1)):
         bundle_runs.append_record(args.results, _record(arm, 0.25, seed, 0.4, **made_with))
+
     # the none arm reads no finetune.json: its records count whatever the defaults were
-    assert [(r["arm"], r["seed"]) for r in pretrain.study_records(args.results, settings)] == [("random", 0), ("none", 1)]
-    assert [(r["arm"], r["seed"]) for r in pretrain.study_records(args.results, older)] == [("random", 1), ("none", 1)]
+    def made(made_with: dict) -> list[tuple[str, int]]:
+        return [(r["arm"], r["seed"]) for r in pretrain.study_records(args.results, made_with)]
+
+    assert made(settings) == [("random", 0), ("none", 1)] and made(older) == [("random", 1), ("none", 1)]
     assert "finetune" not in pretrain.study_settings(pretrain.parse_args(["run", "--pretrain-epochs", "30"]))
