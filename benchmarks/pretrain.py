@@ -6,15 +6,16 @@ subset in every arm):
 
     none        the bundle's training from scratch on the labelled part          (train [+ labelled_only])
     random      pretrain.json with random tiles, then fine-tune through            (pretrain_masking random)
-                finetune.json (encoder transfer, BatchNorm re-estimated, warm-up)
+                finetune.json (as shipped: the whole network, no warm-up; measured)
     selective   pretrain.json with the paper's selective masking (parts, fixed      (pretrain_masking selective)
                 masks chosen by the previous part's model), then fine-tune
 
-and the ablation (``--arms`` with the names of ``ABLATION``): each undoes one change of issue 28 on the
-``random`` arm (or runs the per-batch ranking). Arms that change the pretraining are best run at a
-reduced ``--pretrain-steps``; arms that change only the fine-tuning (``whole-network``,
-``no-bn-reestimate``, ``no-warm-up``, ``encoder-full-lr``, ``whole-transfer``: all four at once) reuse
-the ``random`` arm's pretraining, so they cost one fine-tuning each at the full budget.
+and the ablation (``--arms`` with the names of ``ABLATION``): each changes one thing on the ``random``
+arm: undoes one change of issue 28 to the pretraining (or runs the per-batch ranking), or turns on one
+step of the careful fine-tuning start (``encoder-only``, ``bn-reestimate``, ``warm-up``,
+``slow-encoder``; ``careful-start``: all four). Arms that change the pretraining are best run at a
+reduced ``--pretrain-steps``; the fine-tuning arms reuse the ``random`` arm's pretraining, so they
+cost one fine-tuning each at the full budget.
 
 Every pretraining arm gets the same step budget (``--pretrain-steps``, in ``--pretrain-rounds``
 rounds, one checkpoint each), on every image of the fine-tuning dataset's training split without its
@@ -58,6 +59,13 @@ ARMS: dict[str, dict[str, Any] | None] = {  # arm -> pretrain.json overrides (No
     "selective": {"pretrain_masking": "selective"},
 }
 RANDOM = {"pretrain_masking": "random"}
+CAREFUL_START = {  # issue 28's transfer: encoder only, BatchNorm re-estimated, warm-up, a slower encoder at first
+    "transfer_scope": "encoder",
+    "bn_batches": 50,
+    "warmup_fraction": 0.05,
+    "encoder_lr_scale": 0.1,
+    "encoder_fraction": 0.1,
+}
 ABLATION: dict[str, dict[str, Any]] = {  # arm -> pretrain.json overrides; ``finetune`` holds finetune.json's
     "per-batch-ranking": {"pretrain_masking": "per_batch"},
     "small-tiles": {**RANDOM, "pretrain_tile_size": 16, "pretrain_mask_ratio": 0.5},
@@ -65,14 +73,12 @@ ABLATION: dict[str, dict[str, Any]] = {  # arm -> pretrain.json overrides; ``fin
     "no-encoder-masking": {**RANDOM, "encoder_masking": "none"},
     "finest-skip-masking": {**RANDOM, "encoder_masking": "finest_skip"},
     "own-images-only": {**RANDOM, "pretrain_datasets": {}},
-    "whole-transfer": {
-        **RANDOM,
-        "finetune": {"transfer_scope": "whole", "bn_batches": 0, "warmup_iterations": 0, "encoder_lr_scale": 1.0},
-    },
-    "whole-network": {**RANDOM, "finetune": {"transfer_scope": "whole"}},
-    "no-bn-reestimate": {**RANDOM, "finetune": {"bn_batches": 0}},
-    "no-warm-up": {**RANDOM, "finetune": {"warmup_iterations": 0}},
-    "encoder-full-lr": {**RANDOM, "finetune": {"encoder_lr_scale": 1.0}},
+    # the fine-tuning start (finetune.json) ships plain: the whole network, no warm-up; these turn on each careful step
+    "encoder-only": {**RANDOM, "finetune": {"transfer_scope": "encoder"}},
+    "bn-reestimate": {**RANDOM, "finetune": {"bn_batches": 50}},
+    "warm-up": {**RANDOM, "finetune": {"warmup_fraction": 0.05}},
+    "slow-encoder": {**RANDOM, "finetune": {"encoder_lr_scale": 0.1, "encoder_fraction": 0.1}},
+    "careful-start": {**RANDOM, "finetune": CAREFUL_START},
 }
 ALL_ARMS = {**ARMS, **ABLATION}
 OTHER_DATASETS = {  # bundle -> its adapter name, and the shared folder of its images
@@ -85,10 +91,22 @@ RUN_FILE = "pretrain_run.json"  # written into a pretraining's output folder onc
 
 
 def budget(args: argparse.Namespace) -> dict[str, Any]:
-    """The pretraining budget a record was made with: steps and rounds, or (records before issue 28) epochs."""
+    """The pretraining budget a record was made with: steps and rounds, and the fine-tuning start's defaults
+    (:func:`finetune_defaults`), or (records before issue 28) epochs."""
     if args.pretrain_epochs is not None:
         return {"pretrain_epochs": args.pretrain_epochs, "selective_partitions": args.selective_partitions}
-    return {"pretrain_steps": args.pretrain_steps, "pretrain_rounds": args.pretrain_rounds}
+    return {
+        "pretrain_steps": args.pretrain_steps,
+        "pretrain_rounds": args.pretrain_rounds,
+        "finetune": json.loads(args.finetune_settings) if args.finetune_settings else finetune_defaults(args.bundle),
+    }
+
+
+def finetune_defaults(bundle: str) -> dict[str, Any]:
+    """The plain values of the bundle's ``finetune.json`` (transfer scope, BatchNorm batches, warm-up, encoder
+    schedule): a record made with other defaults is not this study's."""
+    config = json.loads((study.ROOT / FINETUNE.format(bundle=bundle)).read_text(encoding="utf-8"))
+    return {k: v for k, v in config.items() if not k.startswith("+") and not isinstance(v, (dict, list))}
 
 
 def study_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -102,6 +120,17 @@ def study_settings(args: argparse.Namespace) -> dict[str, Any]:
         "val_interval": args.val_interval,
         "image_size": list(args.image_size),
     }
+
+
+def study_records(results: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """The study's finished runs: those made with ``settings``; the ``none`` arm's whatever ``finetune.json`` said
+    (it does not read it)."""
+    shared = {k: v for k, v in settings.items() if k != "finetune"}
+    return [
+        r
+        for r in study.load_records(results, shared)
+        if r["arm"] == "none" or r.get("finetune") == settings.get("finetune")
+    ]
 
 
 def study_options(args: argparse.Namespace) -> str:
@@ -205,7 +234,7 @@ def runs(args: argparse.Namespace) -> list[tuple[str, float, int]]:
 def run_study(args: argparse.Namespace) -> None:
     """Pretrain (once per arm and seed) and fine-tune every planned run not recorded yet."""
     settings = study_settings(args)
-    done = {(r["arm"], r["label_fraction"], r["seed"]) for r in study.load_records(args.results, settings)}
+    done = {(r["arm"], r["label_fraction"], r["seed"]) for r in study_records(args.results, settings)}
     for arm, fraction, seed in runs(args):
         if (arm, fraction, seed) in done:
             print(f"[pretrain] {arm} {fraction} seed {seed}: recorded, skipped", flush=True)
@@ -244,6 +273,12 @@ def run_study(args: argparse.Namespace) -> None:
         print(f"[pretrain] {arm} {fraction} seed {seed}: test mIoU {outcome['test']['test']['iou']:.4f}", flush=True)
 
 
+def table_arms(records: list[dict[str, Any]]) -> list[str]:
+    """The pretrained arms of ``records`` but ``random``, in ``ALL_ARMS``'s order, then any other (older) arm."""
+    present = {r["arm"] for r in records} - {"none", "random"}
+    return [a for a in ALL_ARMS if a in present] + sorted(present - set(ALL_ARMS))
+
+
 def pretrain_tables(records: list[dict[str, Any]]) -> str:
     """Markdown: mean ± std over seeds per (arm, fraction), then the gain over ``none`` paired by seed."""
     lines = [
@@ -253,7 +288,7 @@ def pretrain_tables(records: list[dict[str, Any]]) -> str:
         ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for arm in [*ALL_ARMS, *sorted({r["arm"] for r in records} - set(ALL_ARMS))]:
+    for arm in ["none", "random", *table_arms(records)]:
         for fraction in sorted({r["label_fraction"] for r in records if r["arm"] == arm}):
             rows = [r for r in records if r["arm"] == arm and r["label_fraction"] == fraction]
             cells = [study.mean_std([r["best_val_iou"] for r in rows])]
@@ -271,12 +306,12 @@ def pretrain_tables(records: list[dict[str, Any]]) -> str:
         "",
         "Test mIoU gain over `none` (no pretraining) with the same seed and label fraction:",
         "",
-        *study.paired_gains(records, "none", list(ALL_ARMS), by={"label_fraction": "label fraction"}),
+        *study.paired_gains(records, "none", ["random", *table_arms(records)], by={"label_fraction": "label fraction"}),
         "",
         "Test mIoU gain over `random` with the same seed and label fraction (`selective` changes only the masking; "
-        "each ablation arm undoes one change of issue 28 on `random`):",
+        "each ablation arm changes one thing on `random`):",
         "",
-        *study.paired_gains(records, "random", ["selective", *ABLATION], by={"label_fraction": "label fraction"}),
+        *study.paired_gains(records, "random", table_arms(records), by={"label_fraction": "label fraction"}),
     ]
     return "\n".join(lines)
 
@@ -284,7 +319,7 @@ def pretrain_tables(records: list[dict[str, Any]]) -> str:
 def report(args: argparse.Namespace) -> str:
     """The study's tables into the ``pretrain-<bundle>`` block of RESULTS.md."""
     settings = study_settings(args)
-    records = study.load_records(args.results, settings)
+    records = study_records(args.results, settings)
     if not records:
         raise SystemExit(f"no finished runs with {settings} in {args.results}")
     example = next((r for r in records if "pretrain" in r), records[0])
@@ -297,7 +332,9 @@ def report(args: argparse.Namespace) -> str:
     intro = (
         f"Bundle `{args.bundle}` on `{args.dataset_dir}`, {args.image_size[0]}x{args.image_size[1]}: pretraining "
         f"{scale} (the fine-tuning dataset's validation and test images never pretrained on), "
-        f"fine-tuning {args.epochs} epochs with validation every {args.val_interval}; model selected on validation. "
+        f"fine-tuning {args.epochs} epochs with validation every {args.val_interval}"
+        + (f" (`finetune.json`: {json.dumps(settings['finetune'])})" if "finetune" in settings else "")
+        + "; model selected on validation. "
         "Mean ± sample std over seeds; mIoU is per-image foreground IoU averaged over images."
     )
     body = "\n".join(
@@ -322,8 +359,11 @@ def report(args: argparse.Namespace) -> str:
 
 
 def block_name(args: argparse.Namespace) -> str:
-    """The RESULTS.md block of a study: ``pretrain-<bundle>``, ``pretrain-<bundle>-epochs`` for an epoch budget."""
-    return f"pretrain-{args.bundle}" + ("-epochs" if args.pretrain_epochs is not None else "")
+    """The RESULTS.md block of a study: ``pretrain-<bundle>``; ``-epochs`` for an epoch budget, ``-earlier-start``
+    for records made with other ``finetune.json`` values (``--finetune-settings``)."""
+    if args.pretrain_epochs is not None:
+        return f"pretrain-{args.bundle}-epochs"
+    return f"pretrain-{args.bundle}" + ("-earlier-start" if args.finetune_settings else "")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -346,6 +386,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--selective-partitions", type=int, default=None, help="report only: with --pretrain-epochs, as those records"
+    )
+    parser.add_argument(
+        "--finetune-settings",
+        default=None,
+        help="report only: records made with these finetune.json values (JSON) rather than the shipped ones",
     )
     study.add_schedule_options(parser, "fine-tuning epochs per run")
     parser.set_defaults(seeds=[0, 1, 2, 3, 4])

@@ -85,12 +85,12 @@ def test_the_other_shared_datasets_are_pretrained_on_never_the_fine_tuning_one_a
     assert pretrain.other_datasets(kvasir) == {"glas": "../shared/data/glas"}
     values = pretrain.pretrain_values(kvasir, "own-images-only", 3)
     assert values["pretrain_datasets"] == {} and values["pretrain_masking"] == "random" and values["seed"] == 3
-    assert "finetune" not in pretrain.pretrain_values(kvasir, "whole-transfer", 0)
+    assert "finetune" not in pretrain.pretrain_values(kvasir, "careful-start", 0)
 
 
 def test_arms_that_change_only_the_fine_tuning_share_the_pretraining_of_the_arm_they_build_on():
     assert pretrain.pretraining_arm("random") == "random" and pretrain.pretraining_arm("selective") == "selective"
-    for arm in ("whole-transfer", "whole-network", "no-bn-reestimate", "no-warm-up", "encoder-full-lr"):
+    for arm in ("encoder-only", "bn-reestimate", "warm-up", "slow-encoder", "careful-start"):
         assert pretrain.pretraining_arm(arm) == "random", arm
     for arm in ("small-tiles", "raw-targets", "own-images-only", "per-batch-ranking"):
         assert pretrain.pretraining_arm(arm) == arm
@@ -111,7 +111,7 @@ def test_pretraining_is_shared_and_refused_when_made_with_other_settings(tmp_pat
     random_dir.mkdir()
     random_values = pretrain.pretrain_values(args, "random", 1)
     (random_dir / pretrain.RUN_FILE).write_text(json.dumps({"values": random_values, "seconds": 7.0, "weights": "r"}))
-    assert pretrain.pretrain(args, "encoder-full-lr", 1)["seconds"] == 7.0  # a fine-tuning arm reuses random's
+    assert pretrain.pretrain(args, "careful-start", 1)["seconds"] == 7.0  # a fine-tuning arm reuses random's
     args.dataset_dir = "elsewhere"
     with pytest.raises(SystemExit, match="was pretrained with"):
         pretrain.pretrain(args, "selective", 1)
@@ -174,3 +174,22 @@ def test_pretrain_study_pretrains_fine_tunes_records_and_reports(tmp_path):
     block = _block(md.read_text(), "pretrain-glas")
     assert "| selective | 0.25 | 1 |" in block and "pretraining 4 steps in 2 rounds" in block
     assert all(command in block for command in record["commands"])
+
+
+def test_a_record_counts_only_for_the_fine_tuning_defaults_it_was_made_with(tmp_path):
+    args = pretrain.parse_args(["run", "--bundle", "kvasir_seg", "--results", str(tmp_path / "pretrain.jsonl")])
+    settings = pretrain.study_settings(args)
+    shipped = json.loads((bundle_runs.ROOT / "bundles/common/configs/finetune.json").read_text())
+    assert settings["finetune"]["warmup_fraction"] == shipped["warmup_fraction"]
+    assert settings["finetune"]["transfer_scope"] == shipped["transfer_scope"]
+    assert "fine_tune_start" not in settings["finetune"] and "+recipe" not in settings["finetune"]
+    older = {**settings, "finetune": {**settings["finetune"], "warmup_fraction": None, "warmup_iterations": 100}}
+    for arm, made_with, seed in (("random", settings, 0), ("random", older, 1), ("none", older, 1)):
+        bundle_runs.append_record(args.results, _record(arm, 0.25, seed, 0.4, **made_with))
+
+    # the none arm reads no finetune.json: its records count whatever the defaults were
+    def made(made_with: dict) -> list[tuple[str, int]]:
+        return [(r["arm"], r["seed"]) for r in pretrain.study_records(args.results, made_with)]
+
+    assert made(settings) == [("random", 0), ("none", 1)] and made(older) == [("random", 1), ("none", 1)]
+    assert "finetune" not in pretrain.study_settings(pretrain.parse_args(["run", "--pretrain-epochs", "30"]))

@@ -168,7 +168,13 @@ def test_fine_tune_start_warms_up_with_a_smaller_encoder_update_and_re_estimates
     network = _unet(1)
     images = [{"image": torch.rand(2, 3, 16, 16) * 4 + 2} for _ in range(3)]
     start = FineTuneStartHandler(
-        network, "pretrained.pt", scope="whole", batches=images, warmup_iterations=2, encoder_lr_scale=0.1
+        network,
+        "pretrained.pt",
+        scope="whole",
+        batches=images,
+        warmup_fraction=2 / 3,
+        encoder_lr_scale=0.1,
+        encoder_fraction=1.0,
     )
     optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
     encoder = network.model[0].conv.unit0.conv.weight
@@ -197,3 +203,21 @@ def test_fine_tune_start_warms_up_with_a_smaller_encoder_update_and_re_estimates
     with pytest.raises(ValueError, match="transfer_scope must be one of whole, encoder, got 'all'"):
         FineTuneStartHandler(network, "x.pt", scope="all")
     assert np.isfinite(moves).all()
+
+
+@pytest.mark.parametrize("epochs, epoch_length, warmup, encoder", [(1, 20, 1, 2), (10, 22, 11, 22), (40, 88, 176, 352)])
+def test_the_fine_tuning_schedule_is_a_fraction_of_the_run_whatever_its_length(epochs, epoch_length, warmup, encoder):
+    start = FineTuneStartHandler(_unet(1), "pretrained.pt", warmup_fraction=0.05, encoder_fraction=0.1)
+    engine = Engine(lambda e, b: None)
+    engine.state.max_epochs, engine.state.epoch_length = epochs, epoch_length
+    assert start.iterations(engine) == epochs * epoch_length
+    assert (start.warmup, start.encoder_iterations) == (warmup, encoder)
+    assert start.warmup_factor(warmup) == 1.0 and start.warmup_factor(warmup + 1) == 1.0
+    assert start.encoder_factor(encoder) == pytest.approx(0.1) and start.encoder_factor(encoder + 1) == 1.0
+
+
+def test_fine_tuning_schedule_fractions_outside_zero_to_one_are_refused():
+    with pytest.raises(ValueError, match="warmup_fraction=1.5"):
+        FineTuneStartHandler(_unet(1), "x.pt", warmup_fraction=1.5)
+    with pytest.raises(ValueError, match="encoder_fraction=-0.1"):
+        FineTuneStartHandler(_unet(1), "x.pt", encoder_fraction=-0.1)

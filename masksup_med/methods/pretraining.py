@@ -29,7 +29,7 @@ project's earlier reading of the paper, kept for comparison).
     pretrain_datasets                  ({"kvasir-seg": "/path"}); held-out images and copies are never used
 
 ``finetune.json`` (with ``--pretrained_weights``): ``transfer_scope`` (encoder | whole), ``bn_batches``,
-``warmup_iterations``, ``encoder_lr_scale``, ``encoder_iterations``
+``warmup_fraction``, ``encoder_lr_scale``, ``encoder_fraction``
 (:mod:`masksup_med.methods.transfer`).
 """
 

@@ -5,8 +5,10 @@ on unmasked images, a warm-up, and a lower encoder learning rate at the start.
 start (not a resume) it re-initialises the decoder when ``scope`` is ``"encoder"`` (the weights file
 was loaded whole by ``--pretrained_weights``), then re-estimates every BatchNorm layer's running
 statistics on the training images (:func:`reestimate_batchnorm`: pretraining computed them on
-half-hidden inputs). During the first iterations it scales every update (:class:`UpdateScale`): the
-whole network's linearly from 0 (warm-up) and the encoder's by a further ``encoder_lr_scale``.
+half-hidden inputs). During the first part of the run it scales every update (:class:`UpdateScale`): the
+whole network's linearly from 0 (warm-up, ``warmup_fraction`` of the run's iterations) and the encoder's
+by a further ``encoder_lr_scale`` (for ``encoder_fraction``), so the schedule fits a short run as well as a
+long one.
 Scaling the update a step makes is scaling the learning rate, for any optimizer, and leaves the
 optimizer's state and param groups alone, so checkpoints resume as before.
 """
@@ -128,9 +130,10 @@ class FineTuneStartHandler:
         scope: ``"whole"`` keeps what was loaded; ``"encoder"`` re-initialises the decoder.
         batches: the training loader (unmasked images) for the BatchNorm statistics.
         bn_batches: batches averaged for them (0: keep the pretrained statistics).
-        warmup_iterations: every update grows linearly to full size over these iterations (0: none).
+        warmup_fraction: every update grows linearly to full size over this fraction of the run's
+            iterations (``max_epochs * epoch_length``, known when the run starts; 0: no warm-up).
         encoder_lr_scale: the encoder's updates are further scaled by this ...
-        encoder_iterations: ... during these first iterations (0: never).
+        encoder_fraction: ... during this first fraction of the run's iterations (0: never).
     """
 
     def __init__(
@@ -140,22 +143,27 @@ class FineTuneStartHandler:
         scope: str = "encoder",
         batches: Iterable[Any] = (),
         bn_batches: int = 50,
-        warmup_iterations: int = 100,
+        warmup_fraction: float = 0.05,
         encoder_lr_scale: float = 0.1,
-        encoder_iterations: int = 200,
+        encoder_fraction: float = 0.1,
     ) -> None:
         if scope not in TRANSFER_SCOPES:
             raise ValueError(f"transfer_scope must be one of {', '.join(TRANSFER_SCOPES)}, got {scope!r}")
-        if not 0 < float(encoder_lr_scale) <= 1 or int(warmup_iterations) < 0 or int(encoder_iterations) < 0:
+        if (
+            not 0 < float(encoder_lr_scale) <= 1
+            or not 0 <= float(warmup_fraction) <= 1
+            or not (0 <= float(encoder_fraction) <= 1)
+        ):
             raise ValueError(
                 f"invalid fine-tuning start: encoder_lr_scale={encoder_lr_scale} (in (0, 1]), "
-                f"warmup_iterations={warmup_iterations}, encoder_iterations={encoder_iterations} (>= 0)"
+                f"warmup_fraction={warmup_fraction}, encoder_fraction={encoder_fraction} (in [0, 1])"
             )
         self.network = getattr(network, "module", network)
         self.enabled = pretrained_weights not in (None, "")
         self.scope, self.batches, self.bn_batches = scope, batches, int(bn_batches)
-        self.warmup, self.encoder_scale = int(warmup_iterations), float(encoder_lr_scale)
-        self.encoder_iterations = int(encoder_iterations)
+        self.warmup_fraction, self.encoder_fraction = float(warmup_fraction), float(encoder_fraction)
+        self.encoder_scale = float(encoder_lr_scale)
+        self.warmup = self.encoder_iterations = 0  # iterations, set from the run's length when it starts
         encoder = {id(p) for m in encoder_modules(self.network) for p in m.parameters()}
         params = list(self.network.parameters())
         self.scales = [
@@ -171,17 +179,25 @@ class FineTuneStartHandler:
         """The encoder's update scale at ``iteration``: the warm-up's, times ``encoder_lr_scale`` at the start."""
         return self.warmup_factor(iteration) * (self.encoder_scale if iteration <= self.encoder_iterations else 1.0)
 
+    def iterations(self, engine: Engine) -> int:
+        """The run's iterations (``max_epochs * epoch_length``) and, from them, the warm-up's and the slow encoder's."""
+        total = int(engine.state.max_epochs or 0) * int(engine.state.epoch_length or 0)
+        self.warmup = max(1, round(self.warmup_fraction * total)) if self.warmup_fraction else 0
+        self.encoder_iterations = round(self.encoder_fraction * total)
+        return total
+
     def start(self, engine: Engine) -> None:
-        """On a fresh start: the transfer scope and the BatchNorm statistics (a resumed run's checkpoint, loaded
-        after this, replaces the network)."""
+        """Size the schedule from the run's length; on a fresh start also the transfer scope and the BatchNorm
+        statistics (a resumed run's checkpoint, loaded after this, replaces the network)."""
+        total = self.iterations(engine)
         if engine.state.iteration > 0:
             return  # resumed: the checkpoint holds the fine-tuned network
         reset = reinitialise(decoder_modules(self.network)) if self.scope == "encoder" else 0
         used = reestimate_batchnorm(self.network, self.batches, self.bn_batches)
         logger.info(
             f"fine-tuning from pretrained weights: {self.scope} transferred ({reset} decoder layers re-initialised), "
-            f"BatchNorm statistics from {used} batches of unmasked images, warm-up {self.warmup} iterations, "
-            f"encoder updates x{self.encoder_scale} for {self.encoder_iterations} iterations"
+            f"BatchNorm statistics from {used} batches of unmasked images, warm-up {self.warmup} of {total} "
+            f"iterations, encoder updates x{self.encoder_scale} for {self.encoder_iterations}"
         )
 
     def attach(self, engine: Engine) -> None:
