@@ -41,6 +41,7 @@ Records made before issue 28 (an epoch budget, ``pretrain_epochs``) still render
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -120,6 +121,13 @@ def study_settings(args: argparse.Namespace) -> dict[str, Any]:
         "val_interval": args.val_interval,
         "image_size": list(args.image_size),
     }
+
+
+def finetune_tag(settings: dict[str, Any], arm: str) -> str:
+    """A short name for the fine-tuning start ``arm`` runs with (the study's ``finetune.json`` values and the arm's
+    own), so a run made with other values is never resumed as this one."""
+    values = {**settings.get("finetune", {}), **(ALL_ARMS[arm] or {}).get("finetune", {})}
+    return "ft" + hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def study_records(results: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
@@ -255,7 +263,7 @@ def run_study(args: argparse.Namespace) -> None:
         width, height = args.image_size
         out = args.work_dir / (
             f"finetune-{args.bundle}-{study.BUNDLE_DEFAULTS}-{arm}-e{args.epochs}-{width}x{height}-f{fraction}-seed{seed}"
-            + (f"-pretrain{args.pretrain_steps}" if pretrained is not None else "")
+            + (f"-pretrain{args.pretrain_steps}-{finetune_tag(settings, arm)}" if pretrained is not None else "")
         )
         print(f"[pretrain] {arm} {fraction} seed {seed}: fine-tuning", flush=True)
         outcome = study.train_and_evaluate(

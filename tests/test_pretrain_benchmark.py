@@ -176,6 +176,14 @@ def test_pretrain_study_pretrains_fine_tunes_records_and_reports(tmp_path):
     assert all(command in block for command in record["commands"])
 
 
+def test_fine_tuning_runs_with_other_starts_get_other_folders():
+    settings = pretrain.study_settings(pretrain.parse_args(["run", "--bundle", "kvasir_seg"]))
+    older = {**settings, "finetune": {**settings["finetune"], "warmup_fraction": 0.5}}
+    tags = {pretrain.finetune_tag(settings, "random"), pretrain.finetune_tag(older, "random")}
+    tags |= {pretrain.finetune_tag(settings, "careful-start"), pretrain.finetune_tag(settings, "encoder-only")}
+    assert len(tags) == 4 and pretrain.finetune_tag(settings, "random") == pretrain.finetune_tag(settings, "selective")
+
+
 def test_a_record_counts_only_for_the_fine_tuning_defaults_it_was_made_with(tmp_path):
     args = pretrain.parse_args(["run", "--bundle", "kvasir_seg", "--results", str(tmp_path / "pretrain.jsonl")])
     settings = pretrain.study_settings(args)
