@@ -20,7 +20,7 @@ project's earlier reading of the paper, kept for comparison).
 
     pretrain_steps / pretrain_rounds   the budget in steps, in rounds of one checkpoint each (2000 / 10);
                                        selective masking's parts are the rounds
-    pretrain_masking                   random | selective | per_batch
+    pretrain_masking                   random (default) | selective | per_batch
     pretrain_tile_size / _mask_ratio   32 px tiles, 0.6 of them hidden
     normalise_targets                  per-tile normalised targets (true)
     encoder_masking                    encoder | finest_skip | none
