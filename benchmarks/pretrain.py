@@ -145,6 +145,7 @@ def study_options(args: argparse.Namespace) -> str:
     """The command-line options that select this study's records (:func:`study_settings`): the reproduce line."""
     options = (
         f"--bundle {args.bundle} --dataset-dir {args.dataset_dir} --seeds {' '.join(map(str, args.seeds))} "
+        f"--fractions {' '.join(map(str, args.fractions))} "
         f"--epochs {args.epochs} --val-interval {args.val_interval} "
         f"--image-size {args.image_size[0]} {args.image_size[1]}"
     )
