@@ -23,8 +23,8 @@ mask plus every image of the other shared datasets (``--other-datasets``; read b
 no mask is taken for an image). No validation or test image of the fine-tuning dataset is ever
 pretrained on: ``masksup_med.data.pretraining_images`` drops it by path and by content, even when
 another dataset holds a copy. A pretraining run is shared by every fine-tuning run with the same
-bundle, pretraining settings, seed, budget and image size; it resumes with ``--resume auto`` when killed halfway and
-records its time in ``pretrain_run.json`` next to its output. Fine-tuning is the bundle's training
+bundle, pretraining settings, seed, budget and image size; it resumes with ``--resume auto`` when
+killed halfway and records its time in ``pretrain_run.json`` next to its output. Fine-tuning is the bundle's training
 with ``finetune.json`` from ``--pretrained_weights <pretraining>/models/pretrained.pt``: checkpoint
 picked on *validation*, scored once on test (``bundle_runs.py``). Finished runs go to
 ``results/pretrain.jsonl`` and are skipped next time::
@@ -60,12 +60,11 @@ ARMS: dict[str, dict[str, Any] | None] = {  # arm -> pretrain.json overrides (No
     "selective": {"pretrain_masking": "selective"},
 }
 RANDOM = {"pretrain_masking": "random"}
-CAREFUL_START = {  # issue 28's transfer: encoder only, BatchNorm re-estimated, warm-up, a slower encoder at first
-    "transfer_scope": "encoder",
-    "bn_batches": 50,
-    "warmup_fraction": 0.05,
-    "encoder_lr_scale": 0.1,
-    "encoder_fraction": 0.1,
+CAREFUL_STEPS = {  # issue 28's transfer, step by step: each an ablation arm, all four ``careful-start``
+    "encoder-only": {"transfer_scope": "encoder"},
+    "bn-reestimate": {"bn_batches": 50},
+    "warm-up": {"warmup_fraction": 0.05},
+    "slow-encoder": {"encoder_lr_scale": 0.1, "encoder_fraction": 0.1},
 }
 ABLATION: dict[str, dict[str, Any]] = {  # arm -> pretrain.json overrides; ``finetune`` holds finetune.json's
     "per-batch-ranking": {"pretrain_masking": "per_batch"},
@@ -75,11 +74,8 @@ ABLATION: dict[str, dict[str, Any]] = {  # arm -> pretrain.json overrides; ``fin
     "finest-skip-masking": {**RANDOM, "encoder_masking": "finest_skip"},
     "own-images-only": {**RANDOM, "pretrain_datasets": {}},
     # the fine-tuning start (finetune.json) ships plain: the whole network, no warm-up; these turn on each careful step
-    "encoder-only": {**RANDOM, "finetune": {"transfer_scope": "encoder"}},
-    "bn-reestimate": {**RANDOM, "finetune": {"bn_batches": 50}},
-    "warm-up": {**RANDOM, "finetune": {"warmup_fraction": 0.05}},
-    "slow-encoder": {**RANDOM, "finetune": {"encoder_lr_scale": 0.1, "encoder_fraction": 0.1}},
-    "careful-start": {**RANDOM, "finetune": CAREFUL_START},
+    **{arm: {**RANDOM, "finetune": step} for arm, step in CAREFUL_STEPS.items()},
+    "careful-start": {**RANDOM, "finetune": {k: v for step in CAREFUL_STEPS.values() for k, v in step.items()}},
 }
 ALL_ARMS = {**ARMS, **ABLATION}
 OTHER_DATASETS = {  # bundle -> its adapter name, and the shared folder of its images
