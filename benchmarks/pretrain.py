@@ -84,6 +84,7 @@ OTHER_DATASETS = {  # bundle -> its adapter name, and the shared folder of its i
     "cvc_clinicdb": ("cvc-clinicdb", "../shared/data/cvc-clinicdb-sample"),
 }
 FINETUNE = "bundles/{bundle}/configs/finetune.json"
+STUDY_PRETRAIN_STEPS = 2000  # the study's budget; a report at another budget goes to its own RESULTS.md block
 RUN_FILE = "pretrain_run.json"  # written into a pretraining's output folder once it has finished
 
 
@@ -364,11 +365,15 @@ def report(args: argparse.Namespace) -> str:
 
 
 def block_name(args: argparse.Namespace) -> str:
-    """The RESULTS.md block of a study: ``pretrain-<bundle>``; ``-epochs`` for an epoch budget, ``-earlier-start``
-    for records made with other ``finetune.json`` values (``--finetune-settings``)."""
+    """The RESULTS.md block of a study: ``pretrain-<bundle>``; ``-epochs`` for an epoch budget, ``-s<steps>`` for
+    another step budget than the study's (an ablation at a reduced budget), ``-earlier-start`` for records made
+    with other ``finetune.json`` values (``--finetune-settings``)."""
     if args.pretrain_epochs is not None:
         return f"pretrain-{args.bundle}-epochs"
-    return f"pretrain-{args.bundle}" + ("-earlier-start" if args.finetune_settings else "")
+    name = f"pretrain-{args.bundle}"
+    if args.pretrain_steps != STUDY_PRETRAIN_STEPS:
+        name += f"-s{args.pretrain_steps}"
+    return name + ("-earlier-start" if args.finetune_settings else "")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -377,7 +382,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("action", choices=("run", "report"))
     parser.add_argument("--arms", nargs="+", choices=list(ALL_ARMS), default=list(ARMS))
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.25, 1.0])
-    parser.add_argument("--pretrain-steps", type=int, default=2000, help="pretraining steps, the same for every arm")
+    parser.add_argument(
+        "--pretrain-steps", type=int, default=STUDY_PRETRAIN_STEPS, help="pretraining steps, the same for every arm"
+    )
     parser.add_argument("--pretrain-rounds", type=int, default=10, help="rounds (checkpoints; selective's parts)")
     parser.add_argument(
         "--other-datasets",

@@ -143,6 +143,20 @@ def test_records_of_the_epoch_budget_still_render(tmp_path):
     assert "--pretrain-epochs 10" in block
 
 
+def test_an_ablation_at_a_reduced_step_budget_gets_its_own_block(tmp_path):
+    results, md = tmp_path / "pretrain.jsonl", tmp_path / "RESULTS.md"
+    md.write_text("<!-- pretrain-glas:begin -->\nthe study's tables\n<!-- pretrain-glas:end -->\n")
+    options = ["--results", str(results), "--markdown", str(md), "--seeds", "0", "--fractions", "0.25"]
+    reduced = pretrain.study_settings(pretrain.parse_args(["report", *options, "--pretrain-steps", "500"]))
+    for arm, test_iou in (("random", 0.50), ("raw-targets", 0.46)):
+        bundle_runs.append_record(results, _record(arm, 0.25, 0, test_iou, **reduced))
+    pretrain.main(["report", *options, "--pretrain-steps", "500", "--arms", "random", "raw-targets"])
+    text = md.read_text()
+    assert _block(text, "pretrain-glas") == "the study's tables"  # the full-budget study is left as it was
+    block = _block(text, "pretrain-glas-s500")
+    assert "pretraining 500 steps" in block and "| raw-targets | 0.25 | 1 | -0.0400 (seed 0) |" in block
+
+
 @pytest.mark.slow  # about two minutes: one pretraining, one fine-tuning and its evaluation at toy size
 def test_pretrain_study_pretrains_fine_tunes_records_and_reports(tmp_path):
     demo = make_glas_demo(tmp_path / "glas", n_train=10, n_test_a=2, n_test_b=2, size=(64, 48))
