@@ -185,7 +185,7 @@ def test_pretrain_study_pretrains_fine_tunes_records_and_reports(tmp_path):
     assert "finetune.json" in train_cmd and "labelled_only.json" in train_cmd and "--label_fraction 0.25" in train_cmd
     assert f"--pretrained_weights {weights}" in train_cmd and "evaluating" in eval_cmd
     pretrain.main(["report", *common, "--markdown", str(md)])
-    block = _block(md.read_text(), "pretrain-glas")
+    block = _block(md.read_text(), "pretrain-glas-s4")  # a toy budget: not the study's block
     assert "| selective | 0.25 | 1 |" in block and "pretraining 4 steps in 2 rounds" in block
     assert all(command in block for command in record["commands"])
 
