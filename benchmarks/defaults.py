@@ -23,6 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bundle_runs import (
+    BUNDLE_DEFAULTS,
     METRICS,
     ROOT,
     add_study_options,
@@ -80,6 +81,18 @@ def bundle_study_args(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     args = parser.parse_args(argv)
     args.dataset_dir = args.dataset_dir or STUDIES[args.bundle].dataset_dir
     return args
+
+
+def bundle_study_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What every run of one bundle study shares (a record only counts for the same settings)."""
+    return {
+        "bundle": args.bundle,
+        "dataset_dir": args.dataset_dir,
+        "defaults": BUNDLE_DEFAULTS,
+        "epochs": args.epochs,
+        "val_interval": args.val_interval,
+        "image_size": list(args.image_size),
+    }
 
 
 def score_elsewhere(study: BundleStudy, output_dir: Path, dataset: str, dataset_dir: str) -> dict[str, Any]:

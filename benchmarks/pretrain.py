@@ -51,7 +51,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bundle_runs as study
-from defaults import STUDIES, add_bundle_study_options, bundle_study_args
+from defaults import STUDIES, add_bundle_study_options, bundle_study_args, bundle_study_settings
 from report import write_json
 
 ARMS: dict[str, dict[str, Any] | None] = {  # arm -> pretrain.json overrides (None: no pretraining)
@@ -109,15 +109,7 @@ def finetune_defaults(bundle: str) -> dict[str, Any]:
 
 def study_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What every run of one study shares (a record only counts for the same settings)."""
-    return {
-        "bundle": args.bundle,
-        "dataset_dir": args.dataset_dir,
-        "defaults": study.BUNDLE_DEFAULTS,
-        "epochs": args.epochs,
-        **budget(args),
-        "val_interval": args.val_interval,
-        "image_size": list(args.image_size),
-    }
+    return {**bundle_study_settings(args), **budget(args)}
 
 
 def finetune_tag(settings: dict[str, Any], arm: str) -> str:

@@ -56,7 +56,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bundle_runs as study
-from defaults import STUDIES, add_bundle_study_options, bundle_study_args
+from defaults import STUDIES, add_bundle_study_options, bundle_study_args, bundle_study_settings
 
 from masksup_med.run.resume import latest_checkpoint
 
@@ -96,14 +96,7 @@ def configs(bundle: str, arm: str) -> list[str]:
 
 def study_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What every run of one study shares (a record only counts for the same settings)."""
-    return {
-        "bundle": args.bundle,
-        "dataset_dir": args.dataset_dir,
-        "defaults": study.BUNDLE_DEFAULTS,
-        "epochs": args.epochs,
-        "val_interval": args.val_interval,
-        "image_size": list(args.image_size),
-    }
+    return bundle_study_settings(args)
 
 
 def semi_version(record: dict[str, Any]) -> str | None:
