@@ -285,7 +285,8 @@ def paired_gains(
 
     ``by``: further record keys that group the arms, each shown as a column (``{"label_fraction": "label
     fraction"}``). ``match``: those of them the reference run must share too (default: all of ``by``;
-    ``()`` pairs every group with the reference on the seed alone, e.g. with a full-label reference).
+    ``()`` pairs every group with the reference on the seed alone, e.g. with a full-label reference). No pair at
+    all gives one sentence that says so, not an empty table.
     """
     by = by or {}
     match = list(by) if match is None else list(match)
@@ -314,6 +315,8 @@ def paired_gains(
                     f"| {arm} | " + "".join(f"{v} | " for v in group) + f"{len(gains)} | {per_seed} | "
                     f"{statistics.mean(gains.values()):+.4f} | {sum(g > 0 for g in gains.values())} of {len(gains)} |"
                 )
+    if len(lines) == 2:
+        return [f"No `{reference}` run shares a seed with these arms: nothing to pair."]
     return lines
 
 

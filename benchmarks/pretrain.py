@@ -130,8 +130,9 @@ def study_records(results: Path, settings: dict[str, Any]) -> list[dict[str, Any
     ]
 
 
-def study_options(args: argparse.Namespace) -> str:
-    """The command-line options that select this study's records (:func:`study_settings`): the reproduce line."""
+def study_options(args: argparse.Namespace, arms: Sequence[str] = tuple(ARMS)) -> str:
+    """The command-line options that select this study's records (:func:`study_settings`): the reproduce line;
+    ``--arms`` too where ``arms`` are not the default ones."""
     options = (
         f"--bundle {args.bundle} --dataset-dir {args.dataset_dir} --seeds {' '.join(map(str, args.seeds))} "
         f"--fractions {' '.join(map(str, args.fractions))} "
@@ -144,6 +145,8 @@ def study_options(args: argparse.Namespace) -> str:
             options += f" --selective-partitions {args.selective_partitions}"
     else:
         options += f" --pretrain-steps {args.pretrain_steps} --pretrain-rounds {args.pretrain_rounds}"
+    if list(arms) != list(ARMS):
+        options += f" --arms {' '.join(arms)}"
     return options
 
 
@@ -271,6 +274,12 @@ def run_study(args: argparse.Namespace) -> None:
         print(f"[pretrain] {arm} {fraction} seed {seed}: test mIoU {outcome['test']['test']['iou']:.4f}", flush=True)
 
 
+def recorded_arms(records: list[dict[str, Any]]) -> list[str]:
+    """Every arm of ``records``: ``none`` and ``random`` where present, then :func:`table_arms`."""
+    present = {r["arm"] for r in records}
+    return [a for a in ("none", "random") if a in present] + table_arms(records)
+
+
 def table_arms(records: list[dict[str, Any]]) -> list[str]:
     """The pretrained arms of ``records`` but ``random``, in ``ALL_ARMS``'s order, then any other (older) arm."""
     present = {r["arm"] for r in records} - {"none", "random"}
@@ -342,8 +351,8 @@ def report(args: argparse.Namespace) -> str:
             pretrain_tables(records),
             "",
             (
-                f"Reproduce: `python benchmarks/pretrain.py run {study_options(args)}`, then `report` with the same "
-                "options. "
+                f"Reproduce: `python benchmarks/pretrain.py run {study_options(args, recorded_arms(records))}`, "
+                "then `report` with the same options. "
                 f"A run is these commands (pretrain, fine-tune, evaluate; here `{example['arm']}`, label fraction "
                 f"{example['label_fraction']}, seed {example['seed']}):"
             ),

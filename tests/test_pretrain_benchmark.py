@@ -155,6 +155,8 @@ def test_an_ablation_at_a_reduced_step_budget_gets_its_own_block(tmp_path):
     assert _block(text, "pretrain-glas") == "the study's tables"  # the full-budget study is left as it was
     block = _block(text, "pretrain-glas-s500")
     assert "pretraining 500 steps" in block and "| raw-targets | 0.25 | 1 | -0.0400 (seed 0) |" in block
+    assert "No `none` run shares a seed with these arms" in block  # no bare table where there is nothing to pair
+    assert "--pretrain-steps 500 --pretrain-rounds 10 --arms random raw-targets`" in block  # it reruns the ablation
 
 
 @pytest.mark.slow  # about two minutes: one pretraining, one fine-tuning and its evaluation at toy size
